@@ -1,0 +1,1 @@
+"""p2pfs: lazy, verified, cached FUSE filesystem for model weights."""

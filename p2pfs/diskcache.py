@@ -1,0 +1,180 @@
+"""Content-addressed chunk cache on local disk.
+
+Layout (docs/FORMAT.md): `<dir>/chunks/<sha256[:2]>/<sha256>.<xxh3_64 hex>`, holding the
+uncompressed chunk. The xxh3 in the name is checked on every read-back; a file that fails
+the check is deleted and reported as a miss, so corrupt bytes are never served. Writes go
+to a temp file in the same directory and are renamed into place (atomic); there is no fsync:
+a file torn by a power loss fails its checksum and is refetched.
+
+All methods are synchronous and thread-safe: the daemon calls them through
+`trio.to_thread`. The index is rebuilt from a directory scan at start-up, least recently
+used first by mtime (a hit refreshes the mtime), so a restart keeps both the data and the
+eviction order.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+
+from .lru import ByteLRU
+
+
+@dataclass(frozen=True, slots=True)
+class DiskCacheStats:
+    used_bytes: int
+    budget_bytes: int
+    chunks: int
+    corrupt_dropped: int
+    evicted: int
+    write_errors: int
+
+
+class DiskCache:
+    def __init__(self, directory: Path, budget: int) -> None:
+        self.dir = Path(directory)
+        self.chunk_dir = self.dir / "chunks"
+        self._lock = threading.Lock()
+        self._lru: ByteLRU[str] = ByteLRU(budget)
+        self._xxh: dict[str, str] = {}
+        self._corrupt = 0
+        self._evicted = 0
+        self._write_errors = 0
+
+    # -- start-up -------------------------------------------------------------------------
+    def scan(self) -> None:
+        """Rebuild the index from disk; remove temp files and anything we did not write."""
+        self.chunk_dir.mkdir(parents=True, exist_ok=True)
+        found: list[tuple[int, str, str, int]] = []
+        for sub in self.chunk_dir.iterdir():
+            if not sub.is_dir():
+                continue
+            for f in sub.iterdir():
+                name = f.name
+                digest, _, xxh = name.partition(".")
+                if name.startswith(".tmp") or len(digest) != 64 or len(xxh) != 16:
+                    _unlink(f)
+                    continue
+                try:
+                    st = f.stat()
+                except FileNotFoundError:
+                    continue
+                found.append((st.st_mtime_ns, digest, xxh, st.st_size))
+        found.sort()
+        with self._lock:
+            for _, digest, xxh, size in found:
+                self._lru.add(digest, size)
+                self._xxh[digest] = xxh
+            victims = self._lru.evict()  # the budget may have shrunk since last run
+            for v in victims:
+                self._drop_locked(v)
+
+    # -- queries --------------------------------------------------------------------------
+    def __contains__(self, digest: str) -> bool:
+        with self._lock:
+            return digest in self._lru
+
+    def stats(self) -> DiskCacheStats:
+        with self._lock:
+            return DiskCacheStats(
+                used_bytes=self._lru.used,
+                budget_bytes=self._lru.budget,
+                chunks=len(self._lru),
+                corrupt_dropped=self._corrupt,
+                evicted=self._evicted,
+                write_errors=self._write_errors,
+            )
+
+    def _path(self, digest: str, xxh: str) -> Path:
+        return self.chunk_dir / digest[:2] / f"{digest}.{xxh}"
+
+    # -- read -----------------------------------------------------------------------------
+    def read(self, digest: str) -> bytes | None:
+        """The chunk's bytes, or None if absent or corrupt (a corrupt file is removed)."""
+        with self._lock:
+            xxh = self._xxh.get(digest)
+            if xxh is None:
+                return None
+            self._lru.touch(digest)
+        path = self._path(digest, xxh)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                data = f.read()
+            os.utime(path)
+        except FileNotFoundError:
+            with self._lock:
+                self._lru.remove(digest)
+                self._xxh.pop(digest, None)
+            return None
+        except OSError:
+            return None
+        if xxhash.xxh3_64_hexdigest(data) != xxh:
+            with self._lock:
+                self._corrupt += 1
+                self._drop_locked(digest)
+            return None
+        return data
+
+    # -- write ----------------------------------------------------------------------------
+    def write(self, digest: str, data: bytes | memoryview) -> bool:
+        """Store a verified chunk; evict to stay within budget. False if it could not be
+        stored (disk full, I/O error, or bigger than the whole budget)."""
+        size = len(data)
+        with self._lock:
+            if digest in self._lru:
+                self._lru.touch(digest)
+                return True
+            if size > self._lru.budget:
+                return False
+        xxh = xxhash.xxh3_64_hexdigest(data)
+        final = self._path(digest, xxh)
+        tmp = final.parent / f".tmp.{digest}.{threading.get_ident()}"
+        try:
+            final.parent.mkdir(exist_ok=True)
+            with open(tmp, "wb", buffering=0) as f:
+                f.write(data)
+            os.rename(tmp, final)
+        except OSError as exc:
+            _unlink(tmp)
+            with self._lock:
+                self._write_errors += 1
+            if exc.errno == errno.ENOSPC:
+                self._shrink_after_enospc(size)
+            return False
+        with self._lock:
+            self._xxh[digest] = xxh
+            self._lru.add(digest, size)
+            for victim in self._lru.evict(keep=digest):
+                self._evicted += 1
+                self._drop_locked(victim, already_removed=True)
+        return True
+
+    def remove(self, digest: str) -> None:
+        with self._lock:
+            self._drop_locked(digest)
+
+    def _shrink_after_enospc(self, need: int) -> None:
+        # The disk filled before our budget did: free room by evicting the oldest chunks.
+        with self._lock:
+            for victim in self._lru.evict(limit=max(0, self._lru.used - 8 * need)):
+                self._evicted += 1
+                self._drop_locked(victim, already_removed=True)
+
+    def _drop_locked(self, digest: str, already_removed: bool = False) -> None:
+        if not already_removed:
+            self._lru.remove(digest)
+        xxh = self._xxh.pop(digest, None)
+        if xxh is not None:
+            _unlink(self._path(digest, xxh))
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,63 @@
+"""The p2pfs exception tree.
+
+    P2PFSError
+    ├── ConfigError              bad settings or arguments (our user's mistake)
+    ├── ManifestError            a manifest that is missing, malformed or of an unknown version
+    │   └── ManifestNotFound
+    ├── OriginError              the object store failed us
+    │   ├── OriginUnavailable    transient: connection refused, timeout, 5xx, throttling
+    │   ├── ObjectNotFound       the key (or bucket) does not exist
+    │   └── OriginAccessDenied   credentials rejected
+    ├── IntegrityError           bytes that do not match their recorded digest (never served)
+    └── FetchTimeout             a chunk could not be had within the read deadline
+
+Library errors (botocore, OS) are mapped to these at the edge (`p2pfs/origin/`); the FUSE
+operations module is the only place that turns them into errno values.
+"""
+
+from __future__ import annotations
+
+
+class P2PFSError(Exception):
+    """Base of every error p2pfs raises on purpose."""
+
+
+class ConfigError(P2PFSError):
+    pass
+
+
+class ManifestError(P2PFSError):
+    pass
+
+
+class ManifestNotFound(ManifestError):
+    pass
+
+
+class OriginError(P2PFSError):
+    pass
+
+
+class OriginUnavailable(OriginError):
+    """A failure worth retrying: the store may answer later."""
+
+
+class ObjectNotFound(OriginError):
+    pass
+
+
+class OriginAccessDenied(OriginError):
+    pass
+
+
+class IntegrityError(P2PFSError):
+    pass
+
+
+class FetchTimeout(P2PFSError):
+    pass
+
+
+def is_temp_failure(exc: BaseException) -> bool:
+    """Whether retrying the same request later may succeed."""
+    return isinstance(exc, OriginUnavailable)

@@ -1,0 +1,64 @@
+"""A byte-budgeted LRU index: pure bookkeeping of which keys to evict, no I/O."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Generic, Hashable, Iterable, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+
+
+class ByteLRU(Generic[K]):
+    """Tracks sizes in recency order. `add`/`touch` make a key most recent; `evict` returns the
+    least recent keys that must go for the total to fit the budget. Not thread-safe: callers
+    that share one hold their own lock."""
+
+    def __init__(self, budget: int) -> None:
+        if budget < 0:
+            raise ValueError("budget must be >= 0")
+        self.budget = budget
+        self._sizes: OrderedDict[K, int] = OrderedDict()
+        self.used = 0
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._sizes
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    def keys(self) -> Iterable[K]:
+        return iter(self._sizes)
+
+    def add(self, key: K, size: int) -> None:
+        if key in self._sizes:
+            self.used -= self._sizes[key]
+        self._sizes[key] = size
+        self._sizes.move_to_end(key)
+        self.used += size
+
+    def touch(self, key: K) -> bool:
+        if key not in self._sizes:
+            return False
+        self._sizes.move_to_end(key)
+        return True
+
+    def remove(self, key: K) -> int:
+        size = self._sizes.pop(key, 0)
+        self.used -= size
+        return size
+
+    def evict(self, reserve: int = 0, keep: K | None = None, limit: int | None = None) -> list[K]:
+        """Drop least-recently-used keys until used + reserve <= limit (default: the budget);
+        return them. `keep` (typically the key just added) is never chosen."""
+        limit = self.budget if limit is None else limit
+        victims: list[K] = []
+        it = iter(list(self._sizes))
+        while self.used + reserve > limit:
+            key = next(it, None)
+            if key is None:
+                break
+            if key == keep:
+                continue
+            victims.append(key)
+            self.used -= self._sizes.pop(key)
+        return victims

@@ -1,0 +1,288 @@
+"""Manifest format v1: a file tree plus, per regular file, its ordered chunk references.
+
+Pure code: bytes in, validated objects out, and back. The on-disk/on-wire layout is
+documented in docs/FORMAT.md; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import base64
+import bisect
+import hashlib
+import json
+import posixpath
+import re
+import stat
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from .errors import ManifestError
+
+FORMAT_NAME = "p2pfs-manifest"
+FORMAT_VERSION = 1
+#: Where a manifest lives, relative to the prefix it describes.
+MANIFEST_KEY = ".p2pfs/manifest.json"
+#: A manifest bigger than this is refused before parsing (about 3M chunks).
+MAX_MANIFEST_BYTES = 512 * 1024 * 1024
+
+ENTRY_TYPES = ("file", "dir", "symlink", "hardlink", "char", "block", "fifo")
+COMPRESSIONS = ("none", "zstd")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_TYPE_BITS = {
+    "file": stat.S_IFREG,
+    "dir": stat.S_IFDIR,
+    "symlink": stat.S_IFLNK,
+    "char": stat.S_IFCHR,
+    "block": stat.S_IFBLK,
+    "fifo": stat.S_IFIFO,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRef:
+    """`size` bytes of file content, stored as `length` bytes at `offset` of blob `blob`."""
+
+    blob: int
+    offset: int
+    length: int
+    size: int
+    compression: str
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Entry:
+    path: str  # "" is the root
+    type: str
+    mode: int = 0o644  # permission bits only; the type comes from `type`
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
+    size: int = 0
+    target: str = ""  # symlink target, or the path a hard link points to
+    rdev: int = 0
+    xattrs: Mapping[str, bytes] = field(default_factory=dict)
+    chunks: tuple[ChunkRef, ...] = ()
+    # Start offset of each chunk within the file, derived (not serialized).
+    starts: tuple[int, ...] = ()
+
+    @property
+    def st_mode(self) -> int:
+        return _TYPE_BITS[self.type] | (self.mode & 0o7777)
+
+    def chunk_index(self, offset: int) -> int:
+        """Index of the chunk holding byte `offset` (0 <= offset < size)."""
+        return bisect.bisect_right(self.starts, offset) - 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Manifest:
+    chunk_size: int
+    blobs: tuple[str, ...]
+    entries: tuple[Entry, ...]
+    kind: str = "model"
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        """Canonical bytes: what is stored and what the digest is taken over."""
+        return _canonical(_to_json(self))
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + hashlib.sha256(self.encode()).hexdigest()
+
+    def files(self) -> Iterable[Entry]:
+        return (e for e in self.entries if e.type == "file")
+
+    @property
+    def total_size(self) -> int:
+        return sum(e.size for e in self.files())
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _to_json(m: Manifest) -> dict[str, Any]:
+    entries = []
+    for e in m.entries:
+        d: dict[str, Any] = {"path": e.path, "type": e.type, "mode": e.mode}
+        if e.uid:
+            d["uid"] = e.uid
+        if e.gid:
+            d["gid"] = e.gid
+        if e.mtime_ns:
+            d["mtime_ns"] = e.mtime_ns
+        if e.type == "file":
+            d["size"] = e.size
+            d["chunks"] = [
+                [c.blob, c.offset, c.length, c.size, c.compression, c.sha256] for c in e.chunks
+            ]
+        if e.target:
+            d["target"] = e.target
+        if e.rdev:
+            d["rdev"] = e.rdev
+        if e.xattrs:
+            d["xattrs"] = {k: base64.b64encode(v).decode() for k, v in e.xattrs.items()}
+        entries.append(d)
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "kind": m.kind,
+        "chunk_size": m.chunk_size,
+        "blobs": list(m.blobs),
+        "entries": entries,
+        "annotations": dict(m.annotations),
+    }
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def parse(data: bytes, *, expected_digest: str | None = None, source: str = "manifest") -> Manifest:
+    """Validate and parse manifest bytes. Raises ManifestError naming what is wrong."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{source}: {len(data)} bytes is over the {MAX_MANIFEST_BYTES} limit")
+    if expected_digest is not None and digest_of(data) != expected_digest:
+        raise ManifestError(f"{source}: digest {digest_of(data)} is not the pinned {expected_digest}")
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{source}: not valid JSON ({exc})") from exc
+    try:
+        return _from_json(doc)
+    except ManifestError as exc:
+        raise ManifestError(f"{source}: {exc}") from None
+    except (TypeError, ValueError, KeyError, IndexError) as exc:
+        raise ManifestError(f"{source}: malformed ({type(exc).__name__}: {exc})") from exc
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ManifestError(msg)
+
+
+def _int(d: Mapping[str, Any], key: str, default: int | None = None, *, minimum: int = 0) -> int:
+    v = d.get(key, default)
+    _need(isinstance(v, int) and not isinstance(v, bool), f"{key!r} must be an integer, got {v!r}")
+    _need(v >= minimum, f"{key!r} must be >= {minimum}, got {v}")
+    return v
+
+
+def check_path(path: str, what: str = "path") -> str:
+    _need(isinstance(path, str), f"{what} must be a string")
+    if path == "":
+        return path
+    _need(not path.startswith("/") and "\0" not in path, f"{what} {path!r} must be relative")
+    parts = path.split("/")
+    _need(all(p not in ("", ".", "..") for p in parts), f"{what} {path!r} is not normalized")
+    return path
+
+
+def _from_json(doc: Any) -> Manifest:
+    _need(isinstance(doc, dict), "top level must be an object")
+    _need(doc.get("format") == FORMAT_NAME, f"'format' must be {FORMAT_NAME!r}")
+    version = doc.get("version")
+    _need(version == FORMAT_VERSION, f"unsupported version {version!r} (this p2pfs reads {FORMAT_VERSION})")
+    chunk_size = _int(doc, "chunk_size", minimum=1)
+    blobs = doc.get("blobs", [])
+    _need(isinstance(blobs, list), "'blobs' must be a list")
+    for b in blobs:
+        check_path(b, "blob key")
+        _need(b != "", "blob key must not be empty")
+    raw_entries = doc.get("entries")
+    _need(isinstance(raw_entries, list), "'entries' must be a list")
+    annotations = doc.get("annotations", {})
+    _need(isinstance(annotations, dict), "'annotations' must be an object")
+
+    entries: list[Entry] = []
+    seen: dict[str, str] = {}
+    for raw in raw_entries:
+        _need(isinstance(raw, dict), "each entry must be an object")
+        e = _entry(raw, len(blobs))
+        _need(e.path not in seen, f"duplicate path {e.path!r}")
+        seen[e.path] = e.type
+        entries.append(e)
+    for e in entries:
+        parent = posixpath.dirname(e.path)
+        if e.path != "" and parent in seen:
+            _need(seen[parent] == "dir", f"parent of {e.path!r} is not a directory")
+        if e.type == "hardlink":
+            _need(seen.get(e.target) == "file", f"hard link {e.path!r} must point at a file")
+    return Manifest(
+        chunk_size=chunk_size,
+        blobs=tuple(blobs),
+        entries=tuple(entries),
+        kind=str(doc.get("kind", "model")),
+        annotations={str(k): str(v) for k, v in annotations.items()},
+    )
+
+
+def _entry(raw: Mapping[str, Any], nblobs: int) -> Entry:
+    path = check_path(raw.get("path"), "entry path")
+    etype = raw.get("type")
+    _need(etype in ENTRY_TYPES, f"{path!r}: unknown type {etype!r}")
+    xattrs_raw = raw.get("xattrs", {})
+    _need(isinstance(xattrs_raw, dict), f"{path!r}: 'xattrs' must be an object")
+    xattrs = {str(k): base64.b64decode(v, validate=True) for k, v in xattrs_raw.items()}
+    target = raw.get("target", "")
+    _need(isinstance(target, str), f"{path!r}: 'target' must be a string")
+    if etype == "symlink":
+        _need(target != "", f"{path!r}: symlink without a target")
+    if etype == "hardlink":
+        check_path(target, f"{path!r}: hard link target")
+    _need(path != "" or etype == "dir", "the root entry must be a directory")
+    chunks: tuple[ChunkRef, ...] = ()
+    starts: tuple[int, ...] = ()
+    size = 0
+    if etype == "file":
+        size = _int(raw, "size")
+        chunks, starts = _chunks(path, raw.get("chunks", []), size, nblobs)
+    elif etype == "symlink":
+        size = len(target.encode())
+    return Entry(
+        path=path,
+        type=etype,
+        mode=_int(raw, "mode", 0o755 if etype == "dir" else 0o644) & 0o7777,
+        uid=_int(raw, "uid", 0),
+        gid=_int(raw, "gid", 0),
+        mtime_ns=_int(raw, "mtime_ns", 0),
+        size=size,
+        target=target,
+        rdev=_int(raw, "rdev", 0),
+        xattrs=xattrs,
+        chunks=chunks,
+        starts=starts,
+    )
+
+
+def _chunks(path: str, raw: Any, size: int, nblobs: int) -> tuple[tuple[ChunkRef, ...], tuple[int, ...]]:
+    _need(isinstance(raw, list), f"{path!r}: 'chunks' must be a list")
+    refs, starts, pos = [], [], 0
+    for i, c in enumerate(raw):
+        _need(isinstance(c, list) and len(c) == 6, f"{path!r}: chunk {i} must be a 6-item list")
+        blob, offset, length, csize, comp, digest = c
+        for name, v in (("blob", blob), ("offset", offset), ("length", length), ("size", csize)):
+            _need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                  f"{path!r}: chunk {i} {name} must be a non-negative integer")
+        _need(blob < nblobs, f"{path!r}: chunk {i} names blob {blob} of {nblobs}")
+        _need(csize > 0, f"{path!r}: chunk {i} is empty")
+        _need(comp in COMPRESSIONS, f"{path!r}: chunk {i} has unknown compression {comp!r}")
+        _need(comp != "none" or length == csize, f"{path!r}: raw chunk {i} length != size")
+        _need(isinstance(digest, str) and bool(_HEX64.match(digest)),
+              f"{path!r}: chunk {i} sha256 must be 64 lowercase hex digits")
+        refs.append(ChunkRef(blob, offset, length, csize, comp, digest))
+        starts.append(pos)
+        pos += csize
+    _need(pos == size, f"{path!r}: chunks cover {pos} bytes but size is {size}")
+    return tuple(refs), tuple(starts)
+
+
+def with_starts(entry: Entry) -> Entry:
+    """Return `entry` with `starts` derived from its chunks (for entries built in code)."""
+    starts, pos = [], 0
+    for c in entry.chunks:
+        starts.append(pos)
+        pos += c.size
+    return Entry(**{**{f: getattr(entry, f) for f in Entry.__dataclass_fields__}, "starts": tuple(starts)})

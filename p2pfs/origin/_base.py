@@ -1,0 +1,38 @@
+"""The origin interface."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+ProgressFn = Callable[[int], None]  # called with a number of bytes just completed
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str = ""
+
+
+class Origin(Protocol):
+    """Keys are relative to the origin's root (an S3 bucket, a local directory)."""
+
+    name: str
+
+    async def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """Exactly `length` bytes from `offset`; fewer is an error."""
+
+    async def get(self, key: str) -> bytes: ...
+
+    async def head(self, key: str) -> ObjectInfo: ...
+
+    async def list(self, prefix: str) -> list[ObjectInfo]:
+        """Every object whose key starts with `prefix`, sorted by key."""
+
+    async def put(self, key: str, data: bytes) -> None: ...
+
+    async def upload_file(self, key: str, path: Path, progress: ProgressFn | None = None) -> None: ...
+
+    async def aclose(self) -> None: ...
