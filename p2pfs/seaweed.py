@@ -98,6 +98,25 @@ class SeaweedServer:
         except (OSError, urllib.error.URLError):
             return False
 
+    def create_bucket(self, name: str) -> None:
+        """Create a bucket (signed with whatever AWS credentials the environment has;
+        SeaweedFS without identities accepts any)."""
+        import trio
+        import trio_asyncio
+
+        from .config import S3Config
+        from .origin._s3 import S3Origin
+
+        async def main() -> None:
+            async with trio_asyncio.open_loop():
+                origin = await S3Origin.create(name, S3Config(endpoint_url=self.endpoint))
+                try:
+                    await origin.create_bucket()
+                finally:
+                    await origin.aclose()
+
+        trio.run(main)
+
     def stop(self) -> None:
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:

@@ -1,0 +1,301 @@
+"""The chunk store: memory LRU -> disk cache -> origin, with single-flight and write-back.
+
+    get(locs) ──► memory hit ──────────────────────────────────────────► bytes
+                  in flight?  ──► wait on that flight
+                  else start a flight per chunk; one task per coalesced run:
+                      disk cache (xxh3-checked) ──► hit
+                      origin ranged GET (retries, backoff + jitter, deadline)
+                          ──► split ──► zstd? ──► sha256 check ──► memory ──► waiters
+                                                                 └─► write-back queue (bounded)
+
+Concurrency invariants (docs/ARCHITECTURE.md):
+- A digest has at most one flight; `_flights` is only mutated on the trio thread, and never
+  across an await between checking and inserting.
+- A flight always ends (data or error), also when its task is cancelled, so no reader waits
+  forever; readers additionally bound their wait with `read_timeout`.
+- Write-back never blocks a reader: a full queue drops the write (counted). `warm` (explicit
+  prefetch) is the one caller that waits for the disk, because making data local is its job.
+- Fetch tasks run in the store's own nursery, owned by the daemon; they catch their errors
+  and hand them to the waiting readers, so one failed chunk never takes the daemon down.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import OrderedDict
+from typing import Callable, Sequence
+
+import trio
+import zstandard
+
+from .config import CacheConfig, FetchConfig
+from .diskcache import DiskCache
+from .errors import FetchTimeout, IntegrityError, OriginError, P2PFSError, is_temp_failure
+from .lru import ByteLRU
+from .metrics import Metrics
+from .origin import Origin
+from .plan import ChunkLoc, Request, coalesce, split_response
+
+
+class _Flight:
+    __slots__ = ("event", "data", "error")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.data: bytes | None = None
+        self.error: BaseException | None = None
+
+
+def verify_chunk(loc: ChunkLoc, stored: bytes | memoryview) -> bytes:
+    """Decompress (if needed) and check the sha256 of one chunk. Pure, CPU-bound."""
+    ref = loc.ref
+    if ref.compression == "zstd":
+        try:
+            data = zstandard.ZstdDecompressor().decompress(stored, max_output_size=ref.size)
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(f"{loc.key}@{ref.offset}: bad zstd frame ({exc})") from None
+    else:
+        data = stored if isinstance(stored, bytes) else bytes(stored)
+    if len(data) != ref.size or hashlib.sha256(data).hexdigest() != ref.sha256:
+        raise IntegrityError(
+            f"{loc.key}@{ref.offset}+{ref.length}: sha256 mismatch (the object changed since it "
+            "was indexed, or the store returned bad data); re-run `p2pfs index`"
+        )
+    return data
+
+
+class ChunkStore:
+    def __init__(self, origin: Origin, disk: DiskCache, *, fetch: FetchConfig,
+                 cache: CacheConfig, metrics: Metrics) -> None:
+        self.origin = origin
+        self.disk = disk
+        self.cfg = fetch
+        self.metrics = metrics
+        self._mem: OrderedDict[str, bytes] = OrderedDict()
+        self._mem_lru: ByteLRU[str] = ByteLRU(cache.memory_size)
+        self._flights: dict[str, _Flight] = {}
+        self._origin_limiter = trio.CapacityLimiter(fetch.concurrency)
+        self._disk_limiter = trio.CapacityLimiter(8)
+        self._wb_send, self._wb_recv = trio.open_memory_channel[tuple[str, bytes]](cache.writeback_queue)
+        self._wb_pending: set[str] = set()
+        self._wb_workers = cache.writeback_workers
+        self._nursery: trio.Nursery | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the store's workers until cancelled. Start with `await nursery.start(store.run)`."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for _ in range(self._wb_workers):
+                nursery.start_soon(self._writeback_worker)
+            task_status.started()
+            await trio.sleep_forever()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._flights)
+
+    @property
+    def memory_used(self) -> int:
+        return self._mem_lru.used
+
+    @property
+    def writeback_pending(self) -> int:
+        return len(self._wb_pending)
+
+    # -- reading --------------------------------------------------------------------------
+    async def get(self, locs: Sequence[ChunkLoc], *, timeout: float | None = None) -> list[bytes]:
+        """The verified bytes of each chunk, in order. Raises FetchTimeout past `timeout`
+        (default: the configured read_timeout), or the error that failed a chunk."""
+        out: list[bytes | None] = [self._mem_get(loc) for loc in locs]
+        missing = [loc for loc, d in zip(locs, out) if d is None]
+        if not missing:
+            return out  # type: ignore[return-value]
+        flights = self._start(missing)
+        with trio.move_on_after(self.cfg.read_timeout if timeout is None else timeout):
+            j = 0
+            for i, d in enumerate(out):
+                if d is None:
+                    f = flights[j]
+                    j += 1
+                    await f.event.wait()
+                    if f.error is not None:
+                        raise f.error
+                    out[i] = f.data
+            return out  # type: ignore[return-value]
+        self.metrics.errors["timeout"] += 1
+        raise FetchTimeout(f"chunks of {missing[0].key} not available within "
+                           f"{self.cfg.read_timeout if timeout is None else timeout}s")
+
+    def prefetch(self, locs: Sequence[ChunkLoc]) -> None:
+        """Start fetching chunks that are not in memory or in flight; do not wait."""
+        missing = [loc for loc in locs if loc.digest not in self._mem and loc.digest not in self._flights]
+        if missing:
+            self.metrics.prefetched_chunks += len(missing)
+            self._start(missing)
+
+    async def warm(self, locs: Sequence[ChunkLoc], progress: Callable[[int], None] | None = None) -> None:
+        """Make every chunk local (on disk), fetching in order with the store's full
+        parallelism; returns when all of them are written. Raises the first error."""
+        batches: list[list[ChunkLoc]] = []
+        for req in coalesce(locs, self.cfg.max_request):
+            batches.append(list(req.locs))
+        window = trio.Semaphore(max(2, self.cfg.concurrency))
+
+        async def one(batch: list[ChunkLoc]) -> None:
+            try:
+                todo = [loc for loc in batch if loc.digest not in self.disk]
+                if todo:
+                    datas = await self.get(todo)
+                    for loc, data in zip(todo, datas):
+                        if loc.digest not in self.disk and loc.digest not in self._wb_pending:
+                            self._wb_pending.add(loc.digest)
+                            await self._wb_send.send((loc.digest, data))
+                if progress:
+                    progress(sum(loc.ref.size for loc in batch))
+            finally:
+                window.release()
+
+        async with trio.open_nursery() as nursery:
+            for batch in batches:
+                await window.acquire()
+                nursery.start_soon(one, batch)
+        digests = {loc.digest for loc in locs}
+        while self._wb_pending & digests:
+            await trio.sleep(0.02)
+
+    # -- internals ------------------------------------------------------------------------
+    def _mem_get(self, loc: ChunkLoc) -> bytes | None:
+        data = self._mem.get(loc.digest)
+        if data is not None:
+            self._mem.move_to_end(loc.digest)
+            self._mem_lru.touch(loc.digest)
+            self.metrics.hits["memory"] += 1
+        return data
+
+    def _mem_put(self, digest: str, data: bytes) -> None:
+        self._mem[digest] = data
+        self._mem_lru.add(digest, len(data))
+        for victim in self._mem_lru.evict(keep=digest):
+            self._mem.pop(victim, None)
+
+    def _start(self, locs: Sequence[ChunkLoc]) -> list[_Flight]:
+        assert self._nursery is not None, "ChunkStore.run() is not running"
+        flights: list[_Flight] = []
+        new: list[ChunkLoc] = []
+        for loc in locs:
+            f = self._flights.get(loc.digest)
+            if f is None:
+                f = self._flights[loc.digest] = _Flight()
+                new.append(loc)
+            flights.append(f)
+        for req in coalesce(new, self.cfg.max_request):
+            self._nursery.start_soon(self._fetch, req)
+        return flights
+
+    def _finish(self, loc: ChunkLoc, data: bytes | None, error: BaseException | None) -> None:
+        f = self._flights.pop(loc.digest, None)
+        if f is None:
+            return
+        if data is not None:
+            self._mem_put(loc.digest, data)
+        f.data, f.error = data, error
+        f.event.set()
+
+    async def _fetch(self, req: Request) -> None:
+        pending = list(req.locs)
+        try:
+            pending = await self._from_disk(pending)
+            for sub in coalesce(pending, self.cfg.max_request):
+                await self._from_origin(sub)
+        except BaseException as exc:
+            # Whatever happened (cancellation included), no waiter may be left hanging.
+            err = exc if isinstance(exc, P2PFSError) else OriginError(f"fetch failed: {exc!r}")
+            if not isinstance(exc, P2PFSError) and not isinstance(exc, trio.Cancelled):
+                self.metrics.errors["internal"] += 1
+            for loc in pending:
+                self._finish(loc, None, err)
+            if isinstance(exc, (trio.Cancelled, KeyboardInterrupt)):
+                raise
+        finally:
+            for loc in req.locs:
+                if loc.digest in self._flights:
+                    self._finish(loc, None, OriginError("fetch ended without data"))
+
+    async def _from_disk(self, locs: list[ChunkLoc]) -> list[ChunkLoc]:
+        candidates = [loc for loc in locs if loc.digest in self.disk]
+        if not candidates:
+            self.metrics.misses += len(locs)
+            return locs
+        async with self._disk_limiter:
+            datas = await trio.to_thread.run_sync(lambda: [self.disk.read(l.digest) for l in candidates])
+        got = {}
+        for loc, data in zip(candidates, datas):
+            if data is not None:
+                got[loc.digest] = data
+                self.metrics.hits["disk"] += 1
+                self.metrics.bytes_by_source["disk"] += len(data)
+                self._finish(loc, data, None)
+            else:
+                self.metrics.errors["cache_corrupt"] += 1
+        rest = [loc for loc in locs if loc.digest not in got]
+        self.metrics.misses += len(rest)
+        return rest
+
+    async def _from_origin(self, req: Request) -> None:
+        deadline = trio.current_time() + self.cfg.read_timeout
+        attempt = 0
+        while True:
+            try:
+                async with self._origin_limiter:
+                    t0 = trio.current_time()
+                    self.metrics.origin_requests += 1
+                    body = await self.origin.get_range(req.key, req.offset, req.length)
+                    self.metrics.fetch_latency.observe(trio.current_time() - t0)
+                break
+            except OriginError as exc:
+                self.metrics.errors[type(exc).__name__] += 1
+                attempt += 1
+                delay = random.uniform(0, min(self.cfg.retry_max, self.cfg.retry_base * 2 ** attempt))
+                if not is_temp_failure(exc) or trio.current_time() + delay >= deadline:
+                    raise
+                await trio.sleep(delay)
+        self.metrics.bytes_by_source["origin"] += len(body)
+        parts = split_response(req, body)
+
+        def verify_all() -> list[bytes | IntegrityError]:
+            out: list[bytes | IntegrityError] = []
+            for loc, stored in zip(req.locs, parts):
+                try:
+                    # A raw single-chunk body is returned as is: no copy.
+                    out.append(verify_chunk(loc, body if len(req.locs) == 1 else stored))
+                except IntegrityError as exc:
+                    out.append(exc)
+            return out
+
+        results = await trio.to_thread.run_sync(verify_all)
+        for loc, res in zip(req.locs, results):
+            if isinstance(res, IntegrityError):
+                self.metrics.errors["integrity"] += 1
+                self._finish(loc, None, res)
+                continue
+            self._finish(loc, res, None)
+            if loc.digest not in self._wb_pending:
+                try:
+                    self._wb_send.send_nowait((loc.digest, res))
+                    self._wb_pending.add(loc.digest)
+                except trio.WouldBlock:
+                    self.metrics.writeback_dropped += 1
+
+    async def _writeback_worker(self) -> None:
+        async for digest, data in self._wb_recv:
+            try:
+                ok = await trio.to_thread.run_sync(self.disk.write, digest, data)
+            finally:
+                self._wb_pending.discard(digest)
+            if ok:
+                self.metrics.writeback_done += 1
+            else:
+                self.metrics.errors["writeback"] += 1
+

@@ -1,0 +1,185 @@
+"""The mount daemon: wires origin, disk cache, chunk store, FUSE, control socket and
+metrics together, mounts, signals readiness, and always unmounts on the way out."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pyfuse3
+import trio
+import trio_asyncio
+
+from .chunkstore import ChunkStore
+from .config import Config
+from .control import ControlServer
+from .discover import discover
+from .diskcache import DiskCache
+from .errors import ConfigError
+from .fs import Operations
+from .metrics import Metrics
+from .origin import open_origin, parse_url
+from .tree import build_tree
+from .tune import is_stale, mount_entry, tune_mount, unmount
+
+log = logging.getLogger("p2pfs.daemon")
+
+
+def lock_cache_dir(directory: Path) -> int:
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"cache dir {directory} is in use by another p2pfs daemon "
+                          "(give each mount its own --cache-dir)") from None
+    return fd
+
+
+def sd_notify(notify_socket: str | None, message: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    if not notify_socket:
+        return
+    addr = "\0" + notify_socket[1:] if notify_socket.startswith("@") else notify_socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(message.encode(), addr)
+
+
+async def _serve_metrics(addr: str, render: Callable[[], str], *,
+                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    host, _, port = addr.rpartition(":")
+    listeners = await trio.open_tcp_listeners(int(port), host=host or "127.0.0.1")
+
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            with trio.move_on_after(10):
+                buf = b""
+                while b"\r\n\r\n" not in buf and len(buf) < 16384:
+                    data = await stream.receive_some(4096)
+                    if not data:
+                        return
+                    buf += data
+                path = buf.split(b" ", 2)[1] if buf.count(b" ") >= 2 else b"/"
+                if path.split(b"?")[0] == b"/metrics":
+                    body, status = render().encode(), b"200 OK"
+                else:
+                    body, status = b"see /metrics\n", b"404 Not Found"
+                await stream.send_all(
+                    b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                    b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+
+    async with trio.open_nursery() as nursery:
+        task_status.started()
+        await trio.serve_listeners(handle, listeners, handler_nursery=nursery)
+
+
+async def run_daemon(cfg: Config, url: str, mountpoint: Path, *,
+                     on_ready: Callable[[dict[str, Any]], None] = lambda info: None,
+                     notify_socket: str | None = None) -> None:
+    """Mount `url` at `mountpoint` and serve until unmounted or signalled."""
+    mountpoint = Path(os.path.abspath(mountpoint))
+    loc = parse_url(url)
+    if not mountpoint.is_dir():
+        if is_stale(mountpoint):
+            log.warning("clearing stale mount at %s left by a dead daemon", mountpoint)
+            unmount(mountpoint, lazy=True)
+        if not mountpoint.is_dir():
+            raise ConfigError(f"mountpoint {mountpoint} is not a directory")
+    entry = mount_entry(mountpoint)
+    if entry is not None and entry[2].startswith("fuse"):
+        if is_stale(mountpoint):
+            log.warning("clearing stale mount at %s left by a dead daemon", mountpoint)
+            unmount(mountpoint, lazy=True)
+        else:
+            raise ConfigError(f"{mountpoint} is already mounted; `p2pfs unmount {mountpoint}` first")
+    lock_fd = lock_cache_dir(cfg.cache.dir)
+    try:
+        async with trio_asyncio.open_loop():
+            async with open_origin(loc, cfg.s3) as origin:
+                await _serve(cfg, loc, origin, mountpoint, on_ready, notify_socket)
+    finally:
+        os.close(lock_fd)
+
+
+async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket) -> None:
+    t0 = time.monotonic()
+    models, problems = await discover(origin, loc)
+    disk = DiskCache(cfg.cache.dir, cfg.cache.size)
+    await trio.to_thread.run_sync(disk.scan)
+    metrics = Metrics()
+    store = ChunkStore(origin, disk, fetch=cfg.fetch, cache=cfg.cache, metrics=metrics)
+    tree = build_tree(models)
+    control_path = cfg.cache.dir / "control.sock"
+    ops = Operations(tree, store, fetch=cfg.fetch, metrics=metrics,
+                     attr_timeout=cfg.mount.attr_timeout, control_path=str(control_path))
+    tuning: dict[str, Any] = {}
+    metrics.gauges.update({
+        "cache_used_bytes": lambda: disk.stats().used_bytes,
+        "cache_budget_bytes": lambda: disk.stats().budget_bytes,
+        "cache_chunks": lambda: disk.stats().chunks,
+        "cache_evicted_chunks": lambda: disk.stats().evicted,
+        "cache_corrupt_dropped": lambda: disk.stats().corrupt_dropped,
+        "memory_cache_bytes": lambda: store.memory_used,
+        "in_flight_chunks": lambda: store.in_flight,
+        "writeback_pending": lambda: store.writeback_pending,
+    })
+
+    def status() -> dict[str, Any]:
+        return {
+            "source": str(loc), "mountpoint": str(mountpoint), "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - t0, 1),
+            "models": [{"path": p or "/", "digest": d} for p, d in sorted(tree.models.items())],
+            "model_problems": problems, "cache_dir": str(cfg.cache.dir), "tuning": tuning,
+            **metrics.snapshot(),
+        }
+
+    options = {"fsname=p2pfs", "subtype=p2pfs", "ro", "default_permissions", "noatime"}
+    if cfg.mount.allow_other:
+        options.add("allow_other")
+    pyfuse3.init(ops, str(mountpoint), options)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run)
+            control = ControlServer(control_path, tree=tree, store=store, status=status,
+                                    metrics_text=metrics.render)
+            await nursery.start(control.serve)
+            if cfg.mount.metrics_addr:
+                await nursery.start(_serve_metrics, cfg.mount.metrics_addr, metrics.render)
+            nursery.start_soon(_watch_signals)
+
+            async def fuse_main() -> None:
+                try:
+                    await pyfuse3.main()
+                finally:
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(fuse_main)
+            tuning.update(await trio.to_thread.run_sync(lambda: tune_mount(
+                mountpoint, read_ahead_kb=cfg.mount.read_ahead_kb,
+                max_background=cfg.mount.max_background)))
+            info = {"mountpoint": str(mountpoint), "source": str(loc), "pid": os.getpid(),
+                    "models": sorted(p or "/" for p in tree.models), "problems": problems,
+                    "tuning": tuning, "control": str(control_path),
+                    "seconds": round(time.monotonic() - t0, 3)}
+            log.info("mounted %s at %s: %d model(s), tuning %s", loc, mountpoint, len(models), tuning)
+            on_ready(info)
+            sd_notify(notify_socket, f"READY=1\nSTATUS=serving {loc} at {mountpoint}")
+    finally:
+        sd_notify(notify_socket, "STOPPING=1")
+        pyfuse3.close(unmount=True)
+        log.info("unmounted %s", mountpoint)
+
+
+async def _watch_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for sig in signals:
+            log.info("signal %s: unmounting", signal.Signals(sig).name)
+            pyfuse3.terminate()
+            return

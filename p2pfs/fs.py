@@ -1,0 +1,231 @@
+"""FUSE operations (pyfuse3): the only place where p2pfs errors become errno values.
+
+Read-only. Files are opened with keep_cache (content is immutable, so the kernel page cache
+stays valid across opens), attributes and names are cached for `attr_timeout`. Each open
+file tracks its read position; sequential reads grow a read-ahead window that is fetched
+in the background through the chunk store.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass
+
+import pyfuse3
+
+from .chunkstore import ChunkStore
+from .config import FetchConfig
+from .errors import FetchTimeout, IntegrityError, OriginUnavailable, P2PFSError
+from .metrics import Metrics
+from .plan import chunk_span, slice_reply
+from .tree import ROOT_INODE, Node, Tree
+
+log = logging.getLogger("p2pfs.fs")
+
+CONTROL_XATTR = b"user.p2pfs.control"
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+
+
+@dataclass(slots=True)
+class _Open:
+    node: Node
+    next_off: int = 0  # where a sequential reader reads next
+    window: int = 0  # current read-ahead window, bytes
+    ahead_to: int = 0  # file offset read-ahead has been issued up to
+
+
+class Operations(pyfuse3.Operations):
+    def __init__(self, tree: Tree, store: ChunkStore, *, fetch: FetchConfig, metrics: Metrics,
+                 attr_timeout: float, control_path: str = "") -> None:
+        super().__init__()
+        self.tree = tree
+        self.store = store
+        self.fetch = fetch
+        self.metrics = metrics
+        self.attr_timeout = attr_timeout
+        self.control_path = control_path
+        self._open: dict[int, _Open] = {}
+        self._next_fh = 1
+        self._mount_time_ns = time.time_ns()
+        self._last_log: dict[str, float] = {}
+
+    # -- helpers --------------------------------------------------------------------------
+    def _node(self, inode: int) -> Node:
+        try:
+            return self.tree.nodes[inode]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        e = node.entry
+        a.st_ino = node.inode
+        a.generation = 0
+        a.entry_timeout = self.attr_timeout
+        a.attr_timeout = self.attr_timeout
+        a.st_mode = node.st_mode
+        a.st_nlink = node.nlink
+        a.st_uid = e.uid if e else 0
+        a.st_gid = e.gid if e else 0
+        a.st_rdev = e.rdev if e else 0
+        a.st_size = node.size
+        a.st_blksize = 1 << 20
+        a.st_blocks = (node.size + 511) // 512
+        mtime = e.mtime_ns if e and e.mtime_ns else self._mount_time_ns
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mtime
+        return a
+
+    def _eio(self, exc: BaseException, what: str) -> pyfuse3.FUSEError:
+        kind = type(exc).__name__
+        now = time.monotonic()
+        if now - self._last_log.get(kind, 0.0) > 5.0:  # one line per kind per 5 s
+            self._last_log[kind] = now
+            hint = ""
+            if isinstance(exc, (FetchTimeout, OriginUnavailable)):
+                hint = " (object store slow or unreachable; cached data is still served)"
+            elif isinstance(exc, IntegrityError):
+                hint = " (data did not match its digest and was not served)"
+            log.error("%s failed: %s%s", what, exc, hint)
+        self.metrics.errors["eio"] += 1
+        return pyfuse3.FUSEError(errno.EIO)
+
+    # -- namespace ------------------------------------------------------------------------
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext):
+        parent = self._node(parent_inode)
+        if parent.children is None:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if name == b".":
+            return self._attr(parent)
+        if name == b"..":
+            return self._attr(self._node(parent.parent))
+        inode = parent.children.get(name)
+        if inode is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(self.tree.nodes[inode])
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext):
+        return self._attr(self._node(inode))
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._node(inode)
+        if not stat.S_ISLNK(node.st_mode) or node.entry is None:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return node.entry.target.encode()
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if self._node(inode).children is None:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token) -> None:
+        node = self._node(fh)
+        assert node.children is not None
+        names = sorted(node.children)
+        for i in range(start_id, len(names)):
+            child = self.tree.nodes[node.children[names[i]]]
+            if not pyfuse3.readdir_reply(token, names[i], self._attr(child), i + 1):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        self._node(inode)
+        return not (mode & os.W_OK)
+
+    async def statfs(self, ctx: pyfuse3.RequestContext):
+        s = pyfuse3.StatvfsData()
+        total = sum(n.size for n in self.tree.nodes.values())
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = (total + 4095) // 4096
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = len(self.tree.nodes)
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    # -- xattrs ---------------------------------------------------------------------------
+    def _xattrs(self, node: Node) -> dict[bytes, bytes]:
+        out = {k.encode(): v for k, v in (node.entry.xattrs.items() if node.entry else ())}
+        if node.inode == ROOT_INODE and self.control_path:
+            out[CONTROL_XATTR] = self.control_path.encode()
+        return out
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        value = self._xattrs(self._node(inode)).get(name)
+        if value is None:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return value
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext):
+        return list(self._xattrs(self._node(inode)))
+
+    # -- files ----------------------------------------------------------------------------
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext):
+        node = self._node(inode)
+        if flags & _WRITE_FLAGS:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if node.entry is None or node.entry.type != "file":
+            raise pyfuse3.FUSEError(errno.EISDIR if node.children is not None else errno.EINVAL)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._open[fh] = _Open(node)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+
+    async def release(self, fh: int) -> None:
+        self._open.pop(fh, None)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self._open.get(fh)
+        if h is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        entry = h.node.entry
+        assert entry is not None
+        span = chunk_span(entry, off, size)
+        if not span:
+            return b""
+        self._readahead(h, off, size)
+        try:
+            chunks = await self.store.get(h.node.locs(span))
+        except P2PFSError as exc:
+            raise self._eio(exc, f"read {h.node.model or '/'} inode {h.node.inode} @{off}+{size}")
+        data = slice_reply(entry, span, chunks, off, size)
+        self.metrics.reads += 1
+        self.metrics.read_bytes += len(data)
+        return data
+
+    def _readahead(self, h: _Open, off: int, size: int) -> None:
+        entry = h.node.entry
+        assert entry is not None
+        end = off + size
+        if off == h.next_off and off != 0 or (off == 0 and h.window == 0):
+            h.window = min(max(h.window * 2, self.fetch.readahead_min), self.fetch.readahead_max)
+        elif abs(off - h.next_off) > self.fetch.readahead_min:
+            h.window, h.ahead_to = 0, 0  # random access: no read-ahead
+        h.next_off = end
+        if not h.window:
+            return
+        start = max(end, h.ahead_to)
+        stop = min(entry.size, end + h.window)
+        if stop - start < self.fetch.readahead_min // 2 and stop < entry.size:
+            return  # issue read-ahead in large steps, not per kernel request
+        span = chunk_span(entry, start, stop - start)
+        if span:
+            self.store.prefetch(h.node.locs(span))
+            h.ahead_to = stop
+
+    async def forget(self, inode_list) -> None:
+        return None
+
+    # Writes are refused by the read-only mount option; these make it explicit.
+    async def setxattr(self, inode, name, value, ctx):
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def removexattr(self, inode, name, ctx):
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+
