@@ -40,6 +40,7 @@ bench: install
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
+	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) bench/bench_p2pfs.py
 
 clean:

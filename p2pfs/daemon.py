@@ -19,7 +19,7 @@ import trio_asyncio
 from .chunkstore import ChunkStore
 from .config import Config
 from .control import ControlServer
-from .discover import discover
+from .discover import ManifestCache, discover_cached
 from .diskcache import DiskCache
 from .errors import ConfigError
 from .fs import Operations
@@ -110,7 +110,7 @@ async def run_daemon(cfg: Config, url: str, mountpoint: Path, *,
 
 async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket) -> None:
     t0 = time.monotonic()
-    models, problems = await discover(origin, loc)
+    models, problems = await discover_cached(origin, loc, ManifestCache(cfg.cache.dir))
     disk = DiskCache(cfg.cache.dir, cfg.cache.size)
     await trio.to_thread.run_sync(disk.scan)
     metrics = Metrics()

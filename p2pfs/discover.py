@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+from pathlib import Path
 
 import trio
 
-from .errors import ManifestError, ManifestNotFound, ObjectNotFound
+from .errors import ManifestError, ManifestNotFound, ObjectNotFound, OriginUnavailable
 from .manifest import MANIFEST_KEY, Manifest, parse
 from .origin import Location, Origin
 
@@ -67,3 +71,60 @@ async def discover(origin: Origin, loc: Location) -> tuple[list[tuple[str, Manif
         raise ManifestError(f"{loc}: no usable manifest: " + "; ".join(problems))
     found.sort(key=lambda t: t[0])
     return found, problems
+
+
+class ManifestCache:
+    """The manifests a mount last used, kept in the cache dir so that a daemon restarted
+    while the object store is unreachable still mounts and serves what is cached.
+
+    Layout: `<cache>/manifests/<url-hash>.json` = {"url", "models": [[dir, prefix, digest]]}
+    and `<cache>/manifests/sha256-<hex>.json` = the manifest bytes (verified by digest)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = Path(directory) / "manifests"
+
+    def _index(self, loc: Location) -> Path:
+        return self.dir / (hashlib.sha256(str(loc).encode()).hexdigest()[:32] + ".json")
+
+    def save(self, loc: Location, models: list[tuple[str, Manifest, str]]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for _, m, _ in models:
+            p = self.dir / (m.digest.replace(":", "-") + ".json")
+            if not p.exists():
+                _atomic_write(p, m.encode())
+        doc = {"url": str(loc), "models": [[d, prefix, m.digest] for d, m, prefix in models]}
+        _atomic_write(self._index(loc), json.dumps(doc).encode())
+
+    def load(self, loc: Location) -> list[tuple[str, Manifest, str]]:
+        try:
+            doc = json.loads(self._index(loc).read_bytes())
+        except (OSError, ValueError):
+            return []
+        out = []
+        for d, prefix, digest in doc.get("models", []):
+            data = (self.dir / (digest.replace(":", "-") + ".json")).read_bytes()
+            out.append((d, parse(data, expected_digest=digest, source=f"cached manifest {digest}"), prefix))
+        return out
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+async def discover_cached(origin: Origin, loc: Location, cache: ManifestCache
+                          ) -> tuple[list[tuple[str, Manifest, str]], list[str]]:
+    """`discover`, falling back to the manifests last used for `loc` when the store is
+    unreachable (never when it answers: a store that says 'not found' is believed)."""
+    try:
+        models, problems = await discover(origin, loc)
+    except OriginUnavailable as exc:
+        models = await trio.to_thread.run_sync(cache.load, loc)
+        if not models:
+            raise
+        log.warning("object store unreachable (%s); mounting the %d cached manifest(s) of %s",
+                    exc, len(models), loc)
+        return models, [f"object store unreachable at mount time, using cached manifests: {exc}"]
+    await trio.to_thread.run_sync(cache.save, loc, models)
+    return models, problems

@@ -176,5 +176,5 @@ class DiskCache:
 def _unlink(path: Path) -> None:
     try:
         os.unlink(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         pass

@@ -1,0 +1,1 @@
+"""gpuload: stream safetensors into GPU and CPU memory."""

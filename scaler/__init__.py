@@ -1,0 +1,1 @@
+"""p2pfs-scaler: a concurrency-based autoscaler."""

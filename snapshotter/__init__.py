@@ -1,0 +1,1 @@
+"""containerd remote snapshotter backed by p2pfs (not built yet)."""

@@ -1,0 +1,170 @@
+"""The chunk store over a real local-directory origin, with thin wrappers at the origin
+interface to count, stall or corrupt requests."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from p2pfs.chunkstore import ChunkStore
+from p2pfs.config import CacheConfig, FetchConfig
+from p2pfs.diskcache import DiskCache
+from p2pfs.errors import FetchTimeout, IntegrityError, OriginUnavailable
+from p2pfs.manifest import ChunkRef
+from p2pfs.metrics import Metrics
+from p2pfs.origin import LocalDirOrigin
+from p2pfs.plan import ChunkLoc
+
+CHUNK = 64 * 1024
+
+
+class Counting(LocalDirOrigin):
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.requests: list[tuple[int, int]] = []
+        self.stall = False
+        self.down = False
+        self.corrupt = False
+
+    async def get_range(self, key: str, offset: int, length: int) -> bytes:
+        self.requests.append((offset, length))
+        if self.down:
+            raise OriginUnavailable("store is down")
+        if self.stall:
+            await trio.sleep_forever()
+        data = await super().get_range(key, offset, length)
+        return b"X" + data[1:] if self.corrupt else data
+
+
+def blob(tmp_path: Path, size: int = 10 * CHUNK) -> tuple[bytes, list[ChunkLoc]]:
+    data = os.urandom(size)
+    (tmp_path / "origin").mkdir(exist_ok=True)
+    (tmp_path / "origin" / "blob").write_bytes(data)
+    locs = [ChunkLoc("blob", ChunkRef(0, o, len(data[o:o + CHUNK]), len(data[o:o + CHUNK]), "none",
+                                      hashlib.sha256(data[o:o + CHUNK]).hexdigest()))
+            for o in range(0, size, CHUNK)]
+    return data, locs
+
+
+def make_store(tmp_path: Path, origin, **fetch) -> ChunkStore:
+    disk = DiskCache(tmp_path / "cache", 1 << 30)
+    disk.scan()
+    cfg = dict(max_request=4 * CHUNK, read_timeout=2.0, retry_base=0.01, retry_max=0.05)
+    cfg.update(fetch)
+    return ChunkStore(origin, disk, fetch=FetchConfig(**cfg),
+                      cache=CacheConfig(memory_size=3 * CHUNK, writeback_queue=64),
+                      metrics=Metrics())
+
+
+async def with_store(store: ChunkStore, fn) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        await fn()
+        nursery.cancel_scope.cancel()
+
+
+async def test_single_flight_and_coalescing(tmp_path):
+    data, locs = blob(tmp_path)
+    origin = Counting(tmp_path / "origin")
+    store = make_store(tmp_path, origin)
+
+    async def body():
+        results = {}
+
+        async def reader(i):
+            results[i] = await store.get(locs[:8])
+
+        async with trio.open_nursery() as n:
+            for i in range(10):
+                n.start_soon(reader, i)
+        for r in results.values():
+            assert b"".join(r) == data[:8 * CHUNK]
+        # 10 readers, 8 chunks, at most 4 chunks per request: exactly 2 requests.
+        assert sorted(origin.requests) == [(0, 4 * CHUNK), (4 * CHUNK, 4 * CHUNK)]
+
+    await with_store(store, body)
+    assert store.metrics.misses == 8
+
+
+async def test_write_back_then_served_from_disk_without_origin(tmp_path):
+    data, locs = blob(tmp_path)
+    origin = Counting(tmp_path / "origin")
+    store = make_store(tmp_path, origin)
+
+    async def body():
+        await store.warm(locs)
+        assert all(l.digest in store.disk for l in locs)
+        origin.down = True
+        store._mem.clear()
+        store._mem_lru = type(store._mem_lru)(store._mem_lru.budget)
+        got = await store.get(locs)
+        assert b"".join(got) == data
+
+    await with_store(store, body)
+    assert store.metrics.hits["disk"] == len(locs)
+
+
+async def test_unreachable_origin_fails_within_the_deadline_then_recovers(tmp_path):
+    data, locs = blob(tmp_path)
+    origin = Counting(tmp_path / "origin")
+    store = make_store(tmp_path, origin, read_timeout=1.0)
+
+    async def body():
+        origin.down = True
+        t0 = trio.current_time()
+        with pytest.raises((OriginUnavailable, FetchTimeout)):
+            await store.get(locs[:1])
+        assert trio.current_time() - t0 <= 1.5
+        assert len(origin.requests) > 1  # it retried
+        origin.down = False
+        assert (await store.get(locs[:1]))[0] == data[:CHUNK]
+
+    await with_store(store, body)
+
+
+async def test_stalled_origin_gives_fetch_timeout(tmp_path):
+    _, locs = blob(tmp_path)
+    origin = Counting(tmp_path / "origin")
+    store = make_store(tmp_path, origin)
+
+    async def body():
+        origin.stall = True
+        with pytest.raises(FetchTimeout):
+            await store.get(locs[:1], timeout=0.3)
+
+    await with_store(store, body)
+
+
+async def test_bad_bytes_from_origin_are_never_served(tmp_path):
+    _, locs = blob(tmp_path)
+    origin = Counting(tmp_path / "origin")
+    origin.corrupt = True
+    store = make_store(tmp_path, origin)
+
+    async def body():
+        with pytest.raises(IntegrityError, match="sha256 mismatch"):
+            await store.get(locs[:1])
+        assert locs[0].digest not in store.disk and locs[0].digest not in store._mem
+
+    await with_store(store, body)
+    assert store.metrics.errors["integrity"] == 1
+
+
+async def test_zstd_chunks_are_decompressed_and_verified(tmp_path):
+    import zstandard
+
+    raw = b"layer bytes " * 5000
+    packed = zstandard.ZstdCompressor().compress(raw)
+    (tmp_path / "origin").mkdir()
+    (tmp_path / "origin" / "pack").write_bytes(b"pad" + packed)
+    loc = ChunkLoc("pack", ChunkRef(0, 3, len(packed), len(raw), "zstd", hashlib.sha256(raw).hexdigest()))
+    store = make_store(tmp_path, Counting(tmp_path / "origin"))
+
+    async def body():
+        assert (await store.get([loc]))[0] == raw
+
+    await with_store(store, body)
