@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 log = logging.getLogger("p2pfs.tune")
@@ -59,16 +60,29 @@ def tune_mount(mountpoint: str | os.PathLike[str], *, read_ahead_kb: int, max_ba
     return applied
 
 
-def is_stale(mountpoint: str | os.PathLike[str]) -> bool:
-    """True if a FUSE mount sits at `mountpoint` but its daemon is gone."""
+def is_stale(mountpoint: str | os.PathLike[str], timeout: float = 5.0) -> bool:
+    """True if a FUSE mount sits at `mountpoint` but its daemon is gone.
+
+    A stat may be answered from the kernel's attribute cache even when the daemon is dead,
+    so we open the directory, which always asks the daemon (ENOTCONN when it is gone). It
+    runs in a thread: a live but hung daemon must not hang us too."""
     entry = mount_entry(mountpoint)
     if entry is None or not entry[2].startswith("fuse"):
         return False
-    try:
-        os.stat(mountpoint)
-    except OSError as exc:
-        return exc.errno == errno.ENOTCONN
-    return False
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+            os.close(fd)
+            result.append(False)
+        except OSError as exc:
+            result.append(exc.errno == errno.ENOTCONN)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(result and result[0])
 
 
 def unmount(mountpoint: str | os.PathLike[str], *, lazy: bool = False) -> None:

@@ -1,0 +1,232 @@
+"""Settings: frozen, keyword-only dataclasses with every default in one place.
+
+Layers, lowest first: these defaults, a TOML file (`--config`, one table per dataclass:
+`[policy]`, `[proxy]`, `[local]`, `[kubernetes]`, `[keda]`, `[sim]`), command-line flags.
+Only `cli.py` reads files and flags; core code receives these objects as arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ._errors import ConfigError
+
+MiB = 1 << 20
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolicyConfig:
+    """The concurrency policy (`ConcurrencyPolicy`). Why each default is what it is:
+    docs/SCALER.md, "Policy parameters"."""
+
+    #: Concurrency (requests in flight + queued) one serving replica should carry on
+    #: average; desired = ceil(average concurrency / target). Unlike Knative there is no
+    #: extra 70% utilization factor: the target means what it says.
+    target_concurrency: float = 4.0
+    #: Seconds of concurrency averaged for ordinary (stable) decisions.
+    stable_window_s: float = 60.0
+    #: Seconds of concurrency averaged to detect bursts (Knative: 10% of the stable window).
+    panic_window_s: float = 6.0
+    #: Enter panic when the panic-window desired count reaches this multiple of the ready
+    #: replicas. In panic the policy scales up on the panic window and never scales down.
+    panic_threshold: float = 2.0
+    #: Seconds a lower desired count must persist before it is applied (max over the window).
+    scale_down_delay_s: float = 0.0
+    #: At most ceil(rate * ready) serving replicas after one decision.
+    max_scale_up_rate: float = 1000.0
+    #: At least floor(ready / rate) serving replicas after one decision.
+    max_scale_down_rate: float = 2.0
+    #: Fewest serving replicas; 0 allows scale to zero.
+    min_replicas: int = 0
+    #: Most serving replicas (standby replicas are on top of this).
+    max_replicas: int = 8
+    #: Warm, not-yet-serving replicas kept while anything is serving. Set it to the scale
+    #: step you expect (replicas a burst adds): that step then skips provisioning.
+    standby: int = 0
+    #: Keep the standby replicas while scaled to zero too (a faster wake-up, paid for idle).
+    standby_at_zero: bool = False
+    #: Seconds the desired count must have been zero before the last replica goes.
+    scale_to_zero_grace_s: float = 30.0
+    #: Seconds between decisions.
+    tick_s: float = 2.0
+    #: Seconds between concurrency samples (each the time average since the previous one).
+    sample_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        _positive(self, "target_concurrency", "stable_window_s", "panic_window_s", "tick_s",
+                  "sample_s", "max_scale_up_rate", "max_scale_down_rate")
+        if self.panic_window_s > self.stable_window_s:
+            raise ConfigError("panic_window_s must not exceed stable_window_s")
+        if not 0 <= self.min_replicas <= self.max_replicas:
+            raise ConfigError("need 0 <= min_replicas <= max_replicas")
+        if self.standby < 0 or self.scale_down_delay_s < 0 or self.scale_to_zero_grace_s < 0:
+            raise ConfigError("standby, scale_down_delay_s, scale_to_zero_grace_s must be >= 0")
+        if self.panic_threshold < 1:
+            raise ConfigError("panic_threshold must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProxyConfig:
+    """The queue proxy in front of the replicas."""
+
+    #: Address the proxy listens on.
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: Hard limit of requests one replica is sent at once; the rest wait in the queue.
+    max_concurrency: int = 8
+    #: Most requests waiting in the queue; one more is answered 503 with Retry-After.
+    max_queue: int = 1000
+    #: Seconds a request may wait in the queue (scale-from-zero included) before a 503.
+    queue_timeout_s: float = 60.0
+    #: Retry-After seconds sent with every 503.
+    retry_after_s: int = 1
+    #: Extra attempts on another replica when one dies before sending a response byte.
+    max_retries: int = 2
+    #: Seconds to open a connection to a replica.
+    connect_timeout_s: float = 2.0
+    #: Seconds a replica has to send its full response once it has the request.
+    request_timeout_s: float = 60.0
+    #: Seconds a client has to send its request head and body.
+    client_timeout_s: float = 30.0
+    #: Largest request or response body carried (bigger: 413 / 502).
+    max_body_bytes: int = 16 * MiB
+    #: Largest request head (h11 enforces it).
+    max_header_bytes: int = 64 * 1024
+    #: Client connections served at once; more wait in the kernel's accept backlog.
+    max_connections: int = 1024
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_concurrency", "max_queue", "queue_timeout_s", "connect_timeout_s",
+                  "request_timeout_s", "client_timeout_s", "max_body_bytes", "max_connections")
+        if self.max_retries < 0:
+            raise ConfigError("max_retries must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalConfig:
+    """Replicas as local processes (the embedded default actuator)."""
+
+    #: Shell command that starts one replica; `{port}` is replaced by a free port.
+    replica_cmd: str = ""
+    #: Address replicas listen on.
+    host: str = "127.0.0.1"
+    #: Path probed with GET until it answers 2xx: then the replica is ready.
+    ready_path: str = "/healthz"
+    #: Seconds between readiness probes.
+    probe_interval_s: float = 0.1
+    #: Seconds a replica has to become ready before it is killed and counted failed.
+    start_timeout_s: float = 300.0
+    #: Seconds a stopping replica has to finish its in-flight requests.
+    drain_timeout_s: float = 30.0
+    #: Seconds between SIGTERM and SIGKILL.
+    stop_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        _positive(self, "probe_interval_s", "start_timeout_s", "stop_timeout_s")
+        if self.replica_cmd and "{port}" not in self.replica_cmd:
+            raise ConfigError("replica_cmd must contain {port}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class KubernetesConfig:
+    """A Deployment scaled through its scale subresource."""
+
+    namespace: str = "default"
+    deployment: str = ""
+    #: host:port the proxy sends requests to (the Deployment's Service).
+    upstream: str = ""
+    #: Seconds between reads of the Deployment's ready count.
+    poll_s: float = 2.0
+    #: Seconds one API call may take.
+    request_timeout_s: float = 10.0
+    #: kubeconfig file; None tries in-cluster config, then ~/.kube/config.
+    kubeconfig: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class KedaConfig:
+    """The KEDA external scaler (gRPC)."""
+
+    host: str = "127.0.0.1"
+    port: int = 9090
+    #: The proxy's Prometheus endpoint the signal is read from.
+    metrics_url: str = "http://127.0.0.1:8080/metrics"
+    #: Metric name reported to KEDA (and through it to the HPA).
+    metric_name: str = "scaler_concurrency"
+    #: Per-replica target sent in GetMetricSpec; the HPA then computes ceil(value / target).
+    target_concurrency: float = 4.0
+    #: Seconds one /metrics fetch may take.
+    fetch_timeout_s: float = 2.0
+    #: Seconds between StreamIsActive checks.
+    stream_interval_s: float = 2.0
+    #: gRPC worker threads.
+    workers: int = 4
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimConfig:
+    """The simulator's replica and queue model (the same for every policy)."""
+
+    #: Seconds to get a machine for a replica (skipped by standby replicas).
+    provision_s: float = 60.0
+    #: Seconds from machine to ready: image pull plus weight load.
+    startup_s: float = 30.0
+    #: Requests one replica serves at once (its slots); service time is per request.
+    max_concurrency: int = 8
+    #: Queue bound and deadline, as in ProxyConfig.
+    max_queue: int = 100_000
+    queue_timeout_s: float = 600.0
+    #: A request meets the SLO when its queueing delay is at most this.
+    slo_s: float = 1.0
+    #: Replicas at t=0 (each policy's minimum is applied on its first decision).
+    initial_replicas: int = 1
+    #: Seconds per timeline point kept for plots.
+    timeline_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_concurrency", "max_queue", "queue_timeout_s", "timeline_s")
+        if self.provision_s < 0 or self.startup_s < 0 or self.initial_replicas < 0:
+            raise ConfigError("provision_s, startup_s, initial_replicas must be >= 0")
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for n in names:
+        if not getattr(obj, n) > 0:
+            raise ConfigError(f"{type(obj).__name__}.{n} must be > 0, got {getattr(obj, n)!r}")
+
+
+def load_toml(path: Path | None) -> dict[str, dict[str, Any]]:
+    """The tables of a TOML settings file ({} without one)."""
+    if path is None:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    known = {"policy", "proxy", "local", "kubernetes", "keda", "sim"}
+    for key, value in data.items():
+        if key not in known or not isinstance(value, dict):
+            raise ConfigError(f"{path}: unknown table [{key}] (known: {sorted(known)})")
+    return data
+
+
+def build(cls: type[T], *layers: dict[str, Any]) -> T:
+    """`cls` from defaults overlaid by each layer in turn (None values are skipped)."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if key not in names:
+                raise ConfigError(f"unknown {cls.__name__} setting {key!r}")
+            if value is not None:
+                merged[key] = value
+    try:
+        return cls(**merged)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from exc

@@ -1,0 +1,142 @@
+"""The concurrency policy: a pure decision function over concurrency samples.
+
+Inputs are plain data (`Sample`, `Fleet`) and `now`; the output is a `Decision` (serving
+and standby replica counts). The simulator and the proxy's controller both drive it, so
+what is tested here is what runs. The algorithm follows Knative's KPA (stable and panic
+windows, rate limits, scale-down delay, scale-to-zero grace) with two changes: the target
+is used as given (no 70% utilization factor), and standby replicas (docs/SCALER.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+from ._config import PolicyConfig
+from ._window import WindowAverage, WindowMax
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sample:
+    """Time averages over one sample period."""
+
+    #: Requests in flight at replicas plus requests queued in the proxy.
+    concurrency: float
+    #: Busy request slots on ready replicas (what a utilization metric sees).
+    busy: float = 0.0
+    #: Request slots of ready replicas (ready * max_concurrency).
+    capacity: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fleet:
+    """Replicas as the actuator sees them now."""
+
+    #: Serving and ready for requests.
+    ready: int = 0
+    #: Will serve once started (provisioning, pulling, loading).
+    starting: int = 0
+    #: Warm, not serving (provisioned, or still provisioning for standby).
+    standby: int = 0
+
+    @property
+    def serving(self) -> int:
+        return self.ready + self.starting
+
+
+@dataclass(frozen=True, kw_only=True)
+class Decision:
+    serving: int
+    standby: int = 0
+    #: Why, for logs and tests: "stable", "panic", "delay", "grace", "activate", ...
+    mode: str = "stable"
+
+
+class Policy(Protocol):
+    """What the simulator and the controller need from a policy."""
+
+    #: Seconds between `decide` calls.
+    tick_s: float
+    #: Seconds between `record` calls.
+    sample_s: float
+
+    def record(self, now: float, sample: Sample) -> None: ...
+
+    def decide(self, now: float, fleet: Fleet) -> Decision: ...
+
+
+def clamp(x: float, lo: float, hi: float) -> float:
+    return min(max(x, lo), hi)
+
+
+class ConcurrencyPolicy:
+    """desired = ceil(windowed concurrency / target), KPA-style panic and rate limits."""
+
+    def __init__(self, config: PolicyConfig) -> None:
+        self.config = config
+        self.tick_s = config.tick_s
+        self.sample_s = config.sample_s
+        self._stable = WindowAverage(config.stable_window_s)
+        self._panic = WindowAverage(config.panic_window_s)
+        self._delay = WindowMax(config.scale_down_delay_s) if config.scale_down_delay_s else None
+        self._panic_since: float | None = None  # last time over the panic threshold
+        self._max_panic = 0
+        self._last_nonzero = -math.inf  # last decision time with a non-zero desired count
+
+    @property
+    def panicking(self) -> bool:
+        return self._panic_since is not None
+
+    def record(self, now: float, sample: Sample) -> None:
+        self._stable.record(now, sample.concurrency)
+        self._panic.record(now, sample.concurrency)
+
+    def decide(self, now: float, fleet: Fleet) -> Decision:
+        c = self.config
+        stable = self._stable.average(now)
+        panic = self._panic.average(now)
+        # Rates are relative to ready replicas; at zero, behave as if one (KPA does too)
+        # so that the first request can scale straight to what it needs.
+        ready = max(1, fleet.ready)
+        max_up = math.ceil(c.max_scale_up_rate * ready)
+        max_down = math.floor(ready / c.max_scale_down_rate)
+        want_stable = math.ceil(_clean(stable) / c.target_concurrency)
+        want_panic = math.ceil(_clean(panic) / c.target_concurrency)
+        stable_n = int(clamp(want_stable, max_down, max_up))
+        panic_n = int(clamp(want_panic, max_down, max_up))
+
+        over = want_panic / ready >= c.panic_threshold
+        if over:
+            self._panic_since = now
+        elif self._panic_since is not None and now - self._panic_since > c.stable_window_s:
+            # The burst has made it into the stable window: trust it again.
+            self._panic_since, self._max_panic = None, 0
+
+        desired, mode = stable_n, "stable"
+        if self._panic_since is not None:
+            # Never scale down while panicking: a burst that pauses for a few seconds
+            # would otherwise shed the replicas it is about to need again.
+            self._max_panic = max(self._max_panic, stable_n, panic_n)
+            desired, mode = self._max_panic, "panic"
+
+        if self._delay is not None:
+            self._delay.record(now, desired)
+            delayed = int(self._delay.current(now, desired))
+            if delayed != desired:
+                desired, mode = delayed, "delay"
+
+        desired = int(clamp(desired, c.min_replicas, c.max_replicas))
+        if desired > 0:
+            self._last_nonzero = now
+        elif fleet.serving > 0 and now - self._last_nonzero < c.scale_to_zero_grace_s:
+            desired, mode = 1, "grace"
+        if fleet.serving == 0 and desired > 0:
+            mode = "activate"
+        standby = c.standby if (desired > 0 or c.standby_at_zero) else 0
+        return Decision(serving=desired, standby=standby, mode=mode)
+
+
+def _clean(x: float) -> float:
+    # Running sums leave 1e-15 residues; they must not round up to one more replica.
+    return 0.0 if x < 1e-9 else round(x, 9)
