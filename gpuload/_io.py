@@ -1,0 +1,142 @@
+"""File access: open a shard and parse its header, pread exactly, map it, populate the map.
+
+The only module that calls the OS on the files; OSError becomes ReadError here, and the
+pure parser's HeaderError gains the file's path here.
+
+Why these calls: preadv and ctypes-called madvise release the GIL, so a few threads keep
+several large requests in flight (the disk, or p2pfs's FUSE queue, wants parallelism).
+MADV_POPULATE_READ (Linux 5.14) faults a whole range of a file mapping in one call, reading
+it from the disk through the kernel's read-ahead: measured here, a cold 2 GiB file is mapped
+and resident in 0.6 s, versus 1.4 s for `cat` with 8 MiB reads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import _format
+from ._format import Header
+from .errors import HeaderError, ReadError
+
+MADV_POPULATE_READ = 22
+
+
+@dataclass(eq=False)
+class Shard:
+    """One open safetensors file and its validated header."""
+
+    path: Path
+    fd: int
+    size: int
+    header: Header
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> "Shard":
+        p = Path(path)
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ReadError(f"{p}: {exc.strerror or exc}") from None
+        try:
+            size = os.fstat(fd).st_size
+            prefix = os.pread(fd, _format.PREFIX, 0)
+            n = _format.header_length(prefix, size)
+            raw = pread_exact(fd, n, _format.PREFIX, p)
+            header = _format.parse_header(raw, data_size=size - _format.PREFIX - n)
+        except HeaderError as exc:
+            os.close(fd)
+            raise exc.with_path(str(p)) from None
+        except OSError as exc:
+            os.close(fd)
+            raise ReadError(f"{p}: {exc.strerror or exc}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(p, fd, size, header)
+
+    def read_into(self, buf: memoryview, data_offset: int) -> None:
+        """Fill `buf` from the data section at `data_offset`: all of it, or ReadError."""
+        readinto_exact(self.fd, buf, self.header.data_start + data_offset, self.path)
+
+    def map(self) -> mmap.mmap:
+        """The whole file, mapped private: tensors over it are writable, and a write copies
+        the page instead of touching the file."""
+        try:
+            return mmap.mmap(self.fd, self.size, flags=mmap.MAP_PRIVATE,
+                             prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            raise ReadError(f"{self.path}: cannot map: {exc.strerror or exc}") from None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def read_header(path: str | os.PathLike[str]) -> tuple[Header, int]:
+    """(header, file size) of one file."""
+    shard = Shard.open(path)
+    shard.close()
+    return shard.header, shard.size
+
+
+def pread_exact(fd: int, n: int, offset: int, path: Path) -> bytes:
+    buf = bytearray(n)
+    readinto_exact(fd, memoryview(buf), offset, path)
+    return bytes(buf)
+
+
+def readinto_exact(fd: int, buf: memoryview, offset: int, path: Path) -> None:
+    got = 0
+    n = len(buf)
+    while got < n:
+        try:
+            r = os.preadv(fd, [buf[got:]], offset + got)
+        except InterruptedError:
+            continue
+        except OSError as exc:
+            raise ReadError(f"{path}: read of {n} bytes at {offset} failed: "
+                            f"{exc.strerror or exc}") from None
+        if r == 0:
+            raise ReadError(f"{path}: file ended at {offset + got} while reading {n} bytes at "
+                            f"{offset} (truncated or changed while loading?)")
+        got += r
+
+
+class Populator:
+    """Make ranges of a mapping resident, from any thread, without holding the GIL."""
+
+    _libc = None
+
+    def __init__(self, mm: mmap.mmap, shard: Shard) -> None:
+        self.shard = shard
+        # A private writable map exports a writable buffer: its address is what madvise needs.
+        self.addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+        self.fallback = False
+        if Populator._libc is None:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            libc.madvise.restype = ctypes.c_int
+            Populator._libc = libc
+
+    def populate(self, offset: int, length: int, scratch: memoryview | None = None) -> None:
+        """Make file bytes [offset, offset + length) resident (offset page-aligned)."""
+        if not self.fallback:
+            if Populator._libc.madvise(self.addr + offset, length, MADV_POPULATE_READ) == 0:
+                return
+            err = ctypes.get_errno()
+            if err not in (errno.EINVAL, errno.ENOSYS, errno.EPERM):
+                raise ReadError(f"{self.shard.path}: reading bytes {offset}..{offset + length} "
+                                f"failed: {os.strerror(err)}")
+            self.fallback = True  # an older kernel: read through the page cache instead
+        end = min(offset + length, self.shard.size)
+        step = len(scratch) if scratch is not None else 8 << 20
+        buf = scratch if scratch is not None else memoryview(bytearray(step))
+        for off in range(offset, end, step):
+            n = min(step, end - off)
+            readinto_exact(self.shard.fd, buf[:n], off, self.shard.path)
