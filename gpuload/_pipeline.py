@@ -22,6 +22,7 @@ Invariants:
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from collections.abc import Callable, Sequence
@@ -52,7 +53,7 @@ class Pipeline:
         self.nthreads = max(1, threads)
         self.window = window
         self.marks = [Watermark() for _ in sizes]
-        self._base = [sum(sizes[:i]) for i in range(len(sizes))]
+        self._base = [0, *itertools.accumulate(sizes)][:len(sizes)]
         self._cursor = 0
         self._consumer = 0  # position (across files) the consumer has reached
         self._cond = threading.Condition()

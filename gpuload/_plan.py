@@ -12,9 +12,6 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-PAGE = 4096
-
-
 @dataclass(frozen=True, slots=True)
 class Segment:
     file: int      # index of the file in the checkpoint
@@ -29,16 +26,6 @@ def plan_reads(data_sizes: list[int], segment_size: int) -> list[Segment]:
     return [Segment(i, off, min(segment_size, size - off))
             for i, size in enumerate(data_sizes)
             for off in range(0, size, segment_size)]
-
-
-def page_ranges(start: int, end: int, chunk: int, page: int = PAGE) -> list[tuple[int, int]]:
-    """(offset, length) pieces of [start, end) widened to whole pages, each at most `chunk`
-    (a multiple of `page`): what madvise() needs."""
-    if end <= start:
-        return []
-    chunk = max(page, chunk - chunk % page)
-    lo = start - start % page
-    return [(off, min(chunk, end - off)) for off in range(lo, end, chunk)]
 
 
 @dataclass

@@ -140,7 +140,7 @@ async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket) ->
             **metrics.snapshot(),
         }
 
-    options = {"fsname=p2pfs", "subtype=p2pfs", "ro", "default_permissions", "noatime"}
+    options = {f"fsname=p2pfs:{loc}", "subtype=p2pfs", "ro", "default_permissions", "noatime"}
     if cfg.mount.allow_other:
         options.add("allow_other")
     pyfuse3.init(ops, str(mountpoint), options)

@@ -109,6 +109,11 @@ def main() -> int:
         assert torch.equal(emb, ref), "embeddings differ"
         done(t, f"{len(weights)} tensors equal; embeddings {tuple(emb.shape)} identical, "
                 f"cosine(s0, s1) = {torch.nn.functional.cosine_similarity(emb[0], emb[1], dim=0):.3f}")
+        # load_file mmaps the file: drop every tensor so the mount is not busy at unmount.
+        del weights, model, emb
+        import gc
+
+        gc.collect()
 
         dropped = drop_page_cache()
         t = step("warm read (chunks from the local cache" + (", page cache dropped)" if dropped else ")"))
@@ -123,9 +128,13 @@ def main() -> int:
     finally:
         step("clean up")
         if mounted:
-            subprocess.run([*p2pfs, "unmount", str(mnt)], env=env, capture_output=True)
+            r = subprocess.run([*p2pfs, "unmount", str(mnt)], env=env, capture_output=True, text=True)
+            if r.returncode != 0:
+                print(f"   unmount: {r.stderr.strip()}; detaching lazily")
+                subprocess.run([*p2pfs, "unmount", "--lazy", str(mnt)], env=env, capture_output=True)
         server.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        if not os.path.ismount(mnt):
+            shutil.rmtree(work, ignore_errors=True)
         print("   unmounted, SeaweedFS stopped, temp files removed")
 
 

@@ -126,7 +126,7 @@ class SeaweedServer:
         except ProcessLookupError:
             return
         try:
-            proc.wait(10)
+            proc.wait(5)  # weed can take long to shut down; its data is flushed per write
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)

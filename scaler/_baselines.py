@@ -54,7 +54,7 @@ def kpa_policy(config: KpaConfig) -> ConcurrencyPolicy:
         scale_down_delay_s=config.scale_down_delay_s,
         scale_to_zero_grace_s=config.scale_to_zero_grace_s, tick_s=config.tick_s,
         sample_s=1.0, min_replicas=config.min_replicas, max_replicas=config.max_replicas,
-        standby=0))
+        standby=0, backlog_drain_s=None))
 
 
 # --------------------------------------------------------------------------- Kubernetes HPA

@@ -52,6 +52,10 @@ class PolicyConfig:
     standby_at_zero: bool = False
     #: Seconds the desired count must have been zero before the last replica goes.
     scale_to_zero_grace_s: float = 30.0
+    #: Count a queue backlog as the concurrency that drains it in this many seconds
+    #: (beyond what the arrival rate explains); None counts every queued request, as
+    #: Knative does. See ConcurrencyPolicy.effective_concurrency.
+    backlog_drain_s: float | None = 60.0
     #: Seconds between decisions.
     tick_s: float = 2.0
     #: Seconds between concurrency samples (each the time average since the previous one).
@@ -66,6 +70,8 @@ class PolicyConfig:
             raise ConfigError("need 0 <= min_replicas <= max_replicas")
         if self.standby < 0 or self.scale_down_delay_s < 0 or self.scale_to_zero_grace_s < 0:
             raise ConfigError("standby, scale_down_delay_s, scale_to_zero_grace_s must be >= 0")
+        if self.backlog_drain_s is not None and self.backlog_drain_s <= 0:
+            raise ConfigError("backlog_drain_s must be > 0 (or None)")
         if self.panic_threshold < 1:
             raise ConfigError("panic_threshold must be >= 1")
 

@@ -27,6 +27,12 @@ class Sample:
     busy: float = 0.0
     #: Request slots of ready replicas (ready * max_concurrency).
     capacity: float = 0.0
+    #: Of `concurrency`, the part waiting in the queue.
+    queued: float = 0.0
+    #: Requests arriving per second.
+    arrival_rate: float = 0.0
+    #: Mean seconds replicas took per request completed in the period (0: none completed).
+    service_s: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,15 +88,37 @@ class ConcurrencyPolicy:
         self._delay = WindowMax(config.scale_down_delay_s) if config.scale_down_delay_s else None
         self._panic_since: float | None = None  # last time over the panic threshold
         self._max_panic = 0
-        self._last_nonzero = -math.inf  # last decision time with a non-zero desired count
+        self._last_nonzero: float | None = None  # last decision with a non-zero count
+        self._service_s = 0.0  # newest measured mean service time
 
     @property
     def panicking(self) -> bool:
         return self._panic_since is not None
 
     def record(self, now: float, sample: Sample) -> None:
-        self._stable.record(now, sample.concurrency)
-        self._panic.record(now, sample.concurrency)
+        value = self.effective_concurrency(sample)
+        self._stable.record(now, value)
+        self._panic.record(now, value)
+
+    def effective_concurrency(self, sample: Sample) -> float:
+        """The sample's concurrency, with a queue backlog discounted (backlog_drain_s).
+
+        Requests queued because capacity is short (replicas still starting) make the
+        concurrency grow with the wait itself, not with demand: a 90 s cold start under a
+        burst would ask for replicas that arrive after the backlog is gone. Queued requests
+        count as far as demand explains them (arrival rate x service time, Little's law,
+        minus what is in flight) plus what it takes to drain the rest within
+        backlog_drain_s. Without a queue this is exactly the concurrency.
+        """
+        if sample.service_s > 0:
+            self._service_s = sample.service_s
+        drain = self.config.backlog_drain_s
+        if drain is None or sample.queued <= 0 or self._service_s <= 0:
+            return sample.concurrency
+        in_flight = sample.concurrency - sample.queued
+        unserved = max(0.0, sample.arrival_rate * self._service_s - in_flight)
+        counted = min(sample.queued, unserved + sample.queued * self._service_s / drain)
+        return in_flight + counted
 
     def decide(self, now: float, fleet: Fleet) -> Decision:
         c = self.config
@@ -127,9 +155,11 @@ class ConcurrencyPolicy:
                 desired, mode = delayed, "delay"
 
         desired = int(clamp(desired, c.min_replicas, c.max_replicas))
-        if desired > 0:
+        if desired > 0 or self._last_nonzero is None:
+            # The first decision counts as activity: a fresh policy has no history, and
+            # must not take the replicas it finds down before the grace period.
             self._last_nonzero = now
-        elif fleet.serving > 0 and now - self._last_nonzero < c.scale_to_zero_grace_s:
+        if desired == 0 and fleet.serving > 0 and now - self._last_nonzero < c.scale_to_zero_grace_s:
             desired, mode = 1, "grace"
         if fleet.serving == 0 and desired > 0:
             mode = "activate"

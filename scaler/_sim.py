@@ -86,8 +86,11 @@ class Simulator:
         # Time integrals, advanced before every change.
         self._t = 0.0
         self._area_conc = self._area_busy = self._area_cap = self._area_repl = 0.0
+        self._area_queued = 0.0
+        self._arrived = 0                   # since the last sample
+        self._svc_sum, self._svc_n = 0.0, 0  # completions since the last sample
         self._busy_ready = 0
-        self._last_sample = (0.0, 0.0, 0.0, 0.0)  # t, conc, busy, cap areas at last sample
+        self._last_sample = (0.0, 0.0, 0.0, 0.0, 0.0)  # t and areas at the last sample
         self.rejected = 0
         self.cold_starts = self.provisions = self.scale_events = self.reversals = 0
         self._last_dir = 0
@@ -119,6 +122,8 @@ class Simulator:
                     break
                 self._advance(t)
                 if kind == _DONE:
+                    self._svc_sum += svc[b]
+                    self._svc_n += 1
                     self._done(t, a)
                 elif kind == _PHASE:
                     self._phase(t, a, b)
@@ -144,6 +149,7 @@ class Simulator:
         dt = t - self._t
         if dt > 0:
             self._area_conc += dt * (self._in_flight + len(self._queue))
+            self._area_queued += dt * len(self._queue)
             self._area_busy += dt * self._busy_ready
             self._area_cap += dt * len(self._ready) * self.c.max_concurrency
             self._area_repl += dt * len(self._replicas)
@@ -152,6 +158,7 @@ class Simulator:
     # ------------------------------------------------------------------ requests
     def _arrive(self, t: float, i: int, service: float) -> None:
         self._arrivals_in_bin += 1
+        self._arrived += 1
         self._expire(t)
         if len(self._queue) >= self.c.max_queue:
             self.rejected += 1
@@ -161,7 +168,8 @@ class Simulator:
         if self._queue and not any(r.state in _SERVING for r in self._replicas.values()):
             # The activator's poke: a request at zero triggers a decision at once,
             # with the instantaneous concurrency as the newest sample.
-            self.policy.record(t, Sample(concurrency=float(len(self._queue) + self._in_flight)))
+            q = float(len(self._queue))
+            self.policy.record(t, Sample(concurrency=q + self._in_flight, queued=q))
             self._apply(t, self.policy.decide(t, self._fleet()))
 
     def _expire(self, t: float) -> None:
@@ -182,7 +190,7 @@ class Simulator:
             best.busy += 1
             self._busy_ready += 1
             self._in_flight += 1
-            self._push(t + self.trace.service[i], _DONE, best.id)
+            self._push(t + self.trace.service[i], _DONE, best.id, i)
 
     def _done(self, t: float, rid: int) -> None:
         r = self._replicas[rid]
@@ -312,14 +320,18 @@ class Simulator:
 
     # ------------------------------------------------------------------ observation
     def _sample(self, t: float) -> None:
-        t0, c0, b0, k0 = self._last_sample
+        t0, c0, b0, k0, q0 = self._last_sample
         dt = t - t0
         if dt <= 0:
             return
-        self.policy.record(t, Sample(concurrency=(self._area_conc - c0) / dt,
-                                     busy=(self._area_busy - b0) / dt,
-                                     capacity=(self._area_cap - k0) / dt))
-        self._last_sample = (t, self._area_conc, self._area_busy, self._area_cap)
+        self.policy.record(t, Sample(
+            concurrency=(self._area_conc - c0) / dt, busy=(self._area_busy - b0) / dt,
+            capacity=(self._area_cap - k0) / dt, queued=(self._area_queued - q0) / dt,
+            arrival_rate=self._arrived / dt,
+            service_s=self._svc_sum / self._svc_n if self._svc_n else 0.0))
+        self._arrived, self._svc_sum, self._svc_n = 0, 0.0, 0
+        self._last_sample = (t, self._area_conc, self._area_busy, self._area_cap,
+                             self._area_queued)
 
     def _point(self, t: float) -> None:
         rate = self._arrivals_in_bin / self.c.timeline_s
