@@ -70,11 +70,14 @@ def drop_caches() -> None:
 
 def read_all(path: Path) -> float:
     buf = bytearray(8 * MiB)
+    total = 0
     t0 = time.perf_counter()
     with open(path, "rb", buffering=0) as f:
-        while f.readinto(buf):
-            pass
-    return time.perf_counter() - t0
+        while n := f.readinto(buf):
+            total += n
+    dt = time.perf_counter() - t0
+    assert total == path.stat().st_size, f"{path}: read {total} of {path.stat().st_size} bytes"
+    return dt
 
 
 def cat_time(path: Path) -> float:
@@ -193,6 +196,7 @@ def main() -> None:
             drop_caches()
             record("p2pfs-cold", read_all(mnt / "llama" / "model.safetensors"))
             status = json.loads(p2pfs("status", "--json", str(mnt), endpoint=sw.endpoint))
+            assert status["bytes_by_source"]["origin"] >= size, "cold read did not come from S3"
             while json.loads(p2pfs("status", "--json", str(mnt), endpoint=sw.endpoint))["writeback_pending"]:
                 time.sleep(0.2)
             p2pfs("unmount", str(mnt), endpoint=sw.endpoint)
