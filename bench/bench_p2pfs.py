@@ -55,11 +55,12 @@ def make_safetensors(path: Path, size: int) -> None:
     header += b" " * (-len(header) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(header)) + header)
-        block = os.urandom(64 * MiB)
+        # Every byte random: repeated blocks would dedup in p2pfs's content-addressed cache
+        # and flatter it.
         left = off
         while left:
-            n = min(left, len(block))
-            f.write(block[:n])
+            n = min(left, 64 * MiB)
+            f.write(os.urandom(n))
             left -= n
 
 

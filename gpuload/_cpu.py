@@ -93,7 +93,7 @@ class StagedSink:
         with self._lock:
             d = self._dest.get((file, k))
             if d is None:
-                d = self._dest[(file, k)] = np.empty(nbytes, dtype=np.uint8)
+                d = self._dest[(file, k)] = _alloc(nbytes)
             return d
 
     def take(self, file: int, k: int) -> torch.Tensor:
@@ -104,6 +104,18 @@ class StagedSink:
 
     def flush(self) -> None:
         pass
+
+
+def _alloc(nbytes: int) -> np.ndarray:
+    """A tensor's own buffer. Large ones are anonymous maps, unmapped the moment the consumer
+    drops the tensor: from malloc, reader threads would each grow their own arena and keep
+    the freed memory, and the bound this sink promises would hold only on paper."""
+    if nbytes < BIG:
+        return np.empty(nbytes, dtype=np.uint8)
+    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=np.uint8)
+
+
+BIG = 1 << 20
 
 
 class HostRings:

@@ -47,7 +47,7 @@ class _Flight:
         self.error: BaseException | None = None
 
 
-def verify_chunk(loc: ChunkLoc, stored: bytes | memoryview) -> bytes:
+def verify_chunk(loc: ChunkLoc, stored: bytes | bytearray | memoryview) -> bytes | bytearray:
     """Decompress (if needed) and check the sha256 of one chunk. Pure, CPU-bound."""
     ref = loc.ref
     if ref.compression == "zstd":
@@ -56,7 +56,7 @@ def verify_chunk(loc: ChunkLoc, stored: bytes | memoryview) -> bytes:
         except zstandard.ZstdError as exc:
             raise IntegrityError(f"{loc.key}@{ref.offset}: bad zstd frame ({exc})") from None
     else:
-        data = stored if isinstance(stored, bytes) else bytes(stored)
+        data = stored if isinstance(stored, (bytes, bytearray)) else bytes(stored)
     if len(data) != ref.size or hashlib.sha256(data).hexdigest() != ref.sha256:
         raise IntegrityError(
             f"{loc.key}@{ref.offset}+{ref.length}: sha256 mismatch (the object changed since it "
@@ -224,21 +224,28 @@ class ChunkStore:
                     self._finish(loc, None, OriginError("fetch ended without data"))
 
     async def _from_disk(self, locs: list[ChunkLoc]) -> list[ChunkLoc]:
+        """Serve what the disk cache has, each chunk in its own thread (parallel I/O);
+        return the chunks still missing."""
         candidates = [loc for loc in locs if loc.digest in self.disk]
-        if not candidates:
-            self.metrics.misses += len(locs)
-            return locs
-        async with self._disk_limiter:
-            datas = await trio.to_thread.run_sync(lambda: [self.disk.read(l.digest) for l in candidates])
-        got = {}
-        for loc, data in zip(candidates, datas):
-            if data is not None:
-                got[loc.digest] = data
-                self.metrics.hits["disk"] += 1
-                self.metrics.bytes_by_source["disk"] += len(data)
-                self._finish(loc, data, None)
-            else:
+        got: set[str] = set()
+
+        async def one(loc: ChunkLoc) -> None:
+            async with self._disk_limiter:
+                data = await trio.to_thread.run_sync(self.disk.read, loc.digest)
+            if data is None:
                 self.metrics.errors["cache_corrupt"] += 1
+                return
+            got.add(loc.digest)
+            self.metrics.hits["disk"] += 1
+            self.metrics.bytes_by_source["disk"] += len(data)
+            self._finish(loc, data, None)
+
+        if len(candidates) == 1:
+            await one(candidates[0])
+        elif candidates:
+            async with trio.open_nursery() as nursery:
+                for loc in candidates:
+                    nursery.start_soon(one, loc)
         rest = [loc for loc in locs if loc.digest not in got]
         self.metrics.misses += len(rest)
         return rest

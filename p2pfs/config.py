@@ -32,6 +32,9 @@ class S3Config:
     connect_timeout: float = 5.0
     #: Seconds without a byte before one request is abandoned (and retried).
     request_timeout: float = 20.0
+    #: Ranged GETs through p2pfs's lean HTTP client (presigned by botocore) instead of
+    #: aiobotocore's get_object: about 2x the throughput here. Turn off behind HTTP proxies.
+    fast_get: bool = True
     #: Path-style addressing (http://host/bucket/key), what most S3-compatible servers need.
     path_style: bool = True
     #: Multipart upload part size for `publish`.

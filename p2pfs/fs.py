@@ -199,20 +199,26 @@ class Operations(pyfuse3.Operations):
         return data
 
     def _readahead(self, h: _Open, off: int, size: int) -> None:
+        """Grow a read-ahead window while reads move forward through the file.
+
+        The kernel keeps several requests in flight (max_background) and they may arrive
+        out of order, so "sequential" means: near the furthest point read so far, not
+        exactly at it. A jump further away resets the window (random access gets none)."""
         entry = h.node.entry
         assert entry is not None
         end = off + size
-        if off == h.next_off and off != 0 or (off == 0 and h.window == 0):
+        near = h.next_off - self.fetch.readahead_max <= off <= h.next_off + self.fetch.readahead_min
+        if h.window == 0 and off == 0 or near and end > h.next_off:
             h.window = min(max(h.window * 2, self.fetch.readahead_min), self.fetch.readahead_max)
-        elif abs(off - h.next_off) > self.fetch.readahead_min:
-            h.window, h.ahead_to = 0, 0  # random access: no read-ahead
-        h.next_off = end
+        elif not near:
+            h.window, h.ahead_to = 0, 0
+        h.next_off = max(h.next_off, end) if near else end
         if not h.window:
             return
-        start = max(end, h.ahead_to)
-        stop = min(entry.size, end + h.window)
-        if stop - start < self.fetch.readahead_min // 2 and stop < entry.size:
-            return  # issue read-ahead in large steps, not per kernel request
+        start = max(h.next_off, h.ahead_to)
+        stop = min(entry.size, h.next_off + h.window)
+        if stop - start < max(self.fetch.max_request, self.fetch.readahead_min // 2) and stop < entry.size:
+            return  # issue read-ahead in steps of whole requests, not per kernel request
         span = chunk_span(entry, start, stop - start)
         if span:
             self.store.prefetch(h.node.locs(span))

@@ -79,12 +79,14 @@ def split_response(req: Request, data: bytes | memoryview) -> list[memoryview]:
     ]
 
 
-def slice_reply(entry: Entry, span: range, chunks: Sequence[bytes], offset: int, size: int) -> bytes:
-    """Assemble the bytes [offset, offset+size) of `entry` from the chunks in `span`."""
+def slice_reply(entry: Entry, span: range, chunks: Sequence[bytes], offset: int,
+                size: int) -> bytes | memoryview:
+    """Assemble the bytes [offset, offset+size) of `entry` from the chunks in `span`.
+    Within one chunk this is a zero-copy view (pyfuse3 replies from any buffer)."""
     end = min(offset + size, entry.size)
     if len(span) == 1:
         start = entry.starts[span[0]]
-        return bytes(memoryview(chunks[0])[offset - start : end - start])
+        return memoryview(chunks[0])[offset - start : end - start]
     parts = []
     for idx, data in zip(span, chunks):
         start = entry.starts[idx]

@@ -64,7 +64,8 @@ def is_stale(mountpoint: str | os.PathLike[str], timeout: float = 5.0) -> bool:
     """True if a FUSE mount sits at `mountpoint` but its daemon is gone.
 
     A stat may be answered from the kernel's attribute cache even when the daemon is dead,
-    so we open the directory, which always asks the daemon (ENOTCONN when it is gone). It
+    so we open the directory, which always asks the daemon (ENOTCONN or ECONNABORTED when
+    it is gone). It
     runs in a thread: a live but hung daemon must not hang us too."""
     entry = mount_entry(mountpoint)
     if entry is None or not entry[2].startswith("fuse"):
@@ -77,7 +78,7 @@ def is_stale(mountpoint: str | os.PathLike[str], timeout: float = 5.0) -> bool:
             os.close(fd)
             result.append(False)
         except OSError as exc:
-            result.append(exc.errno == errno.ENOTCONN)
+            result.append(exc.errno in (errno.ENOTCONN, errno.ECONNABORTED))
 
     t = threading.Thread(target=probe, daemon=True)
     t.start()

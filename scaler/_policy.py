@@ -3,8 +3,9 @@
 Inputs are plain data (`Sample`, `Fleet`) and `now`; the output is a `Decision` (serving
 and standby replica counts). The simulator and the proxy's controller both drive it, so
 what is tested here is what runs. The algorithm follows Knative's KPA (stable and panic
-windows, rate limits, scale-down delay, scale-to-zero grace) with two changes: the target
-is used as given (no 70% utilization factor), and standby replicas (docs/SCALER.md).
+windows, rate limits, scale-down delay, scale-to-zero grace) with three changes: the
+target is used as given (no 70% utilization factor), a queue backlog is discounted
+(`effective_concurrency`), and standby replicas (docs/SCALER.md, "Policy").
 """
 
 from __future__ import annotations
@@ -95,6 +96,10 @@ class ConcurrencyPolicy:
     def panicking(self) -> bool:
         return self._panic_since is not None
 
+    def averages(self, now: float) -> tuple[float, float]:
+        """(stable, panic) window averages of the effective concurrency."""
+        return self._stable.average(now), self._panic.average(now)
+
     def record(self, now: float, sample: Sample) -> None:
         value = self.effective_concurrency(sample)
         self._stable.record(now, value)
@@ -103,22 +108,23 @@ class ConcurrencyPolicy:
     def effective_concurrency(self, sample: Sample) -> float:
         """The sample's concurrency, with a queue backlog discounted (backlog_drain_s).
 
-        Requests queued because capacity is short (replicas still starting) make the
-        concurrency grow with the wait itself, not with demand: a 90 s cold start under a
-        burst would ask for replicas that arrive after the backlog is gone. Queued requests
-        count as far as demand explains them (arrival rate x service time, Little's law,
-        minus what is in flight) plus what it takes to drain the rest within
-        backlog_drain_s. Without a queue this is exactly the concurrency.
+        While requests queue because capacity is short (replicas still starting), the
+        concurrency grows with the wait, not with demand: Little's law gives
+        concurrency = arrival rate x (service + wait). Counting all of it asks for
+        replicas that arrive after the backlog is gone, and once they do, the backlog
+        they drain shows up as in-flight work and asks for more again. So, in a sample
+        with a queue, the demand (arrival rate x service time) counts fully and the rest
+        counts as the concurrency that drains it within backlog_drain_s. Without a
+        queue, or before any service time is known, it is the measured concurrency.
         """
         if sample.service_s > 0:
             self._service_s = sample.service_s
         drain = self.config.backlog_drain_s
         if drain is None or sample.queued <= 0 or self._service_s <= 0:
             return sample.concurrency
-        in_flight = sample.concurrency - sample.queued
-        unserved = max(0.0, sample.arrival_rate * self._service_s - in_flight)
-        counted = min(sample.queued, unserved + sample.queued * self._service_s / drain)
-        return in_flight + counted
+        demand = sample.arrival_rate * self._service_s
+        excess = max(0.0, sample.concurrency - demand)
+        return min(sample.concurrency, demand + excess * min(1.0, self._service_s / drain))
 
     def decide(self, now: float, fleet: Fleet) -> Decision:
         c = self.config
@@ -156,8 +162,8 @@ class ConcurrencyPolicy:
 
         desired = int(clamp(desired, c.min_replicas, c.max_replicas))
         if desired > 0 or self._last_nonzero is None:
-            # The first decision counts as activity: a fresh policy has no history, and
-            # must not take the replicas it finds down before the grace period.
+            # The first decision counts as activity: a fresh policy has no history and
+            # must not take down the replicas it finds before the grace period.
             self._last_nonzero = now
         if desired == 0 and fleet.serving > 0 and now - self._last_nonzero < c.scale_to_zero_grace_s:
             desired, mode = 1, "grace"

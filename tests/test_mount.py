@@ -314,7 +314,7 @@ def test_crashed_daemon_leaves_no_stuck_mount(published, seaweed, tmp_path, moun
     wait_for(lambda: not m.alive(), what="daemon exit")
     with pytest.raises(OSError) as e:
         os.listdir(m.path)
-    assert e.value.errno == errno.ENOTCONN
+    assert e.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     # Mounting again over the dead mount clears it; `p2pfs unmount` works on a dead one too.
     m2 = mount_factory(published["url"], seaweed.endpoint, mountpoint=m.path)
     assert sorted(os.listdir(m2.path)) == ["minilm", "synthetic"]

@@ -48,7 +48,7 @@ def test_reads_assembled_from_chunks_equal_the_source(data, chunk, draw):
     size = draw.draw(st.integers(0, len(data) + 10))
     span = chunk_span(e, off, size)
     chunks = [data[e.starts[i]:e.starts[i] + e.chunks[i].size] for i in span]
-    got = slice_reply(e, span, chunks, off, size) if span else b""
+    got = bytes(slice_reply(e, span, chunks, off, size)) if span else b""
     assert got == data[off:off + size]
     # One coalesced request returns the same bytes as the chunks, split back apart.
     locs = [ChunkLoc("k", e.chunks[i]) for i in span]

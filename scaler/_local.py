@@ -1,0 +1,227 @@
+"""Replicas as local processes: the embedded default actuator.
+
+Each replica is `replica_cmd` with `{port}` set to a free loopback port, started in its
+own process group (so stopping it stops its children) and ready when GET `ready_path`
+answers 2xx. A standby replica is started and ready but not routed to: promoting it is
+instant. Every replica lives in a task of the actuator's own nursery; cancelling `run`
+stops them all (SIGTERM, then SIGKILL after `stop_timeout_s`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass, field
+
+import trio
+
+from . import _http
+from ._actuator import Hooks
+from ._config import LocalConfig
+from ._dispatch import Endpoint
+from ._errors import ActuatorError, ProtocolError, ReplicaError
+from ._policy import Fleet
+
+log = logging.getLogger("scaler.local")
+
+
+def free_port(host: str) -> int:
+    # Another process could take it before the replica binds; on loopback, with the
+    # kernel handing out ephemeral ports in sequence, that race is rare, and a replica
+    # that fails to start is simply replaced.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass(eq=False)
+class _Replica:
+    id: str
+    port: int
+    role: str                 # "serving" or "standby": what it is for
+    ready: bool = False       # probe answered
+    routed: bool = False      # the router sends it requests
+    stopping: bool = False
+    process: trio.Process | None = None
+    cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+class LocalActuator:
+    def __init__(self, config: LocalConfig) -> None:
+        if not config.replica_cmd:
+            raise ActuatorError("LocalActuator needs replica_cmd")
+        self.config = config
+        self._replicas: dict[str, _Replica] = {}
+        self._ids = itertools.count(1)
+        self._target = (0, 0)
+        self._changed = trio.Event()
+        self._hooks: Hooks | None = None
+        self._nursery: trio.Nursery | None = None
+        self.started = 0   # replicas ever started (tests, metrics)
+        self.failed = 0    # replicas that exited or failed to start unasked
+
+    # ---------------------------------------------------------------- interface
+    def set_target(self, serving: int, standby: int) -> None:
+        if (serving, standby) != self._target:
+            self._target = (serving, standby)
+            self._changed.set()
+
+    def fleet(self) -> Fleet:
+        live = [r for r in self._replicas.values() if not r.stopping]
+        return Fleet(ready=sum(r.routed for r in live),
+                     starting=sum(r.role == "serving" and not r.routed for r in live),
+                     standby=sum(r.role == "standby" for r in live))
+
+    def endpoint_failed(self, ep_id: str) -> None:
+        r = self._replicas.get(ep_id)
+        if r is not None and not r.stopping:
+            log.warning("replica %s failed a request; replacing it", ep_id)
+            self.failed += 1
+            r.stopping = True
+            r.routed = False
+            r.cancel.cancel()
+            self._changed.set()
+
+    def pids(self) -> list[int]:
+        return [r.process.pid for r in self._replicas.values() if r.process is not None]
+
+    async def run(self, hooks: Hooks, *,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._hooks = hooks
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                while True:
+                    self._reconcile()
+                    self._changed = trio.Event()
+                    await self._changed.wait()
+            finally:
+                nursery.cancel_scope.cancel()
+
+    # ---------------------------------------------------------------- convergence
+    def _reconcile(self) -> None:
+        """Bring the replicas to the target. Sync: only flips states and starts tasks."""
+        serving_target, standby_target = self._target
+        live = [r for r in self._replicas.values() if not r.stopping]
+        serving = [r for r in live if r.role == "serving"]
+        standby = [r for r in live if r.role == "standby"]
+        if len(serving) < serving_target:
+            need = serving_target - len(serving)
+            # Ready standby first (instant), then ones still starting.
+            for r in sorted(standby, key=lambda r: not r.ready)[:need]:
+                r.role = "serving"
+                standby.remove(r)
+                if r.ready:
+                    self._route(r)
+                need -= 1
+            for _ in range(need):
+                self._spawn("serving")
+        elif len(serving) > serving_target:
+            # Least sunk cost first: not ready yet, then the newest ready ones.
+            newest_first = sorted(serving, key=lambda r: int(r.id.rsplit("-", 1)[1]), reverse=True)
+            victims = [r for r in newest_first if not r.ready] + [r for r in newest_first if r.ready]
+            for r in victims[:len(serving) - serving_target]:
+                if len(standby) < standby_target:
+                    standby.append(r)
+                    self._demote(r)
+                else:
+                    self._stop(r)
+        for _ in range(standby_target - len(standby)):
+            self._spawn("standby")
+        for r in sorted(standby, key=lambda r: r.ready)[:max(0, len(standby) - standby_target)]:
+            self._stop(r)
+
+    def _spawn(self, role: str) -> None:
+        assert self._nursery is not None
+        r = _Replica(id=f"replica-{next(self._ids)}", port=free_port(self.config.host), role=role)
+        self._replicas[r.id] = r
+        self.started += 1
+        self._nursery.start_soon(self._lifetime, r)
+
+    def _route(self, r: _Replica) -> None:
+        assert self._hooks is not None
+        r.routed = True
+        self._hooks.ready(Endpoint(r.id, self.config.host, r.port))
+
+    def _demote(self, r: _Replica) -> None:
+        r.role = "standby"
+        if r.routed:
+            r.routed = False
+            assert self._nursery is not None
+            self._nursery.start_soon(self._hooks.drain, r.id, self.config.drain_timeout_s)  # type: ignore[union-attr]
+
+    def _stop(self, r: _Replica) -> None:
+        r.stopping = True
+        r.cancel.cancel()
+
+    # ---------------------------------------------------------------- one replica
+    async def _lifetime(self, r: _Replica) -> None:
+        """Start, probe, serve until stopped or dead, then drain and stop."""
+        assert self._hooks is not None
+        cmd = self.config.replica_cmd.replace("{port}", str(r.port))
+        try:
+            with r.cancel:
+                proc = await trio.lowlevel.open_process(
+                    ["/bin/sh", "-c", f"exec {cmd}"], start_new_session=True)
+                r.process = proc
+                try:
+                    await self._probe(r, proc)
+                except ReplicaError as exc:
+                    log.warning("replica %s did not start: %s", r.id, exc)
+                    self.failed += 1
+                    return
+                r.ready = True
+                if r.role == "serving":
+                    self._route(r)
+                await proc.wait()
+                log.warning("replica %s exited with %s", r.id, proc.returncode)
+                self.failed += 1
+                self._hooks.gone(r.id)
+        except OSError as exc:
+            log.error("cannot start replica %s: %s", r.id, exc)
+            self.failed += 1
+        finally:
+            r.stopping = True
+            with trio.CancelScope(shield=True):
+                if r.routed:
+                    r.routed = False
+                    await self._hooks.drain(r.id, self.config.drain_timeout_s)
+                if r.process is not None:
+                    await self._terminate(r.process)
+            del self._replicas[r.id]
+            self._changed.set()
+
+    async def _probe(self, r: _Replica, proc: trio.Process) -> None:
+        with trio.move_on_after(self.config.start_timeout_s):
+            while proc.poll() is None:
+                try:
+                    resp = await _http.get(self.config.host, r.port, self.config.ready_path,
+                                           timeout=max(1.0, self.config.probe_interval_s))
+                    if 200 <= resp.status < 300:
+                        return
+                except (ReplicaError, ProtocolError):
+                    pass  # not listening yet, or not speaking HTTP yet: not ready
+                await trio.sleep(self.config.probe_interval_s)
+            raise ReplicaError(f"exited with {proc.returncode} before ready")
+        raise ReplicaError(f"not ready within {self.config.start_timeout_s}s")
+
+    async def _terminate(self, proc: trio.Process) -> None:
+        if proc.returncode is None and proc.poll() is None:
+            _signal_group(proc.pid, signal.SIGTERM)
+            with trio.move_on_after(self.config.stop_timeout_s):
+                await proc.wait()
+            if proc.returncode is None:
+                _signal_group(proc.pid, signal.SIGKILL)
+                await proc.wait()
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    # The group is the one this actuator created for the replica (start_new_session).
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,114 @@
+"""gpuload on a real p2pfs mount: SeaweedFS on loopback, `p2pfs publish`, `p2pfs mount`,
+then `gpuload warm` and loads through the mount (with the prefetch hint). Needs root and
+/dev/fuse; skips and says so otherwise."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file as st_load_file
+
+import gpuload
+from gpuload import _p2pfs
+from gpuload_helpers import write
+
+pytestmark = [pytest.mark.fuse, pytest.mark.s3, pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
+    reason="needs root and /dev/fuse for a real FUSE mount")]
+
+
+def p2pfs(*args: object, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "p2pfs", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def mounted(tmp_path_factory):
+    seaweed = pytest.importorskip("p2pfs.seaweed")
+    try:
+        seaweed.find_weed()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    root = tmp_path_factory.mktemp("p2pfs")
+    src = root / "src" / "tiny"
+    src.mkdir(parents=True)
+    # Two shards of ~12 MiB: several 4 MiB chunks each, so prefetch and reads interleave.
+    write(src / "model-00001-of-00002.safetensors",
+          [(f"a{i}", "BF16", (1024, 1536)) for i in range(4)], seed=1)
+    write(src / "model-00002-of-00002.safetensors",
+          [(f"b{i}", "F32", (1000, 777)) for i in range(4)] + [("z", "U8", (0,))], seed=2)
+    import json
+    wm = {**{f"a{i}": "model-00001-of-00002.safetensors" for i in range(4)},
+          **{f"b{i}": "model-00002-of-00002.safetensors" for i in range(4)},
+          "z": "model-00002-of-00002.safetensors"}
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    # weed takes its S3 identity from the environment it starts in, and create_bucket signs
+    # in this process: both need the credentials; we put the environment back afterwards.
+    creds = {"AWS_ACCESS_KEY_ID": "gpuload", "AWS_SECRET_ACCESS_KEY": "gpuload",
+             "AWS_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in creds}
+    os.environ.update(creds)
+    server = seaweed.SeaweedServer(root / "weed")
+    mnt = root / "mnt"
+    mnt.mkdir()
+    mounted_ok = False
+    try:
+        server.start()
+        env = {**os.environ, "AWS_ENDPOINT_URL": server.endpoint}
+        server.create_bucket("models")
+        r = p2pfs("publish", src, "s3://models/tiny", env=env)
+        assert r.returncode == 0, r.stderr
+        r = p2pfs("mount", "s3://models", mnt, "--cache-dir", root / "cache", env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        mounted_ok = True
+        yield src, mnt / "tiny"
+    finally:
+        if mounted_ok:
+            p2pfs("unmount", mnt, env=env)
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _same(got: dict, want: dict) -> bool:
+    return sorted(got) == sorted(want) and all(
+        torch.equal(got[k].reshape(-1).view(torch.uint8), want[k].reshape(-1).view(torch.uint8))
+        for k in want)
+
+
+def test_cold_load_through_the_mount_with_prefetch(mounted):
+    """First touch of the files: loads read through FUSE while the prefetch hint runs."""
+    src, model = mounted
+    assert _p2pfs.mount_of(model) is not None and _p2pfs.mount_of(src) is None
+    shard = model / "model-00002-of-00002.safetensors"
+    with _p2pfs.Prefetcher([shard, src / "model-00001-of-00002.safetensors"]) as pf:
+        assert pf.paths == [shard]  # only files on p2pfs get a hint
+    assert pf.error is None
+    want = gpuload.load(src)
+    assert _same(gpuload.load(model), want)  # shard 1 cold, with gpuload's own hint
+    assert _same(gpuload.load(model, copy=True), want)
+    assert _same(dict(gpuload.iter_tensors(model, copy=True, segment_size=1 << 20)), want)
+
+
+def test_warm_cli_on_a_real_mount(mounted, capsys):
+    import json
+
+    from gpuload.cli import main
+
+    src, model = mounted
+    try:
+        main(["warm", str(model), "--json"])
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    res = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert res["p2pfs"] is True and res["ok"] is True and res["done"] == res["total"] > 0
+    with pytest.raises(gpuload.PrefetchError, match="not on a p2pfs mount"):
+        gpuload.warm(src)
