@@ -6,12 +6,15 @@ on the bursty and diurnal traces, one cold-start model for all.
 Prints a markdown table per trace, draws bench/plots/scaler_<trace>.png (requests vs
 replicas over time, one panel per policy), and with --write-results replaces the
 `## scaler` section of bench/RESULTS.md (and nothing else). Targets (the issue): our
-p99 queueing delay <= KPA's, our replica-seconds <= HPA's, zero rejected.
+p99 queueing delay <= KPA's, our replica-seconds <= HPA's, zero rejected, with one
+configuration on both traces: the default (--standby 2, adaptive). Fixed standby 2 and
+standby 0 are shown for reference.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -25,17 +28,24 @@ TRACES = ROOT / "bench" / "traces"
 PLOTS = ROOT / "bench" / "plots"
 RESULTS = ROOT / "bench" / "RESULTS.md"
 POLICIES = ("concurrency", "kpa", "hpa", "rayserve")
-TARGET, MAX_CONC, STANDBY, MAX_REPLICAS = 4.0, 8, 2, 100
+TARGET, MAX_CONC, MAX_REPLICAS = 4.0, 8, 100
 SIM = SimConfig(provision_s=60, startup_s=30, max_concurrency=MAX_CONC, slo_s=1.0,
                 queue_timeout_s=600, max_queue=100_000, timeline_s=10)
+DEFAULT = PolicyConfig()  # the configuration the targets are for
+STANDBY = DEFAULT.standby
+OURS = {  # label -> our policy's settings; the first is the one judged
+    f"concurrency (adaptive standby <= {STANDBY})": DEFAULT,
+    f"concurrency (fixed standby {STANDBY})": dataclasses.replace(DEFAULT, min_standby=STANDBY),
+    "concurrency (standby 0)": dataclasses.replace(DEFAULT, standby=0),
+}
+MAIN = next(iter(OURS))
 
 
-def run(trace, name: str, standby: int = STANDBY):
-    label = name if name != "concurrency" else f"concurrency (standby {standby})"
+def run(trace, name: str, cfg: PolicyConfig = DEFAULT, label: str | None = None):
     pol = make_policy(name, target_concurrency=TARGET, max_concurrency=MAX_CONC,
-                      policy=PolicyConfig(standby=standby), max_replicas=MAX_REPLICAS)
+                      policy=cfg, max_replicas=MAX_REPLICAS)
     t0 = time.perf_counter()
-    r = simulate(trace, pol, SIM, label)
+    r = simulate(trace, pol, SIM, label or name)
     return r, time.perf_counter() - t0
 
 
@@ -51,13 +61,13 @@ def table(results) -> list[str]:
     return rows
 
 
-def verdict(results, standby: int) -> str:
+def verdict(results, label: str) -> str:
     by = {r.policy: r for r in results}
-    ours, kpa, hpa = by[f"concurrency (standby {standby})"], by["kpa"], by["hpa"]
+    ours, kpa, hpa = by[label], by["kpa"], by["hpa"]
     ok1 = ours.p99_queue_delay_s <= kpa.p99_queue_delay_s
     ok2 = ours.replica_seconds <= hpa.replica_seconds
     ok3 = ours.rejected == 0
-    return (f"standby {standby}: p99 {ours.p99_queue_delay_s:.1f} s vs KPA {kpa.p99_queue_delay_s:.1f} s: "
+    return (f"{label}: p99 {ours.p99_queue_delay_s:.1f} s vs KPA {kpa.p99_queue_delay_s:.1f} s: "
             f"{'met' if ok1 else 'MISSED'}; replica-seconds {ours.replica_seconds:,.0f} vs HPA "
             f"{hpa.replica_seconds:,.0f}: {'met' if ok2 else 'MISSED'}; rejected {ours.rejected}: "
             f"{'met' if ok3 else 'MISSED'}.")
@@ -97,19 +107,30 @@ def plot(name: str, results) -> Path:
     return out
 
 
-def sensitivity() -> list[str]:
-    """The bursty result's dependence on spike length and on our standby count."""
-    rows = ["| bursty variant | ours p99 (s) | KPA p99 (s) | ours replica-s | HPA replica-s |",
-            "|---|---|---|---|---|"]
-    for spike_s, every in ((300, 900), (180, 900), (120, 600)):
-        tr = bursty(duration_s=7200, base_rps=4, spike_factor=10, spike_s=spike_s,
-                    spike_every_s=every, seed=1)
-        res = {n: run(tr, n)[0] for n in ("concurrency", "kpa", "hpa")}
-        for sb in (0, 1, 2):
-            ours = run(tr, "concurrency", standby=sb)[0]
-            rows.append(f"| spikes {spike_s} s every ~{every} s, standby {sb} | "
-                        f"{ours.p99_queue_delay_s:.1f} | {res['kpa'].p99_queue_delay_s:.1f} | "
-                        f"{ours.replica_seconds:,.0f} | {res['hpa'].replica_seconds:,.0f} |")
+def sensitivity(trace) -> list[str]:
+    """The bursty result's dependence on spike shape, on the standby mode and maximum,
+    and on standby_decay_s (the last rows: the benchmark's own bursty trace)."""
+    rows = ["| bursty variant | our standby | ours p99 (s) | KPA p99 (s) | ours replica-s "
+            "| HPA replica-s |", "|---|---|---|---|---|---|"]
+    replace = dataclasses.replace
+    modes = [("adaptive <= 1", replace(DEFAULT, standby=1)),
+             (f"adaptive <= {STANDBY}", DEFAULT),
+             (f"fixed {STANDBY}", replace(DEFAULT, min_standby=STANDBY)),
+             ("0", replace(DEFAULT, standby=0))]
+    decays = [(f"adaptive <= {STANDBY}, decay {d:g} s", replace(DEFAULT, standby_decay_s=d))
+              for d in (900, 1800, DEFAULT.standby_decay_s, 2 * DEFAULT.standby_decay_s)]
+    cases = [(f"spikes {spike_s} s every ~{every} s (seed 1)",
+              bursty(duration_s=7200, base_rps=4, spike_factor=10, spike_s=spike_s,
+                     spike_every_s=every, seed=1), modes)
+             for spike_s, every in ((300, 900), (180, 900), (120, 600))]
+    cases.append(("bench trace", trace, decays))
+    for name, tr, configs in cases:
+        kpa, hpa = run(tr, "kpa")[0], run(tr, "hpa")[0]
+        for label, cfg in configs:
+            r = run(tr, "concurrency", cfg)[0]
+            rows.append(f"| {name} | {label} | {r.p99_queue_delay_s:.1f} | "
+                        f"{kpa.p99_queue_delay_s:.1f} | {r.replica_seconds:,.0f} | "
+                        f"{hpa.replica_seconds:,.0f} |")
     return rows
 
 
@@ -122,22 +143,30 @@ def main() -> None:
              "Command: `.venv/bin/python bench/bench_scaler.py --write-results` (traces from "
              "`bench/traces/gen_traces.py`; method in docs/SCALER.md). Simulated, same model for "
              f"every policy: provision 60 s + startup 30 s, {MAX_CONC} slots per replica, "
-             f"per-replica target {TARGET:g}, our policy with --standby {STANDBY}, queue "
-             "deadline 600 s, max 100 replicas.", ""]
+             f"per-replica target {TARGET:g}, queue deadline 600 s, max 100 replicas. Ours is "
+             f"judged with its defaults (`--standby {STANDBY}`: adaptive, at most {STANDBY}, "
+             f"standby_decay_s {DEFAULT.standby_decay_s:g}); fixed standby {STANDBY} (the "
+             "previous behaviour, `min_standby = standby`) and standby 0 are for reference.",
+             ""]
+    traces = {}
     for name in ("bursty", "diurnal"):
-        trace = load(TRACES / f"{name}.csv.gz")
+        trace = traces[name] = load(TRACES / f"{name}.csv.gz")
+        jobs = [(MAIN, "concurrency", OURS[MAIN])] + [(p, p, DEFAULT) for p in POLICIES[1:]]
+        jobs += [(label, "concurrency", cfg) for label, cfg in list(OURS.items())[1:]]
         results = []
-        for pol, sb in [(p, STANDBY) for p in POLICIES] + [("concurrency", 0)]:
-            r, wall = run(trace, pol, standby=sb)
+        for label, pol, cfg in jobs:
+            r, wall = run(trace, pol, cfg, label)
             results.append(r)
-            print(f"{name:8s} {r.policy:26s} simulated in {wall:.1f} s", file=sys.stderr)
+            print(f"{name:8s} {r.policy:36s} simulated in {wall:.1f} s", file=sys.stderr)
         png = plot(name, results)
         lines += [f"### {name} ({len(trace):,} requests, {trace.duration_s / 3600:.1f} h)", "",
-                  *table(results), "", "Targets, " + verdict(results, STANDBY), "",
-                  "Targets, " + verdict(results, 0), "",
-                  f"![{name}](plots/{png.name})", ""]
+                  *table(results), ""]
+        lines += ["Targets (ours judged; the others for reference):", ""]
+        lines += [f"- {verdict(results, label)}" for label in OURS]
+        lines += ["", f"![{name}](plots/{png.name})", ""]
     if not args.no_sensitivity:
-        lines += ["### Sensitivity (bursty shape, standby)", "", *sensitivity(), ""]
+        lines += ["### Sensitivity (bursty shape, standby mode and maximum, decay)", "",
+                  *sensitivity(traces["bursty"]), ""]
     text = "\n".join(lines)
     print(text)
     if args.write_results:

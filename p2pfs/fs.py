@@ -188,12 +188,14 @@ class Operations(pyfuse3.Operations):
         span = chunk_span(entry, off, size)
         if not span:
             return b""
+        t0 = time.monotonic()
         self._readahead(h, off, size)
         try:
             chunks = await self.store.get(h.node.locs(span))
         except P2PFSError as exc:
             raise self._eio(exc, f"read {h.node.model or '/'} inode {h.node.inode} @{off}+{size}")
         data = slice_reply(entry, span, chunks, off, size)
+        self.metrics.read_latency.observe(time.monotonic() - t0)
         self.metrics.reads += 1
         self.metrics.read_bytes += len(data)
         return data
@@ -223,6 +225,9 @@ class Operations(pyfuse3.Operations):
         if span:
             self.store.prefetch(h.node.locs(span))
             h.ahead_to = stop
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("read-ahead inode %d: read %d+%d, window %d, fetch [%d, %d)",
+                          h.node.inode, off, size, h.window, start, stop)
 
     async def forget(self, inode_list) -> None:
         return None

@@ -52,13 +52,12 @@ class ByteLRU(Generic[K]):
         return them. `keep` (typically the key just added) is never chosen."""
         limit = self.budget if limit is None else limit
         victims: list[K] = []
-        it = iter(list(self._sizes))
         while self.used + reserve > limit:
-            key = next(it, None)
-            if key is None:
+            for key in self._sizes:  # oldest first; O(1) unless `keep` is the oldest
+                if key != keep:
+                    break
+            else:
                 break
-            if key == keep:
-                continue
             victims.append(key)
             self.used -= self._sizes.pop(key)
         return victims

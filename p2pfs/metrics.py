@@ -11,7 +11,7 @@ from collections import Counter
 from typing import Any, Callable
 
 # Fetch latency buckets, seconds (upper bounds).
-BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class Histogram:
@@ -45,6 +45,7 @@ class Metrics:
         self.bytes_by_source = Counter()  # disk, origin (bytes as stored/transferred)
         self.errors = Counter()  # by kind
         self.fetch_latency = Histogram()
+        self.read_latency = Histogram()
         self.reads = 0
         self.read_bytes = 0
         self.origin_requests = 0
@@ -71,6 +72,8 @@ class Metrics:
             "origin_requests": self.origin_requests,
             "fetch_latency_p50_s": self.fetch_latency.quantile(0.5),
             "fetch_latency_p99_s": self.fetch_latency.quantile(0.99),
+            "read_latency_p50_s": self.read_latency.quantile(0.5),
+            "read_latency_p99_s": self.read_latency.quantile(0.99),
             "errors": dict(self.errors),
             "writeback_done": self.writeback_done,
             "writeback_dropped": self.writeback_dropped,
@@ -104,16 +107,17 @@ class Metrics:
                [("", self.writeback_done)])
         metric("writeback_dropped_total", "counter",
                "Chunks not written back because the queue was full.", [("", self.writeback_dropped)])
-        h = self.fetch_latency
-        out.append("# HELP p2pfs_fetch_seconds Latency of origin requests.")
-        out.append("# TYPE p2pfs_fetch_seconds histogram")
-        cum = 0
-        for b, c in zip(h.buckets, h.counts):
-            cum += c
-            out.append(f'p2pfs_fetch_seconds_bucket{{le="{b}"}} {cum}')
-        out.append(f'p2pfs_fetch_seconds_bucket{{le="+Inf"}} {h.n}')
-        out.append(f"p2pfs_fetch_seconds_sum {h.total}")
-        out.append(f"p2pfs_fetch_seconds_count {h.n}")
+        for name, h, help_ in (("fetch_seconds", self.fetch_latency, "Latency of origin requests."),
+                               ("read_seconds", self.read_latency, "Latency of FUSE reads.")):
+            out.append(f"# HELP p2pfs_{name} {help_}")
+            out.append(f"# TYPE p2pfs_{name} histogram")
+            cum = 0
+            for b, c in zip(h.buckets, h.counts):
+                cum += c
+                out.append(f'p2pfs_{name}_bucket{{le="{b}"}} {cum}')
+            out.append(f'p2pfs_{name}_bucket{{le="+Inf"}} {h.n}')
+            out.append(f"p2pfs_{name}_sum {h.total}")
+            out.append(f"p2pfs_{name}_count {h.n}")
         for k, g in sorted(self.gauges.items()):
             metric(k, "gauge", k.replace("_", " ") + ".", [("", g())])
         return "\n".join(out) + "\n"

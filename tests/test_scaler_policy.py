@@ -76,18 +76,94 @@ def test_idle_goes_to_zero_after_the_grace_period():
     assert decisions[98] == 0 and decisions[100] == 0
 
 
-def test_first_request_at_zero_activates_with_standby():
+def test_first_request_at_zero_activates_without_standby():
     p = ConcurrencyPolicy(PolicyConfig(**{**CFG.__dict__, "standby": 2}))
     d = p.decide(0, Fleet())
     assert (d.serving, d.standby) == (0, 0)  # nothing serving, nothing warm
     p.record(1, Sample(concurrency=3))
     d = p.decide(1, Fleet())
-    assert (d.serving, d.standby, d.mode) == (1, 2, "activate")
+    # Activation is not a scale step: no burst seen yet, so nothing is kept warm.
+    assert (d.serving, d.standby, d.mode) == (1, 0, "activate")
 
 
-def test_standby_at_zero_keeps_warm_replicas():
-    p = ConcurrencyPolicy(PolicyConfig(**{**CFG.__dict__, "standby": 1, "standby_at_zero": True}))
+def test_min_standby_keeps_warm_replicas_at_zero():
+    p = ConcurrencyPolicy(PolicyConfig(**{**CFG.__dict__, "standby": 1, "min_standby": 1}))
     assert p.decide(0, Fleet()).standby == 1
+
+
+# Standby follows the scale step. Replicas here have 20 slots (target 10): `capacity`
+# is 20 x ready, so concurrency above it means requests wait for the step.
+SB = PolicyConfig(**{**CFG.__dict__, "standby": 2, "standby_decay_s": 300})
+
+
+def feed_slots(p: ConcurrencyPolicy, start: int, end: int, value: float, ready: int) -> None:
+    for t in range(start, end + 1):
+        p.record(t, Sample(concurrency=value, capacity=20 * ready))
+
+
+def burst(cfg: PolicyConfig = SB) -> ConcurrencyPolicy:
+    """One replica at concurrency 10, then 50 for 6 s: a step of 4 that outruns its slots."""
+    p = ConcurrencyPolicy(cfg)
+    feed_slots(p, 1, 60, 10, ready=1)
+    d = p.decide(60, Fleet(ready=1))
+    assert (d.serving, d.standby) == (1, cfg.min_standby)  # no step yet: only the floor
+    feed_slots(p, 61, 66, 50, ready=1)
+    return p
+
+
+def test_a_burst_grows_standby_to_its_step_capped_at_the_maximum():
+    p = burst()
+    d = p.decide(66, Fleet(ready=1))
+    assert (d.serving, d.standby, d.mode) == (5, 2, "panic")
+    assert p.standby_step(66) == 4  # 5 wanted - 1 ready; the cap makes it 2
+    wide = burst(PolicyConfig(**{**SB.__dict__, "standby": 8}))
+    assert wide.decide(66, Fleet(ready=1)).standby == 4
+    off = burst(PolicyConfig(**{**SB.__dict__, "standby": 0}))
+    assert off.decide(66, Fleet(ready=1)).standby == 0
+
+
+def test_a_step_the_ready_slots_absorb_grows_no_standby():
+    p = ConcurrencyPolicy(SB)
+    feed_slots(p, 1, 60, 10, ready=1)
+    p.decide(60, Fleet(ready=1))
+    feed_slots(p, 61, 66, 19, ready=1)  # panic (2 wanted, 1 ready), but 19 < 20 slots
+    d = p.decide(66, Fleet(ready=1))
+    assert (d.serving, d.standby, d.mode) == (2, 0, "panic")
+    assert p.standby_step(66) == 0
+
+
+def test_a_quiet_period_shrinks_standby_after_the_decay():
+    p = burst()
+    assert p.decide(66, Fleet(ready=1)).standby == 2
+    feed_slots(p, 67, 400, 30, ready=5)  # served, no further step
+    assert p.decide(364, Fleet(ready=5)).standby == 2  # the step at 66 is 298 s old
+    d = p.decide(366, Fleet(ready=5))
+    assert (d.serving, d.standby) == (3, 0)  # 300 s: forgotten
+    floor = burst(PolicyConfig(**{**SB.__dict__, "min_standby": 1}))
+    floor.decide(66, Fleet(ready=1))
+    feed_slots(floor, 67, 400, 30, ready=5)
+    assert floor.decide(366, Fleet(ready=5)).standby == 1
+
+
+def test_scale_to_zero_keeps_no_standby_and_activation_restores_the_step():
+    for floor in (0, 1):
+        p = burst(PolicyConfig(**{**SB.__dict__, "min_standby": floor}))
+        prev = p.decide(66, Fleet(ready=1))
+        got = {}
+        for t in range(67, 201):
+            p.record(t, Sample(concurrency=0, capacity=20 * prev.serving))
+            if t % 2 == 0:
+                prev = got[t] = p.decide(t, Fleet(ready=prev.serving))
+        # Panic holds 5 until t=126; then halve per tick to 1 at 130; the desired count
+        # is 0 from 132, grace 30 s after the last non-zero decision (130): zero at 160.
+        assert (got[126].serving, got[128].serving, got[130].serving) == (5, 2, 1)
+        assert (got[158].serving, got[158].standby, got[158].mode) == (1, 2, "grace")
+        assert (got[160].serving, got[160].standby) == (0, floor)
+        assert all(got[t].standby == floor for t in range(160, 201, 2))
+        # A request within the decay window wakes it with the remembered step's standby.
+        p.record(201, Sample(concurrency=1))
+        d = p.decide(201, Fleet())
+        assert (d.serving, d.standby, d.mode) == (1, 2, "activate")
 
 
 def test_flapping_input_does_not_flap_the_decision():
@@ -137,6 +213,10 @@ def test_config_is_validated():
         PolicyConfig(panic_window_s=100, stable_window_s=60)
     with pytest.raises(ConfigError):
         PolicyConfig(min_replicas=3, max_replicas=2)
+    with pytest.raises(ConfigError):
+        PolicyConfig(standby=1, min_standby=2)
+    with pytest.raises(ConfigError):
+        PolicyConfig(standby_decay_s=0)
 
 
 def test_windows():
@@ -161,5 +241,6 @@ def test_decisions_stay_in_bounds_and_rates(values, ready):
         p.record(t, Sample(concurrency=v))
         d = p.decide(t, Fleet(ready=ready))
         assert 0 <= d.serving <= 40
+        assert cfg.min_standby <= d.standby <= cfg.standby
         if d.mode in ("stable", "panic") and d.serving < ready:
             assert d.serving >= ready // 2  # max scale-down rate 2

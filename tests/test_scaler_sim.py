@@ -46,14 +46,34 @@ def test_scale_from_zero_waits_one_cold_start_and_counts_it():
     assert r.p99_queue_delay_s == pytest.approx(90.0)
 
 
+def _steps(n: int) -> Trace:
+    """n steps from 2 to 40 req/s, each 240 s, 840 s apart."""
+    arr: list[float] = []
+    for k in range(n):
+        t0 = k * 1080
+        arr += [t0 + i / 2 for i in range(240)] + [t0 + 120 + i / 40 for i in range(40 * 240)]
+        arr += [t0 + 360 + i / 2 for i in range(2 * 720)]
+    return Trace(arr, [0.5] * len(arr))
+
+
 def test_standby_skips_provisioning():
-    # A step from 2 to 40 req/s: the first replicas to come are the standby ones.
-    arr = [i / 2 for i in range(240)] + [120 + i / 40 for i in range(40 * 240)]
-    t = Trace(arr, [0.5] * len(arr))
-    cold = _run(t, standby=0)
-    warm = _run(t, standby=2)
-    assert warm.p99_queue_delay_s < cold.p99_queue_delay_s
+    # A fixed floor of 2 standby: the first replicas of the one step are the standby ones.
+    one = _steps(1)
+    cold = _run(one, standby=0)
+    warm = _run(one, standby=2, min_standby=2)
+    assert warm.p99_queue_delay_s < cold.p99_queue_delay_s - 30
     assert warm.rejected == cold.rejected == 0
+
+
+def test_adaptive_standby_serves_the_second_step():
+    # Adaptive (the default): the first step finds nothing warm and leaves 2 standby
+    # behind, so the second one waits startup only; on smooth load it would cost nothing.
+    two = _steps(2)
+    cold, adaptive = _run(two, standby=0), _run(two)
+    assert adaptive.p95_queue_delay_s < cold.p95_queue_delay_s - 5
+    assert adaptive.rejected == cold.rejected == 0
+    smooth = Trace([i * 0.5 for i in range(600)], [0.2] * 600)
+    assert _run(smooth).replica_seconds == _run(smooth, standby=0).replica_seconds
 
 
 def test_queue_bound_and_deadline_reject_not_drop():
