@@ -17,12 +17,15 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
 
 from .lru import ByteLRU
+
+TOUCH_INTERVAL_S = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +48,7 @@ class DiskCache:
         self._corrupt = 0
         self._evicted = 0
         self._write_errors = 0
+        self._touched: dict[str, float] = {}
 
     # -- start-up -------------------------------------------------------------------------
     def scan(self) -> None:
@@ -105,7 +109,7 @@ class DiskCache:
         try:
             with open(path, "rb", buffering=0) as f:
                 data = f.read()
-            os.utime(path)
+            self._refresh_mtime(digest, path)
         except FileNotFoundError:
             with self._lock:
                 self._lru.remove(digest)
@@ -154,6 +158,17 @@ class DiskCache:
                 self._drop_locked(victim, already_removed=True)
         return True
 
+    def _refresh_mtime(self, digest: str, path: Path) -> None:
+        # The mtime carries the LRU order across restarts. Refreshing it costs a metadata
+        # write, so do it at most once per TOUCH_INTERVAL_S per chunk.
+        now = time.monotonic()
+        if now - self._touched.get(digest, -TOUCH_INTERVAL_S) >= TOUCH_INTERVAL_S:
+            self._touched[digest] = now
+            try:
+                os.utime(path)
+            except OSError:
+                pass
+
     def remove(self, digest: str) -> None:
         with self._lock:
             self._drop_locked(digest)
@@ -168,6 +183,7 @@ class DiskCache:
     def _drop_locked(self, digest: str, already_removed: bool = False) -> None:
         if not already_removed:
             self._lru.remove(digest)
+        self._touched.pop(digest, None)
         xxh = self._xxh.pop(digest, None)
         if xxh is not None:
             _unlink(self._path(digest, xxh))
