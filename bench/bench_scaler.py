@@ -7,8 +7,8 @@ Prints a markdown table per trace, draws bench/plots/scaler_<trace>.png (request
 replicas over time, one panel per policy), and with --write-results replaces the
 `## scaler` section of bench/RESULTS.md (and nothing else). Targets (the issue): our
 p99 queueing delay <= KPA's, our replica-seconds <= HPA's, zero rejected, with one
-configuration on both traces: the default (--standby 2, adaptive). Fixed standby 2 and
-standby 0 are shown for reference.
+configuration on both traces: our defaults (adaptive standby, at most 1). Adaptive at most
+2, a fixed 2 and none are shown for reference.
 """
 
 from __future__ import annotations
@@ -32,12 +32,14 @@ TARGET, MAX_CONC, MAX_REPLICAS = 4.0, 8, 100
 SIM = SimConfig(provision_s=60, startup_s=30, max_concurrency=MAX_CONC, slo_s=1.0,
                 queue_timeout_s=600, max_queue=100_000, timeline_s=10)
 DEFAULT = PolicyConfig()  # the configuration the targets are for
-STANDBY = DEFAULT.standby
-OURS = {  # label -> our policy's settings; the first is the one judged
-    f"concurrency (adaptive standby <= {STANDBY})": DEFAULT,
-    f"concurrency (fixed standby {STANDBY})": dataclasses.replace(DEFAULT, min_standby=STANDBY),
-    "concurrency (standby 0)": dataclasses.replace(DEFAULT, standby=0),
+_r = dataclasses.replace
+STANDBY_MODES = {  # our standby settings: label -> config; the first (the default) is judged
+    f"adaptive <= {DEFAULT.standby}": DEFAULT,
+    "adaptive <= 2": _r(DEFAULT, standby=2),
+    "fixed 2": _r(DEFAULT, standby=2, min_standby=2),
+    "0": _r(DEFAULT, standby=0),
 }
+OURS = {f"concurrency (standby {k})": v for k, v in STANDBY_MODES.items()}
 MAIN = next(iter(OURS))
 
 
@@ -112,12 +114,8 @@ def sensitivity(trace) -> list[str]:
     and on standby_decay_s (the last rows: the benchmark's own bursty trace)."""
     rows = ["| bursty variant | our standby | ours p99 (s) | KPA p99 (s) | ours replica-s "
             "| HPA replica-s |", "|---|---|---|---|---|---|"]
-    replace = dataclasses.replace
-    modes = [("adaptive <= 1", replace(DEFAULT, standby=1)),
-             (f"adaptive <= {STANDBY}", DEFAULT),
-             (f"fixed {STANDBY}", replace(DEFAULT, min_standby=STANDBY)),
-             ("0", replace(DEFAULT, standby=0))]
-    decays = [(f"adaptive <= {STANDBY}, decay {d:g} s", replace(DEFAULT, standby_decay_s=d))
+    modes = list(STANDBY_MODES.items())
+    decays = [(f"adaptive <= {DEFAULT.standby}, decay {d:g} s", _r(DEFAULT, standby_decay_s=d))
               for d in (900, 1800, DEFAULT.standby_decay_s, 2 * DEFAULT.standby_decay_s)]
     cases = [(f"spikes {spike_s} s every ~{every} s (seed 1)",
               bursty(duration_s=7200, base_rps=4, spike_factor=10, spike_s=spike_s,
@@ -144,10 +142,10 @@ def main() -> None:
              "`bench/traces/gen_traces.py`; method in docs/SCALER.md). Simulated, same model for "
              f"every policy: provision 60 s + startup 30 s, {MAX_CONC} slots per replica, "
              f"per-replica target {TARGET:g}, queue deadline 600 s, max 100 replicas. Ours is "
-             f"judged with its defaults (`--standby {STANDBY}`: adaptive, at most {STANDBY}, "
-             f"standby_decay_s {DEFAULT.standby_decay_s:g}); fixed standby {STANDBY} (the "
-             "previous behaviour, `min_standby = standby`) and standby 0 are for reference.",
-             ""]
+             f"judged with its defaults (standby adaptive, at most {DEFAULT.standby}: "
+             f"`--standby {DEFAULT.standby}`, standby_decay_s {DEFAULT.standby_decay_s:g}); "
+             "for reference, adaptive at most 2 (`--standby 2`), a fixed 2 (`min_standby = "
+             "standby = 2`, kept at zero too) and none (`--standby 0`).", ""]
     traces = {}
     for name in ("bursty", "diurnal"):
         trace = traces[name] = load(TRACES / f"{name}.csv.gz")

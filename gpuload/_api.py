@@ -127,7 +127,7 @@ class _Session:
         if self.device.type == "cuda":
             from ._cuda import PINNED_RINGS, CudaSink
 
-            ring = PINNED_RINGS.get(t.slots, seg)
+            ring = PINNED_RINGS.get(self.device, t.slots, seg)
             self._release.append(lambda: PINNED_RINGS.put(ring))
             self.sink: Any = CudaSink(self.shards, self.device, ring)
         elif not self.copy:

@@ -66,8 +66,8 @@ class CudaSink:
 
 
 class PinnedRing:
-    def __init__(self, slots: int, size: int) -> None:
-        self.key = (slots, size)
+    def __init__(self, device: torch.device, slots: int, size: int) -> None:
+        self.key = (device.index, slots, size)  # events belong to one device
         self.slots = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(slots)]
         self.views = [memoryview(s.numpy()) for s in self.slots]
         self.events = [torch.cuda.Event() for _ in range(slots)]
@@ -79,14 +79,14 @@ class PinnedRings:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._idle: dict[tuple[int, int], list[PinnedRing]] = {}
+        self._idle: dict[tuple[int | None, int, int], list[PinnedRing]] = {}
 
-    def get(self, slots: int, size: int) -> PinnedRing:
+    def get(self, device: torch.device, slots: int, size: int) -> PinnedRing:
         with self._lock:
-            idle = self._idle.get((slots, size))
+            idle = self._idle.get((device.index, slots, size))
             if idle:
                 return idle.pop()
-        return PinnedRing(slots, size)
+        return PinnedRing(device, slots, size)
 
     def put(self, ring: PinnedRing) -> None:
         for e in ring.events:

@@ -39,10 +39,6 @@ class Sink(Protocol):
         """Wait until every processed segment is usable by the consumer."""
 
 
-class _Stopped(Exception):
-    pass
-
-
 class Pipeline:
     def __init__(self, segments: Sequence[Segment], sink: Sink, *, threads: int,
                  sizes: Sequence[int], window: int | None = None) -> None:

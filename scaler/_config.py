@@ -45,11 +45,19 @@ class PolicyConfig:
     min_replicas: int = 0
     #: Most serving replicas (standby replicas are on top of this).
     max_replicas: int = 8
-    #: Warm, not-yet-serving replicas kept while anything is serving. Set it to the scale
-    #: step you expect (replicas a burst adds): that step then skips provisioning.
-    standby: int = 0
-    #: Keep the standby replicas while scaled to zero too (a faster wake-up, paid for idle).
-    standby_at_zero: bool = False
+    #: Most warm, not-yet-serving replicas (standby). The count follows the scale step:
+    #: the largest step (replicas a burst waited for) in the last standby_decay_s, capped
+    #: here, so the next such step skips provisioning; without bursts it is 0 and costs
+    #: nothing. 0 turns standby off. Raise it when bursts recur and delay matters more
+    #: than replica-seconds (docs/SCALER.md, "Standby replicas").
+    standby: int = 1
+    #: Seconds a scale step is remembered; standby falls back to min_standby after this
+    #: long without one.
+    standby_decay_s: float = 3600.0
+    #: Standby replicas kept however quiet the load, scaled to zero included (a faster
+    #: wake-up, paid for while idle); at most `standby`. Above it, standby that followed a
+    #: step goes with the last serving replica: at zero load nothing else is warm.
+    min_standby: int = 0
     #: Seconds the desired count must have been zero before the last replica goes.
     scale_to_zero_grace_s: float = 30.0
     #: Count a queue backlog as the concurrency that drains it in this many seconds
@@ -63,13 +71,15 @@ class PolicyConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "target_concurrency", "stable_window_s", "panic_window_s", "tick_s",
-                  "sample_s", "max_scale_up_rate", "max_scale_down_rate")
+                  "sample_s", "max_scale_up_rate", "max_scale_down_rate", "standby_decay_s")
         if self.panic_window_s > self.stable_window_s:
             raise ConfigError("panic_window_s must not exceed stable_window_s")
         if not 0 <= self.min_replicas <= self.max_replicas:
             raise ConfigError("need 0 <= min_replicas <= max_replicas")
         if self.standby < 0 or self.scale_down_delay_s < 0 or self.scale_to_zero_grace_s < 0:
             raise ConfigError("standby, scale_down_delay_s, scale_to_zero_grace_s must be >= 0")
+        if not 0 <= self.min_standby <= self.standby:
+            raise ConfigError("need 0 <= min_standby <= standby")
         if self.backlog_drain_s is not None and self.backlog_drain_s <= 0:
             raise ConfigError("backlog_drain_s must be > 0 (or None)")
         if self.panic_threshold < 1:

@@ -5,7 +5,8 @@ and standby replica counts). The simulator and the proxy's controller both drive
 what is tested here is what runs. The algorithm follows Knative's KPA (stable and panic
 windows, rate limits, scale-down delay, scale-to-zero grace) with three changes: the
 target is used as given (no 70% utilization factor), a queue backlog is discounted
-(`effective_concurrency`), and standby replicas (docs/SCALER.md, "Policy").
+(`effective_concurrency`), and standby replicas follow the recent scale step (`_standby`;
+docs/SCALER.md, "Standby replicas").
 """
 
 from __future__ import annotations
@@ -91,6 +92,11 @@ class ConcurrencyPolicy:
         self._max_panic = 0
         self._last_nonzero: float | None = None  # last decision with a non-zero count
         self._service_s = 0.0  # newest measured mean service time
+        # Standby follows the scale step: overloaded scale-up steps in the decay window,
+        # and the raw load against the ready slots over the panic window to tell them.
+        self._steps = WindowMax(config.standby_decay_s)
+        self._load = WindowAverage(config.panic_window_s)
+        self._slots = WindowAverage(config.panic_window_s)
 
     @property
     def panicking(self) -> bool:
@@ -104,6 +110,8 @@ class ConcurrencyPolicy:
         value = self.effective_concurrency(sample)
         self._stable.record(now, value)
         self._panic.record(now, value)
+        self._load.record(now, sample.concurrency)
+        self._slots.record(now, sample.capacity)
 
     def effective_concurrency(self, sample: Sample) -> float:
         """The sample's concurrency, with a queue backlog discounted (backlog_drain_s).
@@ -169,8 +177,29 @@ class ConcurrencyPolicy:
             desired, mode = 1, "grace"
         if fleet.serving == 0 and desired > 0:
             mode = "activate"
-        standby = c.standby if (desired > 0 or c.standby_at_zero) else 0
-        return Decision(serving=desired, standby=standby, mode=mode)
+        return Decision(serving=desired, standby=self._standby(now, fleet, desired), mode=mode)
+
+    def standby_step(self, now: float) -> int:
+        """The largest scale step remembered (within standby_decay_s), 0 without one."""
+        return int(self._steps.current(now, 0))
+
+    def _standby(self, now: float, fleet: Fleet, desired: int) -> int:
+        """Warm replicas to keep: the recent scale step, within [min_standby, standby].
+
+        A step is remembered when a decision scales up from a serving fleet whose ready
+        slots the load has outrun over the panic window (requests wait for the new
+        replicas): its size is what the burst waits for, desired - ready. Steps the ready
+        replicas absorb (1 -> 2 on a ramp, with free slots left) would gain nothing from
+        standby and are not remembered; neither is activation from zero, which says that
+        a request came, not how big a burst is. See docs/SCALER.md, "Standby replicas".
+        """
+        c = self.config
+        if desired > fleet.serving > 0 and self._load.average(now) > self._slots.average(now):
+            self._steps.record(now, desired - fleet.ready)
+        if desired == 0:
+            # Standby counts toward scale to zero: only the floor stays warm.
+            return c.min_standby
+        return max(c.min_standby, min(c.standby, self.standby_step(now)))
 
 
 def _clean(x: float) -> float:
