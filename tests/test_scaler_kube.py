@@ -127,7 +127,8 @@ async def test_scales_the_deployment_and_routes_ready_pods(fake):
         await _until(lambda: hooks.routed == ["pod-0"])  # what it found
         act.set_target(3, 1)
         await _until(lambda: fake.patches == [4])  # serving + standby pods
-        assert act.fleet() == Fleet(ready=1, starting=2, standby=0)
+        # The fake records the PATCH before the actuator's worker thread has returned.
+        await _until(lambda: act.fleet() == Fleet(ready=1, starting=2, standby=0))
         fake.ready = 4
         await _until(lambda: len(hooks.routed) == 3)
         assert act.fleet() == Fleet(ready=3, starting=0, standby=1)

@@ -244,3 +244,15 @@ def test_decisions_stay_in_bounds_and_rates(values, ready):
         assert cfg.min_standby <= d.standby <= cfg.standby
         if d.mode in ("stable", "panic") and d.serving < ready:
             assert d.serving >= ready // 2  # max scale-down rate 2
+
+
+def test_a_burst_from_zero_is_seen_after_activation():
+    p = ConcurrencyPolicy(SB)
+    p.record(1, Sample(concurrency=1))  # the activator's poke: one request
+    d = p.decide(1, Fleet())
+    assert (d.serving, d.standby, d.mode) == (1, 0, "activate")
+    for t in range(2, 5):  # the queue grows while the first replica starts: no slots yet
+        p.record(t, Sample(concurrency=40, queued=40))
+    d = p.decide(4, Fleet(starting=1))
+    # stable (1 + 3 x 40) / 4 = 30.25 -> 4, panic the same: 4 wanted, 0 ready -> step 4.
+    assert (d.serving, d.standby, p.standby_step(4)) == (4, 2, 4)
