@@ -47,7 +47,7 @@ class _Flight:
         self.error: BaseException | None = None
 
 
-def verify_chunk(loc: ChunkLoc, stored: bytes | bytearray | memoryview) -> bytes | bytearray:
+def verify_chunk(loc: ChunkLoc, stored: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
     """Decompress (if needed) and check the sha256 of one chunk. Pure, CPU-bound."""
     ref = loc.ref
     if ref.compression == "zstd":
@@ -56,7 +56,7 @@ def verify_chunk(loc: ChunkLoc, stored: bytes | bytearray | memoryview) -> bytes
         except zstandard.ZstdError as exc:
             raise IntegrityError(f"{loc.key}@{ref.offset}: bad zstd frame ({exc})") from None
     else:
-        data = stored if isinstance(stored, (bytes, bytearray)) else bytes(stored)
+        data = stored  # any contiguous buffer; slices of a larger response stay views
     if len(data) != ref.size or hashlib.sha256(data).hexdigest() != ref.sha256:
         raise IntegrityError(
             f"{loc.key}@{ref.offset}+{ref.length}: sha256 mismatch (the object changed since it "

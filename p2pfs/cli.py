@@ -91,7 +91,7 @@ def main(ctx: click.Context, config: Path | None, endpoint_url: str | None, verb
 @main.command()
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("url")
-@click.option("--chunk-size", help="Chunk size (default 4MiB).")
+@click.option("--chunk-size", help="Chunk size (default 8MiB).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 @_errors
@@ -115,7 +115,7 @@ def publish(ctx: click.Context, src: Path, url: str, chunk_size: str | None, as_
 
 @main.command()
 @click.argument("url")
-@click.option("--chunk-size", help="Chunk size (default 4MiB).")
+@click.option("--chunk-size", help="Chunk size (default 8MiB).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 @_errors

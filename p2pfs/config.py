@@ -53,7 +53,7 @@ class CacheConfig:
     memory_size: int = 512 * MiB
     #: Chunks waiting to be written back; when full, write-back of new chunks is skipped
     #: (counted in metrics) rather than making a reader wait for the disk.
-    writeback_queue: int = 64
+    writeback_queue: int = 32
     #: Threads writing chunks back to disk.
     writeback_workers: int = 2
 
@@ -90,8 +90,10 @@ class MountConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class PublishConfig:
-    #: Chunk size of new manifests (power of two recommended).
-    chunk_size: int = 4 * MiB
+    #: Chunk size of new manifests (power of two recommended). 8 MiB measured ~30% faster
+    #: cold and fewer files warm than 4 MiB here (bench/RESULTS.md); smaller chunks
+    #: suit random access better.
+    chunk_size: int = 8 * MiB
 
 
 @dataclass(frozen=True, kw_only=True)

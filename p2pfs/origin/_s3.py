@@ -122,7 +122,7 @@ class S3Origin:
         self._presigned[key] = (url, now + PRESIGN_REUSE_S)
         return url
 
-    async def get_range(self, key: str, offset: int, length: int) -> bytes | bytearray:
+    async def get_range(self, key: str, offset: int, length: int) -> bytes | memoryview:
         if length == 0:
             return b""
         if self._fast is not None:
