@@ -11,13 +11,18 @@ false` sends GETs through aiobotocore too (e.g. behind an HTTP proxy, which this
 does not speak).
 
 The response-head parser is pure; the connection pool bounds idle connections and drops
-any connection that saw an error or an unread body.
+any connection that saw an error or an unread body. Requests run in worker threads on
+blocking sockets (see RangeClient).
 """
 
 from __future__ import annotations
 
 import re
+import socket
 import ssl
+import struct
+import threading
+import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -85,37 +90,43 @@ def error_for(status: int, body: bytes, what: str) -> OriginError:
 
 
 class _Conn:
-    __slots__ = ("stream", "buffered")
+    __slots__ = ("sock", "buffered")
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
         self.buffered = b""  # bytes received past the previous response (none, normally)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
 
 class RangeClient:
-    """GETs of presigned URLs with a Range header, over a pool of keep-alive connections."""
+    """GETs of presigned URLs with a Range header, over a pool of keep-alive connections.
 
-    def __init__(self, *, connect_timeout: float, request_timeout: float, max_idle: int = 32) -> None:
+    Each request runs in a worker thread on a blocking socket: the body arrives with
+    `recv_into(..., MSG_WAITALL)` straight into its final buffer in one or a few system
+    calls, with the GIL released, instead of one event-loop round trip per socket read on
+    the trio thread (which also serves FUSE). SO_RCVTIMEO/SO_SNDTIMEO bound every call, so
+    a thread can never hang on a dead server. The pool is guarded by a lock."""
+
+    def __init__(self, *, connect_timeout: float, request_timeout: float, max_idle: int = 32,
+                 max_threads: int = 32) -> None:
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
         self.max_idle = max_idle
         self._idle: dict[tuple[str, str, int], list[_Conn]] = {}
+        self._lock = threading.Lock()
         self._ssl = ssl.create_default_context()
-
-    async def _connect(self, scheme: str, host: str, port: int) -> _Conn:
-        with trio.move_on_after(self.connect_timeout):
-            try:
-                if scheme == "https":
-                    stream: trio.abc.Stream = await trio.open_ssl_over_tcp_stream(
-                        host, port, ssl_context=self._ssl, https_compatible=True)
-                else:
-                    stream = await trio.open_tcp_stream(host, port)
-            except OSError as exc:
-                raise OriginUnavailable(f"{scheme}://{host}:{port}: cannot connect ({exc})") from None
-            return _Conn(stream)
-        raise OriginUnavailable(f"{scheme}://{host}:{port}: connect timed out after {self.connect_timeout}s")
+        self._limiter = trio.CapacityLimiter(max_threads)
 
     async def get_range(self, url: str, offset: int, length: int, *, what: str) -> memoryview:
+        return await trio.to_thread.run_sync(self._get_sync, url, offset, length, what,
+                                             limiter=self._limiter)
+
+    def _get_sync(self, url: str, offset: int, length: int, what: str) -> memoryview:
         u = urlsplit(url)
         scheme = u.scheme
         port = u.port or (443 if scheme == "https" else 80)
@@ -124,50 +135,69 @@ class RangeClient:
         request = (f"GET {target} HTTP/1.1\r\nHost: {u.netloc}\r\n"
                    f"Range: bytes={offset}-{offset + length - 1}\r\n"
                    "Accept-Encoding: identity\r\nUser-Agent: p2pfs\r\n\r\n").encode()
+        deadline = time.monotonic() + self.request_timeout
         for attempt in (0, 1):
-            idle = self._idle.get(pool_key)
-            reused = bool(idle)
-            conn = idle.pop() if idle else await self._connect(scheme, pool_key[1], port)
+            with self._lock:
+                idle = self._idle.get(pool_key)
+                conn = idle.pop() if idle else None
+            reused = conn is not None
+            if conn is None:
+                conn = self._connect(scheme, pool_key[1], port)
             try:
-                with trio.fail_after(self.request_timeout):
-                    buf = await self._exchange(conn, request, length, what)
+                data, keep = self._exchange(conn, request, length, what, deadline)
             except _StaleConnection:
-                await trio.aclose_forcefully(conn.stream)
+                conn.close()
                 if reused and attempt == 0:
                     continue  # the server closed an idle keep-alive connection: retry once
                 raise OriginUnavailable(f"{what}: connection closed before a response") from None
-            except trio.TooSlowError:
-                await trio.aclose_forcefully(conn.stream)
+            except (socket.timeout, BlockingIOError, TimeoutError):
+                conn.close()
                 raise OriginUnavailable(f"{what}: no complete response within {self.request_timeout}s") from None
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                await trio.aclose_forcefully(conn.stream)
+            except OSError as exc:
+                conn.close()
                 raise OriginUnavailable(f"{what}: {type(exc).__name__}: {exc}") from None
             except BaseException:
-                await trio.aclose_forcefully(conn.stream)
+                conn.close()
                 raise
-            if isinstance(buf, _Reusable):
-                self._release(pool_key, conn)
-                return buf.data
-            await trio.aclose_forcefully(conn.stream)
-            return buf.data
+            if keep:
+                with self._lock:
+                    idle = self._idle.setdefault(pool_key, [])
+                    if len(idle) < self.max_idle:
+                        idle.append(conn)
+                        conn = None
+            if conn is not None:
+                conn.close()
+            return data
         raise AssertionError("unreachable")
 
-    def _release(self, key: tuple[str, str, int], conn: _Conn) -> None:
-        idle = self._idle.setdefault(key, [])
-        if len(idle) < self.max_idle:
-            idle.append(conn)
-        else:
-            trio.lowlevel.spawn_system_task(trio.aclose_forcefully, conn.stream)
+    def _connect(self, scheme: str, host: str, port: int) -> _Conn:
+        try:
+            sock = socket.create_connection((host, port), timeout=self.connect_timeout)
+        except OSError as exc:
+            raise OriginUnavailable(f"{scheme}://{host}:{port}: cannot connect ({exc})") from None
+        sock.settimeout(None)  # blocking; the kernel-level timeouts below bound each call
+        tv = struct.pack("ll", int(self.request_timeout), int(self.request_timeout % 1 * 1e6))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if scheme == "https":
+            try:
+                sock = self._ssl.wrap_socket(sock, server_hostname=host)
+            except (OSError, ssl.SSLError) as exc:
+                sock.close()
+                raise OriginUnavailable(f"https://{host}:{port}: TLS failed ({exc})") from None
+        return _Conn(sock)
 
-    async def _exchange(self, conn: _Conn, request: bytes, length: int, what: str) -> "_Result":
-        stream = conn.stream
-        await stream.send_all(request)
+    def _exchange(self, conn: _Conn, request: bytes, length: int, what: str,
+                  deadline: float) -> tuple[memoryview, bool]:
+        sock = conn.sock
+        sock.sendall(request)
         head = conn.buffered
         conn.buffered = b""
         while (end := head.find(b"\r\n\r\n")) < 0:
             if len(head) > MAX_HEAD:
                 raise OriginUnavailable(f"{what}: response head over {MAX_HEAD} bytes")
-            data = await stream.receive_some(65536)
+            data = sock.recv(65536)
             if not data:
                 raise _StaleConnection
             head += data
@@ -177,7 +207,7 @@ class RangeClient:
         if resp.status not in (200, 206):
             body = rest
             while clen is not None and len(body) < min(clen, MAX_ERROR_BODY):
-                data = await stream.receive_some(65536)
+                data = sock.recv(65536)
                 if not data:
                     break
                 body += data
@@ -190,40 +220,27 @@ class RangeClient:
         # np.empty, not bytearray: a bytearray is zero-filled, and on this VM touching
         # fresh memory costs about as much as receiving the data (profiled: the largest
         # single cost of a cold read). malloc'ed memory is reused after free (see
-        # daemon.keep_freed_memory) and is fully overwritten by recv_into below.
+        # daemon.keep_freed_memory) and is fully overwritten below.
         view = memoryview(np.empty(length, dtype=np.uint8))
         n = min(len(rest), length)
         view[:n] = rest[:n]
-        sock = getattr(stream, "socket", None)
+        flags = 0 if isinstance(sock, ssl.SSLSocket) else socket.MSG_WAITALL
         while n < length:
-            if sock is not None:
-                k = await sock.recv_into(view[n:], length - n)
-            else:
-                data = await stream.receive_some(length - n)
-                k = len(data)
-                view[n:n + k] = data
+            if time.monotonic() > deadline:
+                raise TimeoutError
+            k = sock.recv_into(view[n:], length - n, flags)
             if not k:
                 raise OriginUnavailable(f"{what}: connection closed after {n} of {length} bytes")
             n += k
-        return _Reusable(view) if resp.keep_alive else _Result(view)
+        return view, resp.keep_alive
 
     async def aclose(self) -> None:
-        for conns in self._idle.values():
-            for c in conns:
-                await trio.aclose_forcefully(c.stream)
-        self._idle.clear()
+        with self._lock:
+            conns = [c for cs in self._idle.values() for c in cs]
+            self._idle.clear()
+        for c in conns:
+            c.close()
 
 
 class _StaleConnection(Exception):
-    pass
-
-
-class _Result:
-    __slots__ = ("data",)
-
-    def __init__(self, data: memoryview) -> None:
-        self.data = data
-
-
-class _Reusable(_Result):
     pass
