@@ -31,7 +31,7 @@ import zstandard
 
 from .config import CacheConfig, FetchConfig
 from .diskcache import DiskCache
-from .errors import FetchTimeout, IntegrityError, OriginError, P2PFSError, is_temp_failure
+from .errors import CacheFull, FetchTimeout, IntegrityError, OriginError, P2PFSError, is_temp_failure
 from .lru import ByteLRU
 from .metrics import Metrics
 from .origin import Origin
@@ -164,6 +164,13 @@ class ChunkStore:
         digests = {loc.digest for loc in locs}
         while self._wb_pending & digests:
             await trio.sleep(0.02)
+        lost = sum(1 for d in digests if d not in self.disk)
+        if lost:
+            stats = self.disk.stats()
+            raise CacheFull(
+                f"{lost} of {len(digests)} chunks could not be kept on local disk: the cache "
+                f"budget ({stats.budget_bytes} bytes) is smaller than the data, or writes failed "
+                f"({stats.write_errors} write errors); raise --cache-size")
 
     # -- internals ------------------------------------------------------------------------
     def _mem_get(self, loc: ChunkLoc) -> bytes | None:

@@ -9,7 +9,8 @@
     │   ├── ObjectNotFound       the key (or bucket) does not exist
     │   └── OriginAccessDenied   credentials rejected
     ├── IntegrityError           bytes that do not match their recorded digest (never served)
-    └── FetchTimeout             a chunk could not be had within the read deadline
+    ├── FetchTimeout             a chunk could not be had within the read deadline
+    └── CacheFull                a prefetch asked for more than the disk cache can keep
 
 Library errors (botocore, OS) are mapped to these at the edge (`p2pfs/origin/`); the FUSE
 operations module is the only place that turns them into errno values.
@@ -55,6 +56,10 @@ class IntegrityError(P2PFSError):
 
 
 class FetchTimeout(P2PFSError):
+    pass
+
+
+class CacheFull(P2PFSError):
     pass
 
 

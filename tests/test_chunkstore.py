@@ -168,3 +168,20 @@ async def test_zstd_chunks_are_decompressed_and_verified(tmp_path):
         assert (await store.get([loc]))[0] == raw
 
     await with_store(store, body)
+
+
+async def test_warm_reports_what_the_cache_cannot_keep(tmp_path):
+    from p2pfs.errors import CacheFull
+
+    _, locs = blob(tmp_path)
+    origin = Counting(tmp_path / "origin")
+    store = make_store(tmp_path, origin)
+    store.disk = DiskCache(tmp_path / "small", 3 * CHUNK)
+    store.disk.scan()
+
+    async def body():
+        with pytest.raises(CacheFull, match="raise --cache-size"):
+            await store.warm(locs)
+        assert store.disk.stats().used_bytes <= 3 * CHUNK
+
+    await with_store(store, body)
