@@ -71,23 +71,33 @@ class ControlServer:
                 pass
 
     async def _handle(self, stream: trio.SocketStream) -> None:
+        """Serve one connection. Nothing a client does (garbage, hanging up mid-prefetch)
+        may end the daemon: every exception stops here, cancellation excepted."""
         async with stream:
             try:
-                req = await _read_line(stream)
-                op = req.get("op")
-                if op == "status":
-                    await _send(stream, {"ok": True, **self.status()})
-                elif op == "metrics":
-                    await _send(stream, {"ok": True, "text": self.metrics_text()})
-                elif op == "prefetch":
-                    await self._prefetch(stream, req)
-                else:
-                    await _send(stream, {"ok": False, "error": f"unknown op {op!r}"})
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # the client went away; a prefetch it started is cancelled with it
-            except ValueError as exc:
+                await self._dispatch(stream)
+            except Exception as exc:  # noqa: BLE001 - includes ExceptionGroups from nurseries
+                if _is_disconnect(exc):
+                    return  # the client went away; a prefetch it started is cancelled with it
+                if not isinstance(exc, ValueError):
+                    log.exception("control request failed")
                 with trio.move_on_after(1):
-                    await _send(stream, {"ok": False, "error": str(exc)})
+                    try:
+                        await _send(stream, {"ok": False, "error": str(exc)})
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+
+    async def _dispatch(self, stream: trio.SocketStream) -> None:
+        req = await _read_line(stream)
+        op = req.get("op")
+        if op == "status":
+            await _send(stream, {"ok": True, **self.status()})
+        elif op == "metrics":
+            await _send(stream, {"ok": True, "text": self.metrics_text()})
+        elif op == "prefetch":
+            await self._prefetch(stream, req)
+        else:
+            await _send(stream, {"ok": False, "error": f"unknown op {op!r}"})
 
     async def _prefetch(self, stream: trio.SocketStream, req: dict[str, Any]) -> None:
         path = str(req.get("path", "")).strip("/")
@@ -131,6 +141,13 @@ class ControlServer:
             return
         await _send(stream, {"ok": True, "done": total, "total": total, "chunks": len(locs),
                              "seconds": round(time.monotonic() - t0, 3)})
+
+
+def _is_disconnect(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_is_disconnect(e) for e in exc.exceptions)
+    return isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError,
+                            BrokenPipeError, ConnectionResetError))
 
 
 async def _read_line(stream: trio.SocketStream) -> dict[str, Any]:

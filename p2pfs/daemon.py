@@ -76,6 +76,12 @@ async def _serve_metrics(addr: str, render: Callable[[], str], *,
     listeners = await trio.open_tcp_listeners(int(port), host=host or "127.0.0.1")
 
     async def handle(stream: trio.SocketStream) -> None:
+        try:
+            await serve_one(stream)
+        except Exception:  # noqa: BLE001 - a scraper hanging up must not end the daemon
+            log.debug("metrics request failed", exc_info=True)
+
+    async def serve_one(stream: trio.SocketStream) -> None:
         async with stream:
             with trio.move_on_after(10):
                 buf = b""

@@ -194,6 +194,9 @@ class Operations(pyfuse3.Operations):
             chunks = await self.store.get(h.node.locs(span))
         except P2PFSError as exc:
             raise self._eio(exc, f"read {h.node.model or '/'} inode {h.node.inode} @{off}+{size}")
+        except Exception as exc:  # noqa: BLE001 - a bug of ours: EIO and a traceback, not a dead mount
+            log.exception("unexpected error reading inode %d", h.node.inode)
+            raise self._eio(exc, f"read inode {h.node.inode}") from None
         data = slice_reply(entry, span, chunks, off, size)
         self.metrics.read_latency.observe(time.monotonic() - t0)
         self.metrics.reads += 1

@@ -331,3 +331,25 @@ def test_weights_load_from_the_mount(published, shared_mount):
     a = load_file(shared_mount.path / "minilm" / "model.safetensors")
     b = load_file(published["minilm"] / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_clients_hanging_up_never_end_the_daemon(published, seaweed, mount_factory):
+    """A prefetch client that disconnects mid-way, garbage requests and a metrics scraper
+    that hangs up must leave the daemon serving (regression: a broken pipe while sending
+    prefetch progress used to take the mount down)."""
+    import socket
+
+    port = random.randrange(40000, 50000)
+    m = mount_factory(published["url"], seaweed.endpoint, "--metrics-addr", f"127.0.0.1:{port}")
+    path = os.getxattr(m.path, "user.p2pfs.control").decode()
+    for payload in (b'{"op": "prefetch", "path": "minilm"}\n', b"\x00garbage\n", b'{"op": 1}\n', b""):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(path)
+            s.sendall(payload)
+        time.sleep(0.4)  # long enough for a progress line to hit the closed socket
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\n")
+    time.sleep(0.3)
+    assert m.alive()
+    assert m.status()["pid"] == m.pid
+    assert sha(m.path / "minilm" / "config.json") == sha(published["minilm"] / "config.json")
