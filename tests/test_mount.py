@@ -126,7 +126,7 @@ def test_32_concurrent_readers(published, shared_mount):
 
 
 def test_status_json_and_prometheus(published, seaweed, mount_factory):
-    port = random.randrange(30000, 40000)
+    port = _closed_port()  # free right now; nothing else of ours binds ports after this
     m = mount_factory(published["url"], seaweed.endpoint, "--metrics-addr", f"127.0.0.1:{port}")
     sha(m.path / "synthetic" / "weights.bin")
     s = m.status()
@@ -339,7 +339,7 @@ def test_clients_hanging_up_never_end_the_daemon(published, seaweed, mount_facto
     prefetch progress used to take the mount down)."""
     import socket
 
-    port = random.randrange(40000, 50000)
+    port = _closed_port()
     m = mount_factory(published["url"], seaweed.endpoint, "--metrics-addr", f"127.0.0.1:{port}")
     path = os.getxattr(m.path, "user.p2pfs.control").decode()
     for payload in (b'{"op": "prefetch", "path": "minilm"}\n', b"\x00garbage\n", b'{"op": 1}\n', b""):
