@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import xxhash
 
 from .lru import ByteLRU
@@ -49,6 +50,9 @@ class DiskCache:
         self._evicted = 0
         self._write_errors = 0
         self._touched: dict[str, float] = {}
+        #: Read chunk files with O_DIRECT: no page-cache copy (the daemon keeps its own
+        #: memory LRU and the kernel caches the FUSE file), saving CPU on warm reads.
+        self.direct_io = True
 
     # -- start-up -------------------------------------------------------------------------
     def scan(self) -> None:
@@ -107,8 +111,10 @@ class DiskCache:
             self._lru.touch(digest)
         path = self._path(digest, xxh)
         try:
-            with open(path, "rb", buffering=0) as f:
-                data = f.read()
+            data = _read_direct(path) if self.direct_io else None
+            if data is None:
+                with open(path, "rb", buffering=0) as f:
+                    data = f.read()
             self._refresh_mtime(digest, path)
         except FileNotFoundError:
             with self._lock:
@@ -194,3 +200,36 @@ def _unlink(path: Path) -> None:
         os.unlink(path)
     except (FileNotFoundError, NotADirectoryError):
         pass
+
+
+_ALIGN = 4096
+
+
+def _read_direct(path: Path) -> memoryview | None:
+    """Read a whole file with O_DIRECT into an aligned, uninitialized buffer; None where
+    the filesystem refuses O_DIRECT (tmpfs, some FUSE), so the caller reads normally."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return None
+        raise
+    try:
+        size = os.fstat(fd).st_size
+        cap = (size + _ALIGN - 1) // _ALIGN * _ALIGN
+        raw = np.empty(cap + _ALIGN, dtype=np.uint8)
+        start = (-raw.ctypes.data) % _ALIGN
+        buf = memoryview(raw[start:start + cap])
+        got = 0
+        while got < size:
+            n = os.preadv(fd, [buf[got:]], got)
+            if n == 0:
+                break
+            got += n
+        return buf[:got]
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return None
+        raise
+    finally:
+        os.close(fd)
