@@ -45,14 +45,13 @@ def mount_of(path: str | os.PathLike[str]) -> Path | None:
 def _stream(path: Path, stop: threading.Event | None,
             progress: Callable[[int, int], None] | None) -> dict[str, Any]:
     """One prefetch request, read to its end (or until `stop`)."""
-    from p2pfs.control import request
+    from p2pfs.control import mount_relative, request
     from p2pfs.errors import P2PFSError
 
     mnt = mount_of(path)
     if mnt is None:
         raise PrefetchError(f"{path} is not on a p2pfs mount")
-    rel = os.path.relpath(os.path.realpath(path), mnt)
-    rel = "" if rel == "." else rel
+    rel = mount_relative(path, mnt)
     last: dict[str, Any] = {}
     try:
         replies = request(mnt, {"op": "prefetch", "path": rel}, timeout=SILENCE_TIMEOUT)

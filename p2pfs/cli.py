@@ -222,7 +222,7 @@ def _spawn_background(cfg: Config, mountpoint: Path, log_file: Path | None, as_j
     log_file = log_file or cfg.cache.dir / "p2pfs.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     r, w = os.pipe()
-    argv = [a for a in sys.argv[1:]]
+    argv = sys.argv[1:]
     with open(log_file, "ab") as logf:
         proc = subprocess.Popen([sys.executable, "-m", "p2pfs", *argv, "--foreground",
                                  "--ready-fd", str(w)],

@@ -186,6 +186,12 @@ def find_mount(path: str | os.PathLike[str]) -> Path | None:
     return None
 
 
+def mount_relative(path: str | os.PathLike[str], mountpoint: Path) -> str:
+    """`path` as the control protocol names it: relative to the mount root, "" for the root."""
+    rel = os.path.relpath(os.path.realpath(path), mountpoint)
+    return "" if rel == "." else rel
+
+
 def control_socket(mountpoint: str | os.PathLike[str]) -> str:
     try:
         return os.getxattr(mountpoint, CONTROL_XATTR).decode()
@@ -217,8 +223,7 @@ def prefetch(path: str | os.PathLike[str], *, offset: int = 0, length: int | Non
     mnt = find_mount(path)
     if mnt is None:
         raise ConfigError(f"{path} is not on a p2pfs mount")
-    rel = os.path.relpath(os.path.realpath(path), mnt)
-    rel = "" if rel == "." else rel
+    rel = mount_relative(path, mnt)
     last: dict[str, Any] = {}
     for msg in request(mnt, {"op": "prefetch", "path": rel, "offset": offset, "length": length},
                        timeout=timeout):

@@ -78,9 +78,9 @@ class DiskCache:
             for _, digest, xxh, size in found:
                 self._lru.add(digest, size)
                 self._xxh[digest] = xxh
-            victims = self._lru.evict()  # the budget may have shrunk since last run
-            for v in victims:
-                self._drop_locked(v)
+            # The budget may have shrunk since the last run.
+            doomed = [self._forget_locked(v, already_removed=True) for v in self._lru.evict()]
+        _unlink_all(doomed)
 
     # -- queries --------------------------------------------------------------------------
     def __contains__(self, digest: str) -> bool:
@@ -118,15 +118,15 @@ class DiskCache:
             self._refresh_mtime(digest, path)
         except FileNotFoundError:
             with self._lock:
-                self._lru.remove(digest)
-                self._xxh.pop(digest, None)
+                self._forget_locked(digest)
             return None
         except OSError:
             return None
         if xxhash.xxh3_64_hexdigest(data) != xxh:
             with self._lock:
                 self._corrupt += 1
-                self._drop_locked(digest)
+                doomed = self._forget_locked(digest)
+            _unlink_all([doomed])
             return None
         return data
 
@@ -159,9 +159,10 @@ class DiskCache:
         with self._lock:
             self._xxh[digest] = xxh
             self._lru.add(digest, size)
-            for victim in self._lru.evict(keep=digest):
-                self._evicted += 1
-                self._drop_locked(victim, already_removed=True)
+            victims = self._lru.evict(keep=digest)
+            self._evicted += len(victims)
+            doomed = [self._forget_locked(v, already_removed=True) for v in victims]
+        _unlink_all(doomed)
         return True
 
     def _refresh_mtime(self, digest: str, path: Path) -> None:
@@ -177,22 +178,32 @@ class DiskCache:
 
     def remove(self, digest: str) -> None:
         with self._lock:
-            self._drop_locked(digest)
+            doomed = self._forget_locked(digest)
+        _unlink_all([doomed])
 
     def _shrink_after_enospc(self, need: int) -> None:
         # The disk filled before our budget did: free room by evicting the oldest chunks.
         with self._lock:
-            for victim in self._lru.evict(limit=max(0, self._lru.used - 8 * need)):
-                self._evicted += 1
-                self._drop_locked(victim, already_removed=True)
+            victims = self._lru.evict(limit=max(0, self._lru.used - 8 * need))
+            self._evicted += len(victims)
+            doomed = [self._forget_locked(v, already_removed=True) for v in victims]
+        _unlink_all(doomed)
 
-    def _drop_locked(self, digest: str, already_removed: bool = False) -> None:
+    def _forget_locked(self, digest: str, already_removed: bool = False) -> Path | None:
+        """Drop `digest` from the index; return its file for the caller to unlink once the
+        lock is released (the lock guards bookkeeping only, never file I/O: the trio thread
+        takes it to ask `digest in cache`)."""
         if not already_removed:
             self._lru.remove(digest)
         self._touched.pop(digest, None)
         xxh = self._xxh.pop(digest, None)
-        if xxh is not None:
-            _unlink(self._path(digest, xxh))
+        return None if xxh is None else self._path(digest, xxh)
+
+
+def _unlink_all(paths: list[Path | None]) -> None:
+    for p in paths:
+        if p is not None:
+            _unlink(p)
 
 
 def _unlink(path: Path) -> None:
