@@ -10,6 +10,11 @@ Which sink:
     cpu        True    False       DirectSink  one allocation per file (the result itself)
     cpu        True    True        StagedSink  ring + tensors the consumer holds
     cuda       -       any         CudaSink    pinned ring (slots x segment_size)
+
+On CPU, when every shard lies on a p2pfs mount whose daemon speaks `fill`, FillSink takes
+the place of MapSink and DirectSink: the daemon writes each file into a memfd of ours
+(one allocation per file, no FUSE in the data path; see _fill.py). Otherwise, or with
+`fill=False`, the sinks above read through the mount while a prefetch hint runs.
 """
 
 from __future__ import annotations
@@ -24,12 +29,13 @@ import torch
 
 from . import _tensors
 from ._cpu import HOST_RINGS, DirectSink, MapSink, StagedSink
+from ._fill import FillSink, open_clients
 from ._format import Header
 from ._index import Checkpoint, check_shards, resolve
 from ._io import Shard
-from ._p2pfs import Prefetcher
+from ._p2pfs import Prefetcher, mount_of
 from ._pipeline import Pipeline, Ring
-from ._plan import plan_reads
+from ._plan import plan_aligned, plan_reads
 from .errors import DeviceError, IndexFileError, ReadError
 
 MiB = 1 << 20
@@ -46,6 +52,8 @@ class Tuning:
     slots: int = 6                    # staging ring slots (>= threads, so readers never idle)
     window: int = 256 * MiB           # streaming: how far readers may run ahead of the consumer
     prefetch: bool = True             # ask p2pfs to fetch files in load order
+    fill: bool = True                 # on p2pfs, CPU: have the daemon write into our memory
+    fill_inflight: int = 16           # fill requests in flight (one chunk each)
 
 
 @dataclass(frozen=True)
@@ -124,6 +132,19 @@ class _Session:
         _check(self.ckpt, [s.header for s in self.shards], [s.path for s in self.shards])
         sizes = [s.header.data_size for s in self.shards]
         seg = t.segment_size
+        clients = None
+        if (self.device.type == "cpu" and t.fill and not (self.copy and self.streaming)
+                and all(mount_of(s.path) is not None for s in self.shards)):
+            clients = open_clients(self.shards)
+        if clients is not None:
+            self.sink = FillSink(self.shards, clients)
+            self._release.append(self.sink.close)
+            plan = plan_aligned(sizes, [s.header.data_start for s in self.shards],
+                                self.sink.chunk_sizes(seg))
+            self.pipeline = Pipeline(plan, self.sink, threads=t.fill_inflight, sizes=sizes,
+                                     window=t.window if self.streaming else None)
+            self.pipeline.start()
+            return
         if self.device.type == "cuda":
             from ._cuda import PINNED_RINGS, CudaSink
 
@@ -162,7 +183,8 @@ class _Session:
         info = self.shards[file].header.tensors[k]
         if isinstance(self.sink, StagedSink):
             return _tensors.view(self.sink.take(file, k), info, base=-info.begin)
-        base = self.shards[file].header.data_start if isinstance(self.sink, MapSink) else 0
+        base = (self.shards[file].header.data_start
+                if isinstance(self.sink, (MapSink, FillSink)) else 0)
         return _tensors.view(self.sink.buffer(file), info, base=base)
 
     def all(self, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:

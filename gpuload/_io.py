@@ -24,6 +24,7 @@ from ._format import Header
 from .errors import HeaderError, ReadError
 
 MADV_POPULATE_READ = 22
+MADV_POPULATE_WRITE = 23
 
 
 @dataclass(eq=False)
@@ -108,28 +109,40 @@ def readinto_exact(fd: int, buf: memoryview, offset: int, path: Path) -> None:
         got += r
 
 
+_LIBC = None
+
+
+def madvise(addr: int, length: int, advice: int) -> int:
+    """madvise(2) without the GIL; 0 or the errno."""
+    global _LIBC
+    if _LIBC is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.madvise.restype = ctypes.c_int
+        _LIBC = libc
+    return 0 if _LIBC.madvise(addr, length, advice) == 0 else ctypes.get_errno()
+
+
+def address(mm: mmap.mmap) -> int:
+    """Where a writable mapping starts (what madvise needs)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(mm))
+
+
 class Populator:
     """Make ranges of a mapping resident, from any thread, without holding the GIL."""
-
-    _libc = None
 
     def __init__(self, mm: mmap.mmap, shard: Shard) -> None:
         self.shard = shard
         # A private writable map exports a writable buffer: its address is what madvise needs.
-        self.addr = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+        self.addr = address(mm)
         self.fallback = False
-        if Populator._libc is None:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            libc.madvise.restype = ctypes.c_int
-            Populator._libc = libc
 
     def populate(self, offset: int, length: int, scratch: memoryview | None = None) -> None:
         """Make file bytes [offset, offset + length) resident (offset page-aligned)."""
         if not self.fallback:
-            if Populator._libc.madvise(self.addr + offset, length, MADV_POPULATE_READ) == 0:
+            err = madvise(self.addr + offset, length, MADV_POPULATE_READ)
+            if err == 0:
                 return
-            err = ctypes.get_errno()
             if err not in (errno.EINVAL, errno.ENOSYS, errno.EPERM):
                 raise ReadError(f"{self.shard.path}: reading bytes {offset}..{offset + length} "
                                 f"failed: {os.strerror(err)}")

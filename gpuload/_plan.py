@@ -28,6 +28,23 @@ def plan_reads(data_sizes: list[int], segment_size: int) -> list[Segment]:
             for off in range(0, size, segment_size)]
 
 
+def plan_aligned(data_sizes: list[int], data_starts: list[int],
+                 segment_sizes: list[int]) -> list[Segment]:
+    """Like `plan_reads`, but every segment ends where the *file* offset is a multiple of its
+    file's segment size (a p2pfs chunk boundary), so each request covers whole chunks."""
+    out: list[Segment] = []
+    for i, (size, start, seg) in enumerate(zip(data_sizes, data_starts, segment_sizes)):
+        if seg <= 0:
+            raise ValueError("segment_size must be positive")
+        off = 0
+        while off < size:
+            boundary = ((start + off) // seg + 1) * seg  # next multiple, in file offsets
+            n = min(size - off, boundary - start - off)
+            out.append(Segment(i, off, n))
+            off += n
+    return out
+
+
 @dataclass
 class Watermark:
     """How much of one file's data section is done: the end of the longest prefix whose

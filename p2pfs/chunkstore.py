@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import OrderedDict
-from typing import Callable, Sequence
+from typing import Awaitable, Callable, Sequence, TypeVar
 
 import trio
 import zstandard
@@ -37,14 +37,17 @@ from .metrics import Metrics
 from .origin import Origin
 from .plan import ChunkLoc, Request, coalesce, split_response
 
+T = TypeVar("T")
+
 
 class _Flight:
-    __slots__ = ("event", "data", "error")
+    __slots__ = ("event", "data", "error", "waiters")
 
     def __init__(self) -> None:
         self.event = trio.Event()
         self.data: bytes | None = None
         self.error: BaseException | None = None
+        self.waiters = 0  # readers besides the flight's owner (a fill copies out only for them)
 
 
 def verify_chunk(loc: ChunkLoc, stored: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
@@ -113,6 +116,8 @@ class ChunkStore:
         if not missing:
             return out  # type: ignore[return-value]
         flights = self._start(missing)
+        for f in flights:
+            f.waiters += 1
         with trio.move_on_after(self.cfg.read_timeout if timeout is None else timeout):
             j = 0
             for i, d in enumerate(out):
@@ -171,6 +176,166 @@ class ChunkStore:
                 f"{lost} of {len(digests)} chunks could not be kept on local disk: the cache "
                 f"budget ({stats.budget_bytes} bytes) is smaller than the data, or writes failed "
                 f"({stats.write_errors} write errors); raise --cache-size")
+
+    # -- filling a caller's memory ------------------------------------------------------
+    async def fill(self, locs: Sequence[ChunkLoc], dest: memoryview, *,
+                   timeout: float | None = None) -> None:
+        """Write the verified bytes of `locs` into `dest` (their sizes back to back) and
+        make them local.
+
+        The zero-copy path of `fill` requests (control.py): a missing raw chunk is received
+        from the origin straight into `dest`, checked there and written to the disk cache
+        from there; a disk hit is read into `dest` with O_DIRECT. Memory hits and chunks
+        another reader is already fetching are copied. Returns once `dest` holds verified
+        bytes and the disk write of what we fetched is done (`dest` is the caller's memory:
+        it may change as soon as we answer, so nothing of ours may read it later). Raises
+        the first error; FetchTimeout when others' fetches take past `timeout`."""
+        limit = self.cfg.read_timeout if timeout is None else timeout
+        copies: list[tuple[memoryview, bytes]] = []
+        waits: list[tuple[memoryview, _Flight]] = []
+        own: list[tuple[ChunkLoc, int, _Flight]] = []
+        pos = 0
+        # No await in this loop: checking and claiming flights must not interleave.
+        for loc in locs:
+            view = dest[pos:pos + loc.ref.size]
+            data = self._mem_get(loc)
+            if data is not None:
+                copies.append((view, data))
+            elif (f := self._flights.get(loc.digest)) is not None or loc.ref.compression != "none":
+                f = f or self._start([loc])[0]  # compressed: the normal path decompresses
+                f.waiters += 1
+                waits.append((view, f))
+            else:
+                f = self._flights[loc.digest] = _Flight()
+                own.append((loc, pos, f))
+            pos += loc.ref.size
+        if pos != len(dest):
+            for loc, _, f in own:
+                self._end_fill(loc, f, None, OriginError("fill aborted"))
+            raise ValueError(f"fill: destination holds {len(dest)} bytes, chunks {pos}")
+
+        async def wait_copy(view: memoryview, f: _Flight) -> None:
+            with trio.move_on_after(limit):
+                await f.event.wait()
+            if not f.event.is_set():
+                self.metrics.errors["timeout"] += 1
+                raise FetchTimeout(f"chunks of {locs[0].key} not available within {limit}s")
+            if f.error is not None:
+                raise f.error
+            copies.append((view, f.data))
+
+        try:
+            async with trio.open_nursery() as nursery:
+                if own:
+                    nursery.start_soon(self._fill_own, own, dest)
+                for view, f in waits:
+                    nursery.start_soon(wait_copy, view, f)
+        except BaseExceptionGroup as group:
+            failure = first_failure(group)
+            if failure is None:
+                raise  # cancelled from outside
+            raise failure from None
+        if copies:
+            def copy_all() -> None:
+                for view, data in copies:
+                    view[:] = data
+            await trio.to_thread.run_sync(copy_all)
+
+    async def _fill_own(self, own: list[tuple[ChunkLoc, int, _Flight]], dest: memoryview) -> None:
+        """Fetch the chunks whose flights this fill owns into `dest`. Every flight ends,
+        with data or an error, whatever happens (cancellation included). Threads are never
+        abandoned: when this returns, nothing of ours writes into `dest` any more."""
+        first_error: BaseException | None = None
+        try:
+            missing = await self._fill_from_disk(own, dest)
+            self.metrics.misses += len(missing)
+            async with trio.open_nursery() as nursery:
+                for run in _runs(missing, self.cfg.max_request):
+                    nursery.start_soon(self._fill_from_origin, run, dest)
+        except BaseException as exc:
+            first_error = first_failure(exc) if isinstance(exc, BaseExceptionGroup) else exc
+            raise
+        finally:
+            err = first_error if isinstance(first_error, P2PFSError) else \
+                OriginError(f"fill ended without data ({first_error!r})")
+            for loc, _, f in own:
+                if not f.event.is_set():
+                    self._end_fill(loc, f, None, err)
+
+    async def _fill_from_disk(self, own: list[tuple[ChunkLoc, int, _Flight]],
+                              dest: memoryview) -> list[tuple[ChunkLoc, int, _Flight]]:
+        missing: list[tuple[ChunkLoc, int, _Flight]] = []
+
+        async def one(item: tuple[ChunkLoc, int, _Flight]) -> None:
+            loc, pos, f = item
+            view = dest[pos:pos + loc.ref.size]
+            async with self._disk_limiter:
+                ok = await trio.to_thread.run_sync(self.disk.read_into, loc.digest, view)
+            if not ok:
+                self.metrics.errors["cache_corrupt"] += 1
+                missing.append(item)
+                return
+            self.metrics.hits["disk"] += 1
+            self.metrics.bytes_by_source["disk"] += loc.ref.size
+            self._end_fill(loc, f, view, None)
+
+        async with trio.open_nursery() as nursery:
+            for item in own:
+                if item[0].digest in self.disk:
+                    nursery.start_soon(one, item)
+                else:
+                    missing.append(item)
+        missing.sort(key=lambda item: item[1])
+        return missing
+
+    async def _fill_from_origin(self, run: list[tuple[ChunkLoc, int, _Flight]],
+                                dest: memoryview) -> None:
+        first, start = run[0][0], run[0][1]
+        length = sum(loc.ref.size for loc, _, _ in run)
+        view = dest[start:start + length]
+        await self._origin_call(lambda: self.origin.get_range_into(first.key, first.ref.offset, view))
+        self.metrics.bytes_by_source["origin"] += length
+
+        def verify_and_keep() -> list[IntegrityError | bool]:
+            out: list[IntegrityError | bool] = []
+            for loc, pos, _ in run:
+                chunk = dest[pos:pos + loc.ref.size]
+                try:
+                    verify_chunk(loc, chunk)
+                except IntegrityError as exc:
+                    out.append(exc)
+                    continue
+                out.append(self.disk.write(loc.digest, chunk))
+            return out
+
+        results = await trio.to_thread.run_sync(verify_and_keep)
+        error: IntegrityError | None = None
+        for (loc, pos, f), res in zip(run, results):
+            if isinstance(res, IntegrityError):
+                self.metrics.errors["integrity"] += 1
+                self._end_fill(loc, f, None, res)
+                error = error or res
+                continue
+            if res:
+                self.metrics.writeback_done += 1
+            else:
+                self.metrics.errors["writeback"] += 1
+            self._end_fill(loc, f, dest[pos:pos + loc.ref.size], None)
+        if error is not None:
+            raise error
+
+    def _end_fill(self, loc: ChunkLoc, f: _Flight, view: memoryview | None,
+                  error: BaseException | None) -> None:
+        """End a flight a fill owns. Readers waiting on it get their own copy: `view` is
+        the fill caller's memory."""
+        if self._flights.get(loc.digest) is f:
+            del self._flights[loc.digest]
+        if view is not None and f.waiters:
+            data = bytes(view)
+            self._mem_put(loc.digest, data)
+            f.data = data
+        f.error = error
+        f.event.set()
 
     # -- internals ------------------------------------------------------------------------
     def _mem_get(self, loc: ChunkLoc) -> bytes | None:
@@ -257,7 +422,9 @@ class ChunkStore:
         self.metrics.misses += len(rest)
         return rest
 
-    async def _from_origin(self, req: Request) -> None:
+    async def _origin_call(self, fetch: Callable[[], Awaitable[T]]) -> T:
+        """Run one origin request under the concurrency limit, retrying transient failures
+        with full-jitter backoff until the read deadline."""
         deadline = trio.current_time() + self.cfg.read_timeout
         attempt = 0
         while True:
@@ -265,9 +432,9 @@ class ChunkStore:
                 async with self._origin_limiter:
                     t0 = trio.current_time()
                     self.metrics.origin_requests += 1
-                    body = await self.origin.get_range(req.key, req.offset, req.length)
+                    result = await fetch()
                     self.metrics.fetch_latency.observe(trio.current_time() - t0)
-                break
+                return result
             except OriginError as exc:
                 self.metrics.errors[type(exc).__name__] += 1
                 attempt += 1
@@ -275,6 +442,9 @@ class ChunkStore:
                 if not is_temp_failure(exc) or trio.current_time() + delay >= deadline:
                     raise
                 await trio.sleep(delay)
+
+    async def _from_origin(self, req: Request) -> None:
+        body = await self._origin_call(lambda: self.origin.get_range(req.key, req.offset, req.length))
         self.metrics.bytes_by_source["origin"] += len(body)
         parts = split_response(req, body)
 
@@ -313,3 +483,43 @@ class ChunkStore:
             else:
                 self.metrics.errors["writeback"] += 1
 
+
+
+def _runs(items: list[tuple[ChunkLoc, int, _Flight]],
+          max_request: int) -> list[list[tuple[ChunkLoc, int, _Flight]]]:
+    """Group (chunk, destination offset) items, sorted by offset, into runs that are back to
+    back both in one blob and in the destination, of at most `max_request` bytes: each run
+    is one ranged GET received straight into place."""
+    runs: list[list[tuple[ChunkLoc, int, _Flight]]] = []
+    for item in items:
+        loc, pos, _ = item
+        if runs:
+            run = runs[-1]
+            last, last_pos, _ = run[-1]
+            if (loc.key == last.key and loc.ref.blob == last.ref.blob
+                    and loc.ref.offset == last.ref.offset + last.ref.length
+                    and pos == last_pos + last.ref.size
+                    and sum(i[0].ref.size for i in run) + loc.ref.size <= max_request):
+                run.append(item)
+                continue
+        runs.append([item])
+    return runs
+
+
+def first_failure(exc: BaseException) -> BaseException | None:
+    """The error to report from an exception group: its first P2PFSError, else its first
+    leaf that is not a cancellation; None if it holds only cancellations."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(exc)
+    for e in leaves:
+        if isinstance(e, P2PFSError):
+            return e
+    return next((e for e in leaves if not isinstance(e, trio.Cancelled)), None)

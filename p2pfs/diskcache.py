@@ -104,12 +104,10 @@ class DiskCache:
     # -- read -----------------------------------------------------------------------------
     def read(self, digest: str) -> bytes | None:
         """The chunk's bytes, or None if absent or corrupt (a corrupt file is removed)."""
-        with self._lock:
-            xxh = self._xxh.get(digest)
-            if xxh is None:
-                return None
-            self._lru.touch(digest)
-        path = self._path(digest, xxh)
+        found = self._locate(digest)
+        if found is None:
+            return None
+        path, xxh = found
         try:
             data = _read_direct(path) if self.direct_io else None
             if data is None:
@@ -117,18 +115,49 @@ class DiskCache:
                     data = f.read()
             self._refresh_mtime(digest, path)
         except FileNotFoundError:
-            with self._lock:
-                self._forget_locked(digest)
+            self._forget(digest)
             return None
         except OSError:
             return None
-        if xxhash.xxh3_64_hexdigest(data) != xxh:
-            with self._lock:
-                self._corrupt += 1
-                doomed = self._forget_locked(digest)
-            _unlink_all([doomed])
-            return None
-        return data
+        return data if self._intact(digest, xxh, data) else None
+
+    def read_into(self, digest: str, dest: memoryview) -> bool:
+        """Read the chunk into `dest` (exactly its size, e.g. a caller's shared memory);
+        False if absent, of another size or corrupt (a corrupt file is removed)."""
+        found = self._locate(digest)
+        if found is None:
+            return False
+        path, xxh = found
+        try:
+            ok = _read_into(path, dest, self.direct_io)
+            self._refresh_mtime(digest, path)
+        except FileNotFoundError:
+            self._forget(digest)
+            return False
+        except OSError:
+            return False
+        return ok and self._intact(digest, xxh, dest)
+
+    def _locate(self, digest: str) -> tuple[Path, str] | None:
+        with self._lock:
+            xxh = self._xxh.get(digest)
+            if xxh is None:
+                return None
+            self._lru.touch(digest)
+        return self._path(digest, xxh), xxh
+
+    def _forget(self, digest: str) -> None:
+        with self._lock:
+            self._forget_locked(digest)
+
+    def _intact(self, digest: str, xxh: str, data: bytes | memoryview) -> bool:
+        if xxhash.xxh3_64_hexdigest(data) == xxh:
+            return True
+        with self._lock:
+            self._corrupt += 1
+            doomed = self._forget_locked(digest)
+        _unlink_all([doomed])
+        return False
 
     # -- write ----------------------------------------------------------------------------
     def write(self, digest: str, data: bytes | memoryview) -> bool:
@@ -146,8 +175,7 @@ class DiskCache:
         tmp = final.parent / f".tmp.{digest}.{threading.get_ident()}"
         try:
             final.parent.mkdir(exist_ok=True)
-            with open(tmp, "wb", buffering=0) as f:
-                f.write(data)
+            _write_file(tmp, data, self.direct_io)
             os.rename(tmp, final)
         except OSError as exc:
             _unlink(tmp)
@@ -244,3 +272,77 @@ def _read_direct(path: Path) -> memoryview | None:
         raise
     finally:
         os.close(fd)
+
+
+def _read_into(path: Path, dest: memoryview, direct: bool) -> bool:
+    """Fill `dest` with the whole file; False if the file's size differs. The aligned bulk
+    is read with O_DIRECT when `dest` is page-aligned (no page-cache copy), the rest
+    normally."""
+    n = len(dest)
+    with open(path, "rb", buffering=0) as f:
+        if os.fstat(f.fileno()).st_size != n:
+            return False
+        done = 0
+        bulk = n - n % _ALIGN
+        if direct and bulk and np.frombuffer(dest, dtype=np.uint8).ctypes.data % _ALIGN == 0:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+            else:
+                try:
+                    done = _pread_all(fd, dest[:bulk], 0)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    done = 0
+                finally:
+                    os.close(fd)
+        done += _pread_all(f.fileno(), dest[done:], done)
+    return done == n
+
+
+def _pread_all(fd: int, buf: memoryview, offset: int) -> int:
+    got = 0
+    while got < len(buf):
+        k = os.preadv(fd, [buf[got:]], offset + got)
+        if k == 0:
+            break
+        got += k
+    return got
+
+
+def is_aligned(buf: bytes | bytearray | memoryview) -> bool:
+    return np.frombuffer(buf, dtype=np.uint8).ctypes.data % _ALIGN == 0
+
+
+def _write_file(path: Path, data: bytes | memoryview, direct: bool) -> None:
+    """Write `data` as the whole file. From a page-aligned buffer the aligned bulk goes with
+    O_DIRECT: measured here, buffered writes of fresh chunks cost ~2.2 s of CPU per GiB
+    (new page-cache pages, a copy, the flush) against ~0.1 s with O_DIRECT, and a cold
+    load is CPU-bound. The unaligned tail, if any, is written normally."""
+    n = len(data)
+    bulk = n - n % _ALIGN
+    if direct and bulk and is_aligned(data):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT | os.O_CLOEXEC,
+                         0o644)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+        else:
+            try:
+                view = memoryview(data).cast("B")
+                done = 0
+                while done < bulk:
+                    done += os.pwritev(fd, [view[done:bulk]], done)
+            finally:
+                os.close(fd)
+            if n > bulk:
+                with open(path, "r+b", buffering=0) as f:
+                    f.seek(bulk)
+                    f.write(view[bulk:])
+            return
+    with open(path, "wb", buffering=0) as f:
+        f.write(data)

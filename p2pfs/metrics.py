@@ -52,6 +52,8 @@ class Metrics:
         self.writeback_done = 0
         self.writeback_dropped = 0
         self.prefetched_chunks = 0
+        self.fill_requests = 0  # control-socket `fill` requests answered (ok or not)
+        self.fill_bytes = 0     # bytes written into clients' memory by `fill`
         # Gauges read at render time (set by the daemon).
         self.gauges: dict[str, Callable[[], float]] = {}
 
@@ -78,6 +80,8 @@ class Metrics:
             "writeback_done": self.writeback_done,
             "writeback_dropped": self.writeback_dropped,
             "prefetched_chunks": self.prefetched_chunks,
+            "fill_requests": self.fill_requests,
+            "fill_bytes": self.fill_bytes,
             **{k: g() for k, g in self.gauges.items()},
         }
 
@@ -107,6 +111,11 @@ class Metrics:
                [("", self.writeback_done)])
         metric("writeback_dropped_total", "counter",
                "Chunks not written back because the queue was full.", [("", self.writeback_dropped)])
+        metric("fill_requests_total", "counter",
+               "Control-socket fill requests (file ranges written into a client's memory).",
+               [("", self.fill_requests)])
+        metric("fill_bytes_total", "counter", "Bytes written into clients' memory by fill.",
+               [("", self.fill_bytes)])
         for name, h, help_ in (("fetch_seconds", self.fetch_latency, "Latency of origin requests."),
                                ("read_seconds", self.read_latency, "Latency of FUSE reads.")):
             out.append(f"# HELP p2pfs_{name} {help_}")

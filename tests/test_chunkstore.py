@@ -39,6 +39,16 @@ class Counting(LocalDirOrigin):
         data = await super().get_range(key, offset, length)
         return b"X" + data[1:] if self.corrupt else data
 
+    async def get_range_into(self, key: str, offset: int, dest: memoryview) -> None:
+        self.requests.append((offset, len(dest)))
+        if self.down:
+            raise OriginUnavailable("store is down")
+        if self.stall:
+            await trio.sleep_forever()
+        await super().get_range_into(key, offset, dest)
+        if self.corrupt:
+            dest[0] ^= 0xFF
+
 
 def blob(tmp_path: Path, size: int = 10 * CHUNK) -> tuple[bytes, list[ChunkLoc]]:
     data = os.urandom(size)
@@ -183,5 +193,91 @@ async def test_warm_reports_what_the_cache_cannot_keep(tmp_path):
         with pytest.raises(CacheFull, match="raise --cache-size"):
             await store.warm(locs)
         assert store.disk.stats().used_bytes <= 3 * CHUNK
+
+    await with_store(store, body)
+
+
+async def test_fill_receives_into_the_callers_memory_and_shares_flights(tmp_path):
+    data, locs = blob(tmp_path)
+    origin = Counting(tmp_path / "origin")
+    store = make_store(tmp_path, origin)
+    dest = bytearray(len(data))
+
+    async def body():
+        got = {}
+
+        async def reader():
+            got["r"] = await store.get(locs[2:5])
+
+        async with trio.open_nursery() as n:
+            n.start_soon(store.fill, locs, memoryview(dest))
+            n.start_soon(reader)
+        assert dest == data
+        assert b"".join(got["r"]) == data[2 * CHUNK:5 * CHUNK]
+        # Every chunk crossed the network once, whoever asked first.
+        assert sum(length for _, length in origin.requests) == len(data)
+        # What the fill fetched is on disk when it returns (the caller's memory may change).
+        assert all(loc.digest in store.disk for loc in locs[5:])
+        await store.warm(locs)  # the reader's chunks go through the write-back queue
+        origin.down = True
+        again = bytearray(len(data))
+        store._mem.clear()
+        store._mem_lru = type(store._mem_lru)(store._mem_lru.budget)
+        await store.fill(locs, memoryview(again))
+        assert again == data
+
+    await with_store(store, body)
+    assert store.metrics.hits["disk"] == len(locs)
+
+
+async def test_fill_of_corrupt_origin_data_fails_and_keeps_nothing(tmp_path):
+    data, locs = blob(tmp_path)
+    origin = Counting(tmp_path / "origin")
+    store = make_store(tmp_path, origin)
+    origin.corrupt = True
+
+    async def body():
+        with pytest.raises(IntegrityError):
+            await store.fill(locs[:4], memoryview(bytearray(4 * CHUNK)))
+        # One GET for the 4 chunks; only its first byte (chunk 0) was bad: chunk 0 is not
+        # kept, the three verified ones are.
+        assert origin.requests == [(0, 4 * CHUNK)]
+        assert [loc.digest in store.disk for loc in locs[:4]] == [False, True, True, True]
+        assert store.in_flight == 0
+        origin.corrupt = False
+        dest = bytearray(4 * CHUNK)
+        await store.fill(locs[:4], memoryview(dest))
+        assert dest == data[:4 * CHUNK]
+
+    await with_store(store, body)
+    assert store.metrics.errors["integrity"] >= 1
+
+
+async def test_fill_from_a_stalled_origin_leaves_no_waiter_hanging(tmp_path):
+    _, locs = blob(tmp_path)
+    origin = Counting(tmp_path / "origin")
+    store = make_store(tmp_path, origin)
+    origin.stall = True
+
+    async def body():
+        async with trio.open_nursery() as n:
+            n.start_soon(store.fill, locs[:2], memoryview(bytearray(2 * CHUNK)))
+            await trio.sleep(0.05)
+            with pytest.raises(FetchTimeout):  # a reader waiting on the fill's flight
+                await store.get(locs[:1], timeout=0.3)
+            n.cancel_scope.cancel()  # the fill's owner goes away: its flights must end
+        assert store.in_flight == 0
+
+    await with_store(store, body)
+
+
+async def test_fill_rejects_a_destination_of_the_wrong_size(tmp_path):
+    _, locs = blob(tmp_path)
+    store = make_store(tmp_path, Counting(tmp_path / "origin"))
+
+    async def body():
+        with pytest.raises(ValueError, match="destination"):
+            await store.fill(locs[:2], memoryview(bytearray(CHUNK)))
+        assert store.in_flight == 0
 
     await with_store(store, body)

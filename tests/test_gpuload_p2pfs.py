@@ -110,3 +110,32 @@ def test_warm_cli_on_a_real_mount(mounted, capsys):
     assert res["p2pfs"] is True and res["ok"] is True and res["done"] == res["total"] > 0
     with pytest.raises(gpuload.PrefetchError, match="not on a p2pfs mount"):
         gpuload.warm(src)
+
+
+def _fill_bytes(mnt) -> int:
+    r = p2pfs("status", "--json", mnt, env=dict(os.environ))
+    assert r.returncode == 0, r.stderr
+    import json
+    return json.loads(r.stdout)["fill_bytes"]
+
+
+def test_cpu_loads_are_filled_by_the_daemon_unless_told_not_to(mounted):
+    """On p2pfs, CPU loads have the daemon write each shard into gpuload's memory (no FUSE
+    in the data path); fill=False reads through the mount. Both give the same tensors, and
+    the tensors are ours: writing to them changes neither the file nor a later load."""
+    src, model = mounted
+    want = gpuload.load(src)
+    before = _fill_bytes(model.parent)
+    got = gpuload.load(model)
+    shards = sorted(model.glob("*.safetensors"))
+    assert _fill_bytes(model.parent) - before >= sum(p.stat().st_size for p in shards)
+    assert _same(got, want)
+    got["a0"].zero_()
+    streamed = dict(gpuload.iter_tensors(model))
+    assert _same(streamed, want)
+
+    before = _fill_bytes(model.parent)
+    assert _same(gpuload.load(model, fill=False), want)
+    assert _same(gpuload.load_file(shards[1], fill=False, copy=True),
+                 {k: v for k, v in want.items() if not k.startswith("a")})
+    assert _fill_bytes(model.parent) == before

@@ -55,6 +55,9 @@ def test_origin_contract(make_origin, tmp_path):
             assert sum(seen) == big.stat().st_size
             assert await o.get_range(prefix + "b/big.bin", 17 << 20, 1 << 20) == \
                 big.read_bytes()[17 << 20:18 << 20]
+            dest = bytearray(3 << 20)
+            await o.get_range_into(prefix + "b/big.bin", 5 << 20 | 7, memoryview(dest))
+            assert dest == big.read_bytes()[5 << 20 | 7:8 << 20 | 7]
             keys = [i.key for i in await o.list(prefix)]
             assert keys == [prefix + "a/x.bin", prefix + "b/big.bin"]
             assert await o.list(prefix + "nothing/") == []
@@ -64,6 +67,8 @@ def test_origin_contract(make_origin, tmp_path):
                 await o.head(prefix + "missing")
             with pytest.raises(ObjectNotFound):
                 await o.get_range(prefix + "missing", 0, 1)
+            with pytest.raises(ObjectNotFound):
+                await o.get_range_into(prefix + "missing", 0, memoryview(bytearray(1)))
         finally:
             await o.aclose()
 

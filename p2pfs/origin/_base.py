@@ -24,6 +24,10 @@ class Origin(Protocol):
     async def get_range(self, key: str, offset: int, length: int) -> bytes:
         """Exactly `length` bytes from `offset`; fewer is an error."""
 
+    async def get_range_into(self, key: str, offset: int, dest: memoryview) -> None:
+        """Exactly `len(dest)` bytes from `offset`, written into `dest` (no intermediate
+        buffer where the implementation can avoid one); fewer is an error."""
+
     async def get(self, key: str) -> bytes: ...
 
     async def head(self, key: str) -> ObjectInfo: ...

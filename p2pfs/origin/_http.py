@@ -89,6 +89,14 @@ def error_for(status: int, body: bytes, what: str) -> OriginError:
     return OriginError(msg)
 
 
+def aligned_empty(length: int) -> memoryview:
+    """An uninitialized, page-aligned buffer: the disk cache writes page-aligned buffers
+    with O_DIRECT (no page-cache copy)."""
+    raw = np.empty(length + 4096, dtype=np.uint8)
+    start = (-raw.ctypes.data) % 4096
+    return memoryview(raw[start:start + length])
+
+
 class _Conn:
     __slots__ = ("sock", "buffered")
 
@@ -123,10 +131,16 @@ class RangeClient:
         self._limiter = trio.CapacityLimiter(max_threads)
 
     async def get_range(self, url: str, offset: int, length: int, *, what: str) -> memoryview:
-        return await trio.to_thread.run_sync(self._get_sync, url, offset, length, what,
+        return await trio.to_thread.run_sync(self._get_sync, url, offset, length, what, None,
                                              limiter=self._limiter)
 
-    def _get_sync(self, url: str, offset: int, length: int, what: str) -> memoryview:
+    async def get_range_into(self, url: str, offset: int, dest: memoryview, *, what: str) -> None:
+        """Receive bytes [offset, offset + len(dest)) straight into `dest`."""
+        await trio.to_thread.run_sync(self._get_sync, url, offset, len(dest), what, dest,
+                                      limiter=self._limiter)
+
+    def _get_sync(self, url: str, offset: int, length: int, what: str,
+                  into: memoryview | None) -> memoryview:
         u = urlsplit(url)
         scheme = u.scheme
         port = u.port or (443 if scheme == "https" else 80)
@@ -144,7 +158,7 @@ class RangeClient:
             if conn is None:
                 conn = self._connect(scheme, pool_key[1], port)
             try:
-                data, keep = self._exchange(conn, request, length, what, deadline)
+                data, keep = self._exchange(conn, request, length, what, deadline, into)
             except _StaleConnection:
                 conn.close()
                 if reused and attempt == 0:
@@ -189,7 +203,7 @@ class RangeClient:
         return _Conn(sock)
 
     def _exchange(self, conn: _Conn, request: bytes, length: int, what: str,
-                  deadline: float) -> tuple[memoryview, bool]:
+                  deadline: float, into: memoryview | None) -> tuple[memoryview, bool]:
         sock = conn.sock
         sock.sendall(request)
         head = conn.buffered
@@ -221,7 +235,7 @@ class RangeClient:
         # fresh memory costs about as much as receiving the data (profiled: the largest
         # single cost of a cold read). malloc'ed memory is reused after free (see
         # daemon.keep_freed_memory) and is fully overwritten below.
-        view = memoryview(np.empty(length, dtype=np.uint8))
+        view = aligned_empty(length) if into is None else into.cast("B")
         n = min(len(rest), length)
         view[:n] = rest[:n]
         flags = 0 if isinstance(sock, ssl.SSLSocket) else socket.MSG_WAITALL

@@ -31,6 +31,21 @@ class LocalDirOrigin:
             raise OriginError(f"{key}: short read at {offset} ({len(data)} of {length} bytes)")
         return data
 
+    async def get_range_into(self, key: str, offset: int, dest: memoryview) -> None:
+        def read() -> int:
+            with _mapped(key), open(self._path(key), "rb", buffering=0) as f:
+                got = 0
+                while got < len(dest):
+                    n = os.preadv(f.fileno(), [dest[got:]], offset + got)
+                    if n == 0:
+                        break
+                    got += n
+                return got
+
+        got = await trio.to_thread.run_sync(read)
+        if got != len(dest):
+            raise OriginError(f"{key}: short read at {offset} ({got} of {len(dest)} bytes)")
+
     async def get(self, key: str) -> bytes:
         def read() -> bytes:
             with _mapped(key):

@@ -143,6 +143,15 @@ class S3Origin:
             )
         return data
 
+    async def get_range_into(self, key: str, offset: int, dest: memoryview) -> None:
+        if len(dest) == 0:
+            return
+        if self._fast is not None:
+            what = f"{self.name}/{key}@{offset}+{len(dest)}"
+            await self._fast.get_range_into(await self._presign(key), offset, dest, what=what)
+            return
+        dest[:] = await self.get_range(key, offset, len(dest))
+
     async def get(self, key: str) -> bytes:
         async def get() -> bytes:
             resp = await self._client.get_object(Bucket=self.bucket, Key=key)
