@@ -27,6 +27,7 @@ from collections import OrderedDict
 from typing import Awaitable, Callable, Sequence, TypeVar
 
 import trio
+import xxhash
 import zstandard
 
 from .config import CacheConfig, FetchConfig
@@ -83,6 +84,7 @@ class ChunkStore:
         self._wb_send, self._wb_recv = trio.open_memory_channel[tuple[str, bytes]](cache.writeback_queue)
         self._wb_pending: set[str] = set()
         self._wb_workers = cache.writeback_workers
+        self._fill_writes = trio.Semaphore(max(1, cache.writeback_queue))
         self._nursery: trio.Nursery | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -179,7 +181,7 @@ class ChunkStore:
 
     # -- filling a caller's memory ------------------------------------------------------
     async def fill(self, locs: Sequence[ChunkLoc], dest: memoryview, *,
-                   timeout: float | None = None) -> None:
+                   timeout: float | None = None, writes: trio.Nursery | None = None) -> None:
         """Write the verified bytes of `locs` into `dest` (their sizes back to back) and
         make them local.
 
@@ -187,9 +189,15 @@ class ChunkStore:
         from the origin straight into `dest`, checked there and written to the disk cache
         from there; a disk hit is read into `dest` with O_DIRECT. Memory hits and chunks
         another reader is already fetching are copied. Returns once `dest` holds verified
-        bytes and the disk write of what we fetched is done (`dest` is the caller's memory:
-        it may change as soon as we answer, so nothing of ours may read it later). Raises
-        the first error; FetchTimeout when others' fetches take past `timeout`."""
+        bytes. Raises the first error; FetchTimeout when others' fetches take past
+        `timeout`.
+
+        Disk writes of what we fetched: without `writes`, done before returning. With it,
+        started as tasks in that nursery (whose owner keeps `dest` mapped until they end),
+        at most `cache.writeback_queue` at once, so the caller is answered without waiting
+        for the disk. `dest` is the caller's memory and may change once we answer: the
+        xxh3 the cache files are named by is taken from the verified bytes before that, so
+        a write of changed bytes is caught on read-back, never served."""
         limit = self.cfg.read_timeout if timeout is None else timeout
         copies: list[tuple[memoryview, bytes]] = []
         waits: list[tuple[memoryview, _Flight]] = []
@@ -227,7 +235,7 @@ class ChunkStore:
         try:
             async with trio.open_nursery() as nursery:
                 if own:
-                    nursery.start_soon(self._fill_own, own, dest)
+                    nursery.start_soon(self._fill_own, own, dest, writes)
                 for view, f in waits:
                     nursery.start_soon(wait_copy, view, f)
         except BaseExceptionGroup as group:
@@ -241,7 +249,8 @@ class ChunkStore:
                     view[:] = data
             await trio.to_thread.run_sync(copy_all)
 
-    async def _fill_own(self, own: list[tuple[ChunkLoc, int, _Flight]], dest: memoryview) -> None:
+    async def _fill_own(self, own: list[tuple[ChunkLoc, int, _Flight]], dest: memoryview,
+                        writes: trio.Nursery | None) -> None:
         """Fetch the chunks whose flights this fill owns into `dest`. Every flight ends,
         with data or an error, whatever happens (cancellation included). Threads are never
         abandoned: when this returns, nothing of ours writes into `dest` any more."""
@@ -251,7 +260,7 @@ class ChunkStore:
             self.metrics.misses += len(missing)
             async with trio.open_nursery() as nursery:
                 for run in _runs(missing, self.cfg.max_request):
-                    nursery.start_soon(self._fill_from_origin, run, dest)
+                    nursery.start_soon(self._fill_from_origin, run, dest, writes)
         except BaseException as exc:
             first_error = first_failure(exc) if isinstance(exc, BaseExceptionGroup) else exc
             raise
@@ -289,15 +298,16 @@ class ChunkStore:
         return missing
 
     async def _fill_from_origin(self, run: list[tuple[ChunkLoc, int, _Flight]],
-                                dest: memoryview) -> None:
+                                dest: memoryview, writes: trio.Nursery | None) -> None:
         first, start = run[0][0], run[0][1]
         length = sum(loc.ref.size for loc, _, _ in run)
         view = dest[start:start + length]
         await self._origin_call(lambda: self.origin.get_range_into(first.key, first.ref.offset, view))
         self.metrics.bytes_by_source["origin"] += length
 
-        def verify_and_keep() -> list[IntegrityError | bool]:
-            out: list[IntegrityError | bool] = []
+        def check() -> list[IntegrityError | str | bool]:
+            """Per chunk: the error, or (deferred write) its xxh3, or whether it was kept."""
+            out: list[IntegrityError | str | bool] = []
             for loc, pos, _ in run:
                 chunk = dest[pos:pos + loc.ref.size]
                 try:
@@ -305,24 +315,42 @@ class ChunkStore:
                 except IntegrityError as exc:
                     out.append(exc)
                     continue
-                out.append(self.disk.write(loc.digest, chunk))
+                out.append(xxhash.xxh3_64_hexdigest(chunk) if writes is not None
+                           else self.disk.write(loc.digest, chunk))
             return out
 
-        results = await trio.to_thread.run_sync(verify_and_keep)
+        results = await trio.to_thread.run_sync(check)
         error: IntegrityError | None = None
         for (loc, pos, f), res in zip(run, results):
+            chunk = dest[pos:pos + loc.ref.size]
             if isinstance(res, IntegrityError):
                 self.metrics.errors["integrity"] += 1
                 self._end_fill(loc, f, None, res)
                 error = error or res
                 continue
-            if res:
-                self.metrics.writeback_done += 1
-            else:
-                self.metrics.errors["writeback"] += 1
-            self._end_fill(loc, f, dest[pos:pos + loc.ref.size], None)
+            self._end_fill(loc, f, chunk, None)
+            if isinstance(res, bool):
+                self._count_write(res)
+            elif loc.digest not in self._wb_pending:
+                await self._fill_writes.acquire()
+                self._wb_pending.add(loc.digest)
+                writes.start_soon(self._deferred_write, loc.digest, chunk, res)
         if error is not None:
             raise error
+
+    async def _deferred_write(self, digest: str, chunk: memoryview, xxh: str) -> None:
+        try:
+            ok = await trio.to_thread.run_sync(self.disk.write, digest, chunk, xxh)
+        finally:
+            self._wb_pending.discard(digest)
+            self._fill_writes.release()
+        self._count_write(ok)
+
+    def _count_write(self, ok: bool) -> None:
+        if ok:
+            self.metrics.writeback_done += 1
+        else:
+            self.metrics.errors["writeback"] += 1
 
     def _end_fill(self, loc: ChunkLoc, f: _Flight, view: memoryview | None,
                   error: BaseException | None) -> None:

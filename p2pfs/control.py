@@ -140,9 +140,9 @@ class ControlServer:
                         except (trio.BrokenResourceError, trio.ClosedResourceError):
                             gone = True  # keep draining: the fills still finish
 
-        async def one(rid: Any, offset: int, length: int, at: int) -> None:
+        async def one(writes: trio.Nursery, rid: Any, offset: int, length: int, at: int) -> None:
             try:
-                await self._fill_range(node, view[at:at + length], offset)
+                await self._fill_range(node, view[at:at + length], offset, writes)
                 reply: dict[str, Any] = {"id": rid, "ok": True}
                 metrics.fill_bytes += length
             except (P2PFSError, ValueError) as exc:
@@ -164,6 +164,8 @@ class ControlServer:
                     async with trio.open_nursery() as fills:
                         # Until the client hangs up; fills under way then still finish (bounded
                         # by the read timeout), so no flight another reader waits on is cut.
+                        # Their deferred disk writes run in this nursery too: the memory
+                        # stays mapped until the last one is done.
                         while True:
                             try:
                                 r = await lines.next()
@@ -178,7 +180,7 @@ class ControlServer:
                                 await send.send({"id": r.get("id"), "ok": False, "error": str(exc)})
                                 continue
                             await slots.acquire()
-                            fills.start_soon(one, *args)
+                            fills.start_soon(one, fills, *args)
         finally:
             view.release()
             try:
@@ -186,7 +188,8 @@ class ControlServer:
             except BufferError:
                 pass  # a view is still referenced somewhere; the map goes with it
 
-    async def _fill_range(self, node: Node, dest: memoryview, offset: int) -> None:
+    async def _fill_range(self, node: Node, dest: memoryview, offset: int,
+                          writes: trio.Nursery) -> None:
         """File bytes [offset, offset + len(dest)) into `dest`: whole chunks through the
         store's zero-copy fill, the partial chunks at either end copied from `get`."""
         entry = node.entry
@@ -205,7 +208,8 @@ class ControlServer:
         if full:
             lo = entry.starts[full[0]] - offset
             hi = entry.starts[full[-1]] + entry.chunks[full[-1]].size - offset
-            await self.store.fill(node.locs(range(full[0], full[-1] + 1)), dest[lo:hi])
+            await self.store.fill(node.locs(range(full[0], full[-1] + 1)), dest[lo:hi],
+                                  writes=writes)
 
     async def _prefetch(self, stream: trio.SocketStream, req: dict[str, Any]) -> None:
         path = str(req.get("path", "")).strip("/")

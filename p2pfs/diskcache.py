@@ -160,9 +160,13 @@ class DiskCache:
         return False
 
     # -- write ----------------------------------------------------------------------------
-    def write(self, digest: str, data: bytes | memoryview) -> bool:
+    def write(self, digest: str, data: bytes | memoryview, xxh: str | None = None) -> bool:
         """Store a verified chunk; evict to stay within budget. False if it could not be
-        stored (disk full, I/O error, or bigger than the whole budget)."""
+        stored (disk full, I/O error, or bigger than the whole budget).
+
+        `xxh`: the xxh3 of the verified bytes, taken earlier. Then `data` may be memory
+        someone else can change while we write (a fill client's): a file that does not
+        match `xxh` fails its check on read-back and is refetched, never served."""
         size = len(data)
         with self._lock:
             if digest in self._lru:
@@ -170,7 +174,8 @@ class DiskCache:
                 return True
             if size > self._lru.budget:
                 return False
-        xxh = xxhash.xxh3_64_hexdigest(data)
+        if xxh is None:
+            xxh = xxhash.xxh3_64_hexdigest(data)
         final = self._path(digest, xxh)
         tmp = final.parent / f".tmp.{digest}.{threading.get_ident()}"
         try:

@@ -281,3 +281,42 @@ async def test_fill_rejects_a_destination_of_the_wrong_size(tmp_path):
         assert store.in_flight == 0
 
     await with_store(store, body)
+
+
+async def test_fill_with_deferred_writes_keeps_memory_changed_after_the_answer_out(tmp_path):
+    """With `writes`, a fill answers before the disk write; if the caller changes its
+    memory before that write, the cache file fails its xxh3 on read-back and the chunk is
+    refetched, never served changed."""
+    import threading
+
+    data, locs = blob(tmp_path)
+    origin = Counting(tmp_path / "origin")
+    store = make_store(tmp_path, origin)
+    gate = threading.Event()
+    write = store.disk.write
+
+    def gated_write(*args):
+        gate.wait(10)
+        return write(*args)
+
+    store.disk.write = gated_write
+    dest = bytearray(2 * CHUNK)
+
+    async def body():
+        async with trio.open_nursery() as writes:
+            await store.fill(locs[:2], memoryview(dest), writes=writes)
+            assert dest == data[:2 * CHUNK]  # answered while both writes wait at the gate
+            assert store.writeback_pending == 2
+            dest[:CHUNK] = bytes(CHUNK)  # the caller reuses chunk 0's memory at once
+            gate.set()
+        assert store.writeback_pending == 0
+        assert locs[0].digest in store.disk and locs[1].digest in store.disk
+        store._mem.clear()
+        store._mem_lru = type(store._mem_lru)(store._mem_lru.budget)
+        origin.requests.clear()
+        got = await store.get(locs[:2])
+        assert b"".join(got) == data[:2 * CHUNK]
+        assert origin.requests == [(0, CHUNK)]  # chunk 0 refetched, chunk 1 from disk
+
+    await with_store(store, body)
+    assert store.metrics.errors["cache_corrupt"] == 1 and store.metrics.hits["disk"] == 1
