@@ -1,0 +1,106 @@
+"""Where a cold gpuload load through p2pfs spends CPU: one load per variant and round, with the
+CPU seconds of SeaweedFS, of the p2pfs daemon and of the loading process.
+
+    .venv/bin/python bench/probe_p2pfs_cpu.py [--rounds 2] [--size-gib 2] \
+        "fill=1" "fill=0" "fill=1 --cache-size 1MiB" ...
+
+A variant is `fill=0|1` (gpuload's `fill` option) followed by extra `p2pfs mount` flags.
+Each load: a fresh mount with an empty cache dir, `sync; echo 3 > drop_caches`, 3 s settle,
+`gpuload.load_file` + touch in a fresh process (bench_gpuload_s3's worker). An exploration
+tool (single runs on a noisy VM), not a benchmark: bench_gpuload_s3.py gives the medians.
+Needs root, FUSE and weed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from bench_gpuload_s3 import BUCKET, CREDS, KEY, drop_caches, p2pfs, run_worker  # noqa: E402
+from bench_p2pfs import make_safetensors  # noqa: E402
+
+from p2pfs.seaweed import SeaweedServer  # noqa: E402
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and its waited-for children, from /proc."""
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(x) for x in f[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("variants", nargs="+")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--size-gib", type=float, default=2.0)
+    args = ap.parse_args()
+    os.environ.update(CREDS)
+    work = Path(tempfile.mkdtemp(prefix="probe-p2pfs-", dir="/var/tmp"))
+    sw = SeaweedServer(work / "sw")
+    mnt = work / "mnt"
+    mnt.mkdir()
+    results: dict[str, list[float]] = {}
+    try:
+        sw.start()
+        env = dict(os.environ, AWS_ENDPOINT_URL=sw.endpoint)
+        sw.create_bucket(BUCKET)
+        src = work / "src" / "llama"
+        src.mkdir(parents=True)
+        make_safetensors(src / "model.safetensors", int(args.size_gib * (1 << 30)))
+        p2pfs("publish", src, f"s3://{BUCKET}/llama", env=env)
+        shutil.rmtree(work / "src")
+        assert sw.proc is not None
+        weed = sw.proc.pid  # weed runs as one process
+        for r in range(args.rounds):
+            for variant in args.variants:
+                fill, *flags = variant.split()
+                cache = work / "cache"
+                info = json.loads(p2pfs("mount", f"s3://{BUCKET}", mnt, "--cache-dir", cache,
+                                        "--json", *flags, env=env).strip().splitlines()[-1])
+                try:
+                    drop_caches(3)
+                    w0, d0, c0 = cpu_seconds(weed), cpu_seconds(info["pid"]), children_cpu()
+                    out = run_worker("gpuload", env, path=mnt / KEY,
+                                     fill=int(fill.split("=")[1]))
+                    w1, d1, c1 = cpu_seconds(weed), cpu_seconds(info["pid"]), children_cpu()
+                    while json.loads(p2pfs("status", "--json", mnt, env=env))["writeback_pending"]:
+                        time.sleep(0.2)
+                finally:
+                    p2pfs("unmount", mnt, env=env)
+                    shutil.rmtree(cache, ignore_errors=True)
+                results.setdefault(variant, []).append(out["seconds"])
+                print(f"round {r + 1} {variant!r}: load {out['seconds']:.2f} s, CPU s: weed "
+                      f"{w1 - w0:.1f}, daemon {d1 - d0:.1f}, loader process (imports "
+                      f"included) {c1 - c0:.1f}", flush=True)
+    finally:
+        if os.path.ismount(mnt):
+            p2pfs("unmount", mnt, env=dict(os.environ))
+        sw.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    for variant, runs in results.items():
+        print(f"{variant!r}: median {statistics.median(runs):.2f} s over {len(runs)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
