@@ -42,7 +42,7 @@ def open_clients(shards: Sequence[Shard]) -> list | None:
     try:
         for s in shards:
             clients.append(FillClient(s.path))
-    except (P2PFSError, OSError) as exc:
+    except (P2PFSError, OSError, ValueError) as exc:  # ValueError: a garbled answer
         log.info("p2pfs fill unavailable, reading through the mount: %s", exc)
         for c in clients:
             c.close()

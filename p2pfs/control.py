@@ -182,8 +182,8 @@ class ControlServer:
                             await slots.acquire()
                             fills.start_soon(one, fills, *args)
         finally:
-            view.release()
             try:
+                view.release()
                 memory.close()
             except BufferError:
                 pass  # a view is still referenced somewhere; the map goes with it
