@@ -8,8 +8,9 @@ verifies them there and writes them to its cache from there. Tensors are views o
 load: writing to a tensor changes neither the file nor the daemon's cache.
 
 Before asking for a segment, the reader thread faults its pages in (MADV_POPULATE_WRITE):
-measured here, that costs ~25% less CPU than the daemon's receive faulting them one by one,
-and the memory is charged to us (the loader), not to the daemon's cgroup.
+the memory is then charged to us (the loader), not to the daemon's cgroup, and populating
+is cheaper than faulting page by page (2 GiB of fresh memfd pages here: 1.9 s vs 2.5 s by
+first writes; end to end the difference was within noise).
 
 Segments are aligned to the file's chunk size (`plan_aligned`), so each request covers
 whole chunks and takes the daemon's zero-copy path; the first segment of a file starts at
