@@ -325,7 +325,7 @@ def is_aligned(buf: bytes | bytearray | memoryview) -> bool:
 def _write_file(path: Path, data: bytes | memoryview, direct: bool) -> None:
     """Write `data` as the whole file. From a page-aligned buffer the aligned bulk goes with
     O_DIRECT: measured here, buffered writes of fresh chunks cost ~2.2 s of CPU per GiB
-    (new page-cache pages, a copy, the flush) against ~0.1 s with O_DIRECT, and a cold
+    (new page-cache pages, a copy, the flush) against ~0.2 s with O_DIRECT, and a cold
     load is CPU-bound. The unaligned tail, if any, is written normally."""
     n = len(data)
     bulk = n - n % _ALIGN
