@@ -150,10 +150,13 @@ class ControlServer:
             except Exception as exc:  # noqa: BLE001 - a bug of ours: log it, answer, go on
                 log.exception("fill of %s failed", path)
                 reply = {"id": rid, "ok": False, "error": f"internal error: {exc!r}"}
-            finally:
-                slots.release()
             metrics.fill_requests += 1
-            await send.send(reply)
+            try:
+                await send.send(reply)
+            finally:
+                # Only now: a client that sends without reading replies stalls itself,
+                # instead of piling up finished requests here.
+                slots.release()
 
         try:
             await _send(stream, {"ok": True, "size": entry.size,

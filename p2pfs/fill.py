@@ -74,7 +74,8 @@ class FillClient:
             self._close_transport()
             raise
         self.chunk_size = int(hello.get("chunk_size") or 0)
-        self._lock = threading.Lock()        # guards sending and the tables below
+        self._lock = threading.Lock()        # guards the tables below (never held while sending)
+        self._send_lock = threading.Lock()   # one request line at a time on the socket
         self._next_id = 0
         self._waiting: dict[int, list[Any]] = {}  # id -> [Event, reply]
         self._broken: str | None = None
@@ -98,14 +99,17 @@ class FillClient:
             rid = self._next_id
             self._next_id += 1
             self._waiting[rid] = slot
-            msg = {"id": rid, "offset": offset, "length": length,
-                   "at": offset if at is None else at}
-            try:
+        msg = {"id": rid, "offset": offset, "length": length, "at": offset if at is None else at}
+        try:
+            # The daemon stops reading when it has enough requests under way; the receiver
+            # must keep taking replies meanwhile, so it never waits for this lock.
+            with self._send_lock:
                 assert self._sock is not None
                 self._sock.sendall(json.dumps(msg).encode() + b"\n")
-            except OSError as exc:
-                del self._waiting[rid]
-                raise FillError(f"{self.path}: cannot send to the p2pfs daemon: {exc}") from None
+        except OSError as exc:
+            with self._lock:
+                self._waiting.pop(rid, None)
+            raise FillError(f"{self.path}: cannot send to the p2pfs daemon: {exc}") from None
         done.wait()
         reply = slot[1]
         if not reply.get("ok"):
