@@ -152,3 +152,20 @@ def test_fill_with_the_store_down_fails_within_the_timeout(tmp_path, mount_facto
         assert m.alive()
     finally:
         sw.stop()
+
+
+def test_fill_and_fuse_readers_share_fetches(model, seaweed, mount_factory):
+    """A fill and plain reads of the same file at the same time: both get the right bytes,
+    and every chunk crosses the network once (single-flight across both paths)."""
+    url, src = model
+    want = (src / "weights.bin").read_bytes()
+    m = mount_factory(url, seaweed.endpoint)
+    path = m.path / "weights.bin"
+    with FillClient(path) as fc, concurrent.futures.ThreadPoolExecutor(4) as pool:
+        readers = [pool.submit(path.read_bytes) for _ in range(2)]
+        pieces = [(o, min(MiB, fc.size - o)) for o in range(0, fc.size, MiB)]
+        list(pool.map(lambda p: fc.fill(*p), pieces))
+        assert fc.memory[:] == want
+        assert all(r.result() == want for r in readers)
+    st = m.status()
+    assert st["bytes_by_source"]["origin"] == len(want)
