@@ -53,6 +53,9 @@ def main() -> int:
     ap.add_argument("variants", nargs="+")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--size-gib", type=float, default=2.0)
+    ap.add_argument("--warm", action="store_true",
+                    help="also time a second load of each variant from the filled disk "
+                         "cache (page cache dropped again)")
     args = ap.parse_args()
     os.environ.update(CREDS)
     work = Path(tempfile.mkdtemp(prefix="probe-p2pfs-", dir="/var/tmp"))
@@ -85,6 +88,16 @@ def main() -> int:
                     w1, d1, c1 = cpu_seconds(weed), cpu_seconds(info["pid"]), children_cpu()
                     while json.loads(p2pfs("status", "--json", mnt, env=env))["writeback_pending"]:
                         time.sleep(0.2)
+                    if args.warm:
+                        drop_caches(3)
+                        d2 = cpu_seconds(info["pid"])
+                        again = run_worker("gpuload", env, path=mnt / KEY,
+                                           fill=int(fill.split("=")[1]))
+                        results.setdefault(variant + " (warm cache)", []).append(
+                            again["seconds"])
+                        print(f"round {r + 1} {variant!r} from the disk cache: load "
+                              f"{again['seconds']:.2f} s, daemon CPU "
+                              f"{cpu_seconds(info['pid']) - d2:.1f} s", flush=True)
                 finally:
                     p2pfs("unmount", mnt, env=env)
                     shutil.rmtree(cache, ignore_errors=True)
