@@ -129,6 +129,22 @@ def run_worker(kind: str, env: dict[str, str], **kw: object) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def publish_model(sw, work: Path, size_gib: float, env: dict[str, str], log=print) -> int:
+    """Create the bucket on a started SeaweedFS, write one random bf16 file of ~size_gib
+    and `p2pfs publish` it as s3://BUCKET/KEY; the local copy is removed. Its size."""
+    from bench_p2pfs import make_safetensors
+
+    sw.create_bucket(BUCKET)
+    src = work / "src" / "llama"
+    src.mkdir(parents=True)
+    make_safetensors(src / "model.safetensors", int(size_gib * (1 << 30)))
+    size = (src / "model.safetensors").stat().st_size
+    log(f"file: {size / 2**30:.2f} GiB; publishing ...")
+    p2pfs("publish", src, f"s3://{BUCKET}/llama", env=env)
+    shutil.rmtree(work / "src")
+    return size
+
+
 def p2pfs(*args: object, env: dict[str, str]) -> str:
     r = subprocess.run([sys.executable, "-m", "p2pfs", *map(str, args)], env=env,
                        capture_output=True, text=True, timeout=300, check=False)
@@ -199,7 +215,6 @@ def main() -> int:
         print("bench_gpuload_s3: needs the `aws` CLI on PATH", file=sys.stderr)
         return 2
     concurrencies = [int(c) for c in args.runai_concurrency.split(",") if c]
-    from bench_p2pfs import make_safetensors
 
     from p2pfs.seaweed import SeaweedServer
 
@@ -218,14 +233,7 @@ def main() -> int:
     try:
         sw.start()
         env = dict(os.environ, AWS_ENDPOINT_URL=sw.endpoint)
-        sw.create_bucket(BUCKET)
-        src = work / "src" / "llama"
-        src.mkdir(parents=True)
-        make_safetensors(src / "model.safetensors", int(args.size_gib * (1 << 30)))
-        size = (src / "model.safetensors").stat().st_size
-        log(f"file: {size / 2**30:.2f} GiB; publishing ...")
-        p2pfs("publish", src, f"s3://{BUCKET}/llama", env=env)
-        shutil.rmtree(work / "src")
+        size = publish_model(sw, work, args.size_gib, env, log)
         target = mnt / KEY
         download = work / "download.safetensors"
 

@@ -28,8 +28,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from bench_gpuload_s3 import BUCKET, CREDS, KEY, drop_caches, p2pfs, run_worker  # noqa: E402
-from bench_p2pfs import make_safetensors  # noqa: E402
+from bench_gpuload_s3 import (  # noqa: E402
+    BUCKET, CREDS, KEY, drop_caches, p2pfs, publish_model, run_worker)
 
 from p2pfs.seaweed import SeaweedServer  # noqa: E402
 
@@ -66,12 +66,7 @@ def main() -> int:
     try:
         sw.start()
         env = dict(os.environ, AWS_ENDPOINT_URL=sw.endpoint)
-        sw.create_bucket(BUCKET)
-        src = work / "src" / "llama"
-        src.mkdir(parents=True)
-        make_safetensors(src / "model.safetensors", int(args.size_gib * (1 << 30)))
-        p2pfs("publish", src, f"s3://{BUCKET}/llama", env=env)
-        shutil.rmtree(work / "src")
+        publish_model(sw, work, args.size_gib, env)
         assert sw.proc is not None
         weed = sw.proc.pid  # weed runs as one process
         for r in range(args.rounds):

@@ -207,7 +207,9 @@ class ControlServer:
             c0 = entry.starts[i]
             (data,) = await self.store.get(node.locs(range(i, i + 1)))
             lo, hi = max(offset, c0), min(end, c0 + entry.chunks[i].size)
-            dest[lo - offset:hi - offset] = memoryview(data)[lo - c0:hi - c0]
+            part = dest[lo - offset:hi - offset]
+            await trio.to_thread.run_sync(part.__setitem__, slice(None),
+                                          memoryview(data)[lo - c0:hi - c0])
         if full:
             lo = entry.starts[full[0]] - offset
             hi = entry.starts[full[-1]] + entry.chunks[full[-1]].size - offset

@@ -21,9 +21,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import xxhash
 
+from ._buffers import ALIGN, aligned_empty, is_aligned
 from .lru import ByteLRU
 
 TOUCH_INTERVAL_S = 600.0
@@ -102,56 +102,47 @@ class DiskCache:
         return self.chunk_dir / digest[:2] / f"{digest}.{xxh}"
 
     # -- read -----------------------------------------------------------------------------
-    def read(self, digest: str) -> bytes | None:
-        """The chunk's bytes, or None if absent or corrupt (a corrupt file is removed)."""
+    def read(self, digest: str) -> memoryview | None:
+        """The chunk's bytes (a page-aligned buffer), or None if absent or corrupt (a
+        corrupt file is removed)."""
         found = self._locate(digest)
         if found is None:
             return None
-        path, xxh = found
-        try:
-            data = _read_direct(path) if self.direct_io else None
-            if data is None:
-                with open(path, "rb", buffering=0) as f:
-                    data = f.read()
-            self._refresh_mtime(digest, path)
-        except FileNotFoundError:
-            self._forget(digest)
-            return None
-        except OSError:
-            return None
-        return data if self._intact(digest, xxh, data) else None
+        buf = aligned_empty(found[2])
+        return buf if self._load(digest, found, buf) else None
 
     def read_into(self, digest: str, dest: memoryview) -> bool:
         """Read the chunk into `dest` (exactly its size, e.g. a caller's shared memory);
-        False if absent, of another size or corrupt (a corrupt file is removed)."""
+        False if absent, of another size than `dest`, or corrupt (a corrupt file is
+        removed)."""
         found = self._locate(digest)
-        if found is None:
+        if found is None or found[2] != len(dest):
             return False
-        path, xxh = found
+        return self._load(digest, found, dest)
+
+    def _locate(self, digest: str) -> tuple[Path, str, int] | None:
+        with self._lock:
+            xxh = self._xxh.get(digest)
+            size = self._lru.size(digest)
+            if xxh is None or size is None:
+                return None
+            self._lru.touch(digest)
+        return self._path(digest, xxh), xxh, size
+
+    def _load(self, digest: str, found: tuple[Path, str, int], dest: memoryview) -> bool:
+        """Read a located chunk file into `dest` and check it; a file of the wrong size or
+        with the wrong xxh3 is corrupt: counted, forgotten, removed."""
+        path, xxh, _ = found
         try:
             ok = _read_into(path, dest, self.direct_io)
             self._refresh_mtime(digest, path)
         except FileNotFoundError:
-            self._forget(digest)
+            with self._lock:
+                self._forget_locked(digest)
             return False
         except OSError:
             return False
-        return ok and self._intact(digest, xxh, dest)
-
-    def _locate(self, digest: str) -> tuple[Path, str] | None:
-        with self._lock:
-            xxh = self._xxh.get(digest)
-            if xxh is None:
-                return None
-            self._lru.touch(digest)
-        return self._path(digest, xxh), xxh
-
-    def _forget(self, digest: str) -> None:
-        with self._lock:
-            self._forget_locked(digest)
-
-    def _intact(self, digest: str, xxh: str, data: bytes | memoryview) -> bool:
-        if xxhash.xxh3_64_hexdigest(data) == xxh:
+        if ok and xxhash.xxh3_64_hexdigest(dest) == xxh:
             return True
         with self._lock:
             self._corrupt += 1
@@ -246,65 +237,35 @@ def _unlink(path: Path) -> None:
         pass
 
 
-_ALIGN = 4096
-
-
-def _read_direct(path: Path) -> memoryview | None:
-    """Read a whole file with O_DIRECT into an aligned, uninitialized buffer; None where
-    the filesystem refuses O_DIRECT (tmpfs, some FUSE), so the caller reads normally."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    except OSError as exc:
-        if exc.errno == errno.EINVAL:
-            return None
-        raise
-    try:
-        size = os.fstat(fd).st_size
-        cap = (size + _ALIGN - 1) // _ALIGN * _ALIGN
-        raw = np.empty(cap + _ALIGN, dtype=np.uint8)
-        start = (-raw.ctypes.data) % _ALIGN
-        buf = memoryview(raw[start:start + cap])
-        got = 0
-        while got < size:
-            n = os.preadv(fd, [buf[got:]], got)
-            if n == 0:
-                break
-            got += n
-        return buf[:got]
-    except OSError as exc:
-        if exc.errno == errno.EINVAL:
-            return None
-        raise
-    finally:
-        os.close(fd)
-
-
 def _read_into(path: Path, dest: memoryview, direct: bool) -> bool:
     """Fill `dest` with the whole file; False if the file's size differs. The aligned bulk
-    is read with O_DIRECT when `dest` is page-aligned (no page-cache copy), the rest
-    normally."""
+    is read with O_DIRECT when `dest` is page-aligned (no page-cache copy), the rest, or
+    all of it where the filesystem refuses O_DIRECT (tmpfs, some FUSE), normally."""
     n = len(dest)
-    with open(path, "rb", buffering=0) as f:
-        if os.fstat(f.fileno()).st_size != n:
-            return False
-        done = 0
-        bulk = n - n % _ALIGN
-        if direct and bulk and np.frombuffer(dest, dtype=np.uint8).ctypes.data % _ALIGN == 0:
+    bulk = n - n % ALIGN if direct and is_aligned(dest) else 0
+    done = 0
+    if bulk:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+        else:
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+                if os.fstat(fd).st_size != n:
+                    return False
+                done = _pread_all(fd, dest[:bulk], 0)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
-            else:
-                try:
-                    done = _pread_all(fd, dest[:bulk], 0)
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL:
-                        raise
-                    done = 0
-                finally:
-                    os.close(fd)
-        done += _pread_all(f.fileno(), dest[done:], done)
+                done = 0
+            finally:
+                os.close(fd)
+    if done < n:
+        with open(path, "rb", buffering=0) as f:
+            if os.fstat(f.fileno()).st_size != n:
+                return False
+            done += _pread_all(f.fileno(), dest[done:], done)
     return done == n
 
 
@@ -318,17 +279,13 @@ def _pread_all(fd: int, buf: memoryview, offset: int) -> int:
     return got
 
 
-def is_aligned(buf: bytes | bytearray | memoryview) -> bool:
-    return np.frombuffer(buf, dtype=np.uint8).ctypes.data % _ALIGN == 0
-
-
 def _write_file(path: Path, data: bytes | memoryview, direct: bool) -> None:
     """Write `data` as the whole file. From a page-aligned buffer the aligned bulk goes with
     O_DIRECT: measured here, buffered writes of fresh chunks cost ~2.2 s of CPU per GiB
     (new page-cache pages, a copy, the flush) against ~0.2 s with O_DIRECT, and a cold
     load is CPU-bound. The unaligned tail, if any, is written normally."""
     n = len(data)
-    bulk = n - n % _ALIGN
+    bulk = n - n % ALIGN
     if direct and bulk and is_aligned(data):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT | os.O_CLOEXEC,

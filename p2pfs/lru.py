@@ -36,6 +36,9 @@ class ByteLRU(Generic[K]):
         self._sizes.move_to_end(key)
         self.used += size
 
+    def size(self, key: K) -> int | None:
+        return self._sizes.get(key)
+
     def touch(self, key: K) -> bool:
         if key not in self._sizes:
             return False

@@ -119,7 +119,7 @@ def test_aligned_buffers_round_trip_through_direct_io(tmp_path, size):
     """Page-aligned buffers take the O_DIRECT paths (bulk direct, tail buffered); whatever
     the filesystem allows, the bytes read back are the bytes written."""
     import mmap
-    from p2pfs.diskcache import is_aligned
+    from p2pfs._buffers import is_aligned
 
     src = mmap.mmap(-1, size)
     src[:] = os.urandom(size)

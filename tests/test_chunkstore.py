@@ -70,6 +70,12 @@ def make_store(tmp_path: Path, origin, **fetch) -> ChunkStore:
                       metrics=Metrics())
 
 
+def forget_memory(store: ChunkStore) -> None:
+    """Empty the store's memory tier, so the next read goes to disk or the origin."""
+    store._mem.clear()
+    store._mem_lru = type(store._mem_lru)(store._mem_lru.budget)
+
+
 async def with_store(store: ChunkStore, fn) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(store.run)
@@ -109,8 +115,7 @@ async def test_write_back_then_served_from_disk_without_origin(tmp_path):
         await store.warm(locs)
         assert all(l.digest in store.disk for l in locs)
         origin.down = True
-        store._mem.clear()
-        store._mem_lru = type(store._mem_lru)(store._mem_lru.budget)
+        forget_memory(store)
         got = await store.get(locs)
         assert b"".join(got) == data
 
@@ -221,8 +226,7 @@ async def test_fill_receives_into_the_callers_memory_and_shares_flights(tmp_path
         await store.warm(locs)  # the reader's chunks go through the write-back queue
         origin.down = True
         again = bytearray(len(data))
-        store._mem.clear()
-        store._mem_lru = type(store._mem_lru)(store._mem_lru.budget)
+        forget_memory(store)
         await store.fill(locs, memoryview(again))
         assert again == data
 
@@ -311,8 +315,7 @@ async def test_fill_with_deferred_writes_keeps_memory_changed_after_the_answer_o
             gate.set()
         assert store.writeback_pending == 0
         assert locs[0].digest in store.disk and locs[1].digest in store.disk
-        store._mem.clear()
-        store._mem_lru = type(store._mem_lru)(store._mem_lru.budget)
+        forget_memory(store)
         origin.requests.clear()
         got = await store.get(locs[:2])
         assert b"".join(got) == data[:2 * CHUNK]

@@ -26,9 +26,9 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import numpy as np
 import trio
 
+from .._buffers import aligned_empty
 from ..errors import ObjectNotFound, OriginAccessDenied, OriginError, OriginUnavailable
 
 MAX_HEAD = 64 * 1024
@@ -87,14 +87,6 @@ def error_for(status: int, body: bytes, what: str) -> OriginError:
     if status >= 500 or status == 429 or code in ("SlowDown", "RequestTimeout"):
         return OriginUnavailable(msg)
     return OriginError(msg)
-
-
-def aligned_empty(length: int) -> memoryview:
-    """An uninitialized, page-aligned buffer: the disk cache writes page-aligned buffers
-    with O_DIRECT (no page-cache copy)."""
-    raw = np.empty(length + 4096, dtype=np.uint8)
-    start = (-raw.ctypes.data) % 4096
-    return memoryview(raw[start:start + length])
 
 
 class _Conn:
@@ -231,10 +223,11 @@ class RangeClient:
         if clen != length:
             raise OriginUnavailable(f"{what}: expected {length} bytes, server sends {clen}"
                                     + (" (Range ignored)" if resp.status == 200 else ""))
-        # np.empty, not bytearray: a bytearray is zero-filled, and on this VM touching
+        # Uninitialized, not a bytearray: a bytearray is zero-filled, and on this VM touching
         # fresh memory costs about as much as receiving the data (profiled: the largest
         # single cost of a cold read). malloc'ed memory is reused after free (see
-        # daemon.keep_freed_memory) and is fully overwritten below.
+        # daemon.keep_freed_memory) and is fully overwritten below. Page-aligned, so the
+        # disk cache can write it with O_DIRECT.
         view = aligned_empty(length) if into is None else into.cast("B")
         n = min(len(rest), length)
         view[:n] = rest[:n]
