@@ -1,17 +1,38 @@
-"""Counters and a latency histogram, rendered as Prometheus text or a status dict.
+"""Counters and latency histograms of one daemon, as a status dict or Prometheus metrics.
 
 Owned by the daemon and passed explicitly to the components that count things. Updates
-happen on the trio thread (plain ints), so no locking is needed.
+happen on the trio thread (plain ints, `metrics.errors["eio"] += 1`, `.observe(s)`), so
+counting needs no lock. Exposition is `prometheus_client`'s: `Metrics` is a custom
+collector that turns a snapshot into metric families at scrape time, and `serve` runs the
+library's WSGI server on a thread. A scrape on that thread only reads: ints and copies of
+dicts and lists made by single C-level operations, which the GIL keeps whole, so a scrape
+sees each counter at some moment, never a torn value.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
+import logging
+import socket
+import threading
 from collections import Counter
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily, Metric)
+from prometheus_client.exposition import ThreadingWSGIServer
+
+from .errors import ConfigError
+
+log = logging.getLogger("p2pfs.metrics")
 
 # Fetch latency buckets, seconds (upper bounds).
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+#: Seconds a scraper has to send its request before its connection is dropped.
+SCRAPE_TIMEOUT = 10.0
 
 
 class Histogram:
@@ -37,6 +58,15 @@ class Histogram:
                 return self.buckets[i] if i < len(self.buckets) else float("inf")
         return float("inf")
 
+    def family(self, name: str, help_: str) -> HistogramMetricFamily:
+        counts = list(self.counts)  # one copy: the buckets and their count agree
+        cum, buckets = 0, []
+        for b, c in zip(self.buckets, counts):
+            cum += c
+            buckets.append((str(b), cum))
+        buckets.append(("+Inf", sum(counts)))
+        return HistogramMetricFamily(name, help_, buckets=buckets, sum_value=self.total)
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -54,12 +84,14 @@ class Metrics:
         self.prefetched_chunks = 0
         self.fill_requests = 0  # control-socket `fill` requests answered (ok or not)
         self.fill_bytes = 0     # bytes written into clients' memory by `fill`
-        # Gauges read at render time (set by the daemon).
+        # Gauges read at collection time (set by the daemon).
         self.gauges: dict[str, Callable[[], float]] = {}
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
 
     @property
     def hit_ratio(self) -> float | None:
-        hits = sum(self.hits.values())
+        hits = sum(dict(self.hits).values())
         total = hits + self.misses
         return hits / total if total else None
 
@@ -82,51 +114,84 @@ class Metrics:
             "prefetched_chunks": self.prefetched_chunks,
             "fill_requests": self.fill_requests,
             "fill_bytes": self.fill_bytes,
-            **{k: g() for k, g in self.gauges.items()},
+            **{k: g() for k, g in dict(self.gauges).items()},
         }
+
+    def collect(self) -> Iterator[Metric]:
+        """The prometheus_client collector protocol (names: docs/FORMAT.md)."""
+        def counter(name: str, help_: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(f"p2pfs_{name}", help_, value=value)
+
+        def by(name: str, help_: str, label: str, values: dict[str, int]) -> CounterMetricFamily:
+            fam = CounterMetricFamily(f"p2pfs_{name}", help_, labels=[label])
+            for key, v in sorted(values.items()):
+                fam.add_metric([key], v)
+            return fam
+
+        hits, by_source = dict(self.hits), dict(self.bytes_by_source)
+        yield counter("reads", "FUSE read requests served.", self.reads)
+        yield counter("read_bytes", "Bytes returned to readers.", self.read_bytes)
+        yield by("chunk_hits", "Chunk lookups served from a cache tier.", "tier",
+                 {t: hits.get(t, 0) for t in ("memory", "disk")})
+        yield counter("chunk_misses", "Chunk lookups that went to the origin.", self.misses)
+        yield by("bytes", "Chunk bytes loaded, by source (memory hits load nothing).", "source",
+                 {s: by_source.get(s, 0) for s in ("disk", "origin")})
+        yield counter("origin_requests", "Ranged GETs sent to the origin.", self.origin_requests)
+        yield by("errors", "Errors, by kind.", "kind", dict(self.errors))
+        yield counter("writeback", "Chunks written back to the disk cache.", self.writeback_done)
+        yield counter("writeback_dropped", "Chunks not written back because the queue was full.",
+                      self.writeback_dropped)
+        yield counter("fill_requests",
+                      "Control-socket fill requests (file ranges written into a client's memory).",
+                      self.fill_requests)
+        yield counter("fill_bytes", "Bytes written into clients' memory by fill.", self.fill_bytes)
+        yield self.fetch_latency.family("p2pfs_fetch_seconds", "Latency of origin requests.")
+        yield self.read_latency.family("p2pfs_read_seconds", "Latency of FUSE reads.")
+        for name, g in sorted(dict(self.gauges).items()):
+            yield GaugeMetricFamily(f"p2pfs_{name}", name.replace("_", " ") + ".", value=g())
 
     def render(self) -> str:
         """Prometheus text exposition format 0.0.4."""
-        out: list[str] = []
+        return generate_latest(self.registry).decode()
 
-        def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
-            out.append(f"# HELP p2pfs_{name} {help_}")
-            out.append(f"# TYPE p2pfs_{name} {kind}")
-            for labels, value in samples:
-                out.append(f"p2pfs_{name}{labels} {value}")
 
-        metric("reads_total", "counter", "FUSE read requests served.", [("", self.reads)])
-        metric("read_bytes_total", "counter", "Bytes returned to readers.", [("", self.read_bytes)])
-        metric("chunk_hits_total", "counter", "Chunk lookups served from a cache tier.",
-               [(f'{{tier="{t}"}}', self.hits[t]) for t in ("memory", "disk")])
-        metric("chunk_misses_total", "counter", "Chunk lookups that went to the origin.",
-               [("", self.misses)])
-        metric("bytes_total", "counter", "Chunk bytes loaded, by source (memory hits load nothing).",
-               [(f'{{source="{s}"}}', self.bytes_by_source[s]) for s in ("disk", "origin")])
-        metric("origin_requests_total", "counter", "Ranged GETs sent to the origin.",
-               [("", self.origin_requests)])
-        metric("errors_total", "counter", "Errors, by kind.",
-               [(f'{{kind="{k}"}}', v) for k, v in sorted(self.errors.items())] or [('{kind="none"}', 0)])
-        metric("writeback_total", "counter", "Chunks written back to the disk cache.",
-               [("", self.writeback_done)])
-        metric("writeback_dropped_total", "counter",
-               "Chunks not written back because the queue was full.", [("", self.writeback_dropped)])
-        metric("fill_requests_total", "counter",
-               "Control-socket fill requests (file ranges written into a client's memory).",
-               [("", self.fill_requests)])
-        metric("fill_bytes_total", "counter", "Bytes written into clients' memory by fill.",
-               [("", self.fill_bytes)])
-        for name, h, help_ in (("fetch_seconds", self.fetch_latency, "Latency of origin requests."),
-                               ("read_seconds", self.read_latency, "Latency of FUSE reads.")):
-            out.append(f"# HELP p2pfs_{name} {help_}")
-            out.append(f"# TYPE p2pfs_{name} histogram")
-            cum = 0
-            for b, c in zip(h.buckets, h.counts):
-                cum += c
-                out.append(f'p2pfs_{name}_bucket{{le="{b}"}} {cum}')
-            out.append(f'p2pfs_{name}_bucket{{le="+Inf"}} {h.n}')
-            out.append(f"p2pfs_{name}_sum {h.total}")
-            out.append(f"p2pfs_{name}_count {h.n}")
-        for k, g in sorted(self.gauges.items()):
-            metric(k, "gauge", k.replace("_", " ") + ".", [("", g())])
-        return "\n".join(out) + "\n"
+class _Handler(WSGIRequestHandler):
+    timeout = SCRAPE_TIMEOUT  # a scraper that sends nothing does not keep its thread
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
+        log.debug("metrics: " + format, *args)
+
+
+@contextlib.contextmanager
+def serve(metrics: Metrics, host: str, port: int) -> Iterator[tuple[str, int]]:
+    """Serve `metrics` over HTTP at host:port (any path; Prometheus scrapes /metrics) on a
+    thread, for the duration of the block; yields the address bound (port 0: a free one).
+
+    Binds before returning, so a bad host or a port in use is a ConfigError here, before
+    the caller mounts anything."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                    flags=socket.AI_PASSIVE)[0][0]
+
+        class Server(ThreadingWSGIServer):
+            address_family = family
+
+        httpd = make_server(host, port, make_wsgi_app(metrics.registry), Server, _Handler)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve metrics at {_addr(host, port)}: "
+                          f"{exc.strerror or exc}") from None
+    bound = httpd.server_address[1]
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1},
+                              name="p2pfs-metrics", daemon=True)
+    thread.start()
+    log.info("serving metrics at http://%s/metrics", _addr(host, bound))
+    try:
+        yield host, bound
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+def _addr(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

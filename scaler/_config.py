@@ -7,11 +7,11 @@ Only `cli.py` reads files and flags; core code receives these objects as argumen
 
 from __future__ import annotations
 
-import dataclasses
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+from p2pfs import settings
 
 from ._errors import ConfigError
 
@@ -216,33 +216,17 @@ def _positive(obj: Any, *names: str) -> None:
             raise ConfigError(f"{type(obj).__name__}.{n} must be > 0, got {getattr(obj, n)!r}")
 
 
+_TABLES = {"policy": PolicyConfig, "proxy": ProxyConfig, "local": LocalConfig,
+           "kubernetes": KubernetesConfig, "keda": KedaConfig, "sim": SimConfig}
+
+
 def load_toml(path: Path | None) -> dict[str, dict[str, Any]]:
     """The tables of a TOML settings file ({} without one)."""
-    if path is None:
-        return {}
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from exc
-    known = {"policy", "proxy", "local", "kubernetes", "keda", "sim"}
-    for key, value in data.items():
-        if key not in known or not isinstance(value, dict):
-            raise ConfigError(f"{path}: unknown table [{key}] (known: {sorted(known)})")
-    return data
+    return settings.read_toml(path, _TABLES, error=ConfigError)
 
 
 def build(cls: type[T], *layers: dict[str, Any]) -> T:
-    """`cls` from defaults overlaid by each layer in turn (None values are skipped)."""
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    merged: dict[str, Any] = {}
-    for layer in layers:
-        for key, value in layer.items():
-            if key not in names:
-                raise ConfigError(f"unknown {cls.__name__} setting {key!r}")
-            if value is not None:
-                merged[key] = value
-    try:
-        return cls(**merged)
-    except TypeError as exc:
-        raise ConfigError(str(exc)) from exc
+    """`cls` from defaults overlaid by each layer in turn (None values are skipped); the
+    layering p2pfs uses too (`p2pfs.settings.build`)."""
+    table = next((name for name, c in _TABLES.items() if c is cls), cls.__name__)
+    return settings.build(cls, *layers, error=ConfigError, section=table)
