@@ -3,6 +3,7 @@ metrics together, mounts, signals readiness, and always unmounts on the way out.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -17,13 +18,14 @@ import trio
 import trio_asyncio
 
 from .chunkstore import ChunkStore
-from .config import Config
+from .config import Config, absolute_paths
 from .control import ControlServer
 from .discover import ManifestCache, discover_cached
 from .diskcache import DiskCache
 from .errors import ConfigError
 from .fs import Operations
 from .metrics import Metrics
+from .metrics import serve as serve_metrics
 from .origin import open_origin, parse_url
 from .tree import build_tree
 from .tune import is_stale, mount_entry, tune_mount, unmount
@@ -70,45 +72,15 @@ def sd_notify(notify_socket: str | None, message: str) -> None:
         s.sendto(message.encode(), addr)
 
 
-async def _serve_metrics(addr: str, render: Callable[[], str], *,
-                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    host, _, port = addr.rpartition(":")
-    listeners = await trio.open_tcp_listeners(int(port), host=host or "127.0.0.1")
-
-    async def handle(stream: trio.SocketStream) -> None:
-        try:
-            await serve_one(stream)
-        except Exception:  # noqa: BLE001 - a scraper hanging up must not end the daemon
-            log.debug("metrics request failed", exc_info=True)
-
-    async def serve_one(stream: trio.SocketStream) -> None:
-        async with stream:
-            with trio.move_on_after(10):
-                buf = b""
-                while b"\r\n\r\n" not in buf and len(buf) < 16384:
-                    data = await stream.receive_some(4096)
-                    if not data:
-                        return
-                    buf += data
-                path = buf.split(b" ", 2)[1] if buf.count(b" ") >= 2 else b"/"
-                if path.split(b"?")[0] == b"/metrics":
-                    body, status = render().encode(), b"200 OK"
-                else:
-                    body, status = b"see /metrics\n", b"404 Not Found"
-                await stream.send_all(
-                    b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain; version=0.0.4\r\n"
-                    b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
-
-    async with trio.open_nursery() as nursery:
-        task_status.started()
-        await trio.serve_listeners(handle, listeners, handler_nursery=nursery)
-
-
 async def run_daemon(cfg: Config, url: str, mountpoint: Path, *,
                      on_ready: Callable[[dict[str, Any]], None] = lambda info: None,
                      notify_socket: str | None = None) -> None:
-    """Mount `url` at `mountpoint` and serve until unmounted or signalled."""
+    """Mount `url` at `mountpoint` and serve until unmounted or signalled.
+
+    Everything that can fail on a setting (the metrics address included) fails before the
+    mount is made, so a bad one leaves no mount behind."""
     mountpoint = Path(os.path.abspath(mountpoint))
+    cfg = absolute_paths(cfg)  # clients in other directories get these paths
     loc = parse_url(url)
     if not mountpoint.is_dir():
         if is_stale(mountpoint):
@@ -125,20 +97,26 @@ async def run_daemon(cfg: Config, url: str, mountpoint: Path, *,
             raise ConfigError(f"{mountpoint} is already mounted; `p2pfs unmount {mountpoint}` first")
     lock_fd = lock_cache_dir(cfg.cache.dir)
     keep_freed_memory(cfg.fetch.max_request)
+    metrics = Metrics()
     try:
-        async with trio_asyncio.open_loop():
-            async with open_origin(loc, cfg.s3) as origin:
-                await _serve(cfg, loc, origin, mountpoint, on_ready, notify_socket)
+        with contextlib.ExitStack() as stack:
+            addr = cfg.mount.metrics_host_port
+            bound = stack.enter_context(serve_metrics(metrics, *addr)) if addr else None
+            async with trio_asyncio.open_loop():
+                async with open_origin(loc, cfg.s3) as origin:
+                    await _serve(cfg, loc, origin, mountpoint, on_ready, notify_socket,
+                                 metrics, bound)
     finally:
         os.close(lock_fd)
 
 
-async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket) -> None:
+async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket,
+                 metrics: Metrics, metrics_addr: tuple[str, int] | None) -> None:
     t0 = time.monotonic()
     models, problems = await discover_cached(origin, loc, ManifestCache(cfg.cache.dir))
     disk = DiskCache(cfg.cache.dir, cfg.cache.size)
     await trio.to_thread.run_sync(disk.scan)
-    metrics = Metrics()
+    metrics_url = f"http://{_host(metrics_addr[0])}:{metrics_addr[1]}/metrics" if metrics_addr else None
     store = ChunkStore(origin, disk, fetch=cfg.fetch, cache=cfg.cache, metrics=metrics)
     tree = build_tree(models)
     control_path = cfg.cache.dir / "control.sock"
@@ -162,6 +140,7 @@ async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket) ->
             "uptime_s": round(time.monotonic() - t0, 1),
             "models": [{"path": p or "/", "digest": d} for p, d in sorted(tree.models.items())],
             "model_problems": problems, "cache_dir": str(cfg.cache.dir), "tuning": tuning,
+            "metrics_url": metrics_url,
             **metrics.snapshot(),
         }
 
@@ -175,8 +154,6 @@ async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket) ->
             control = ControlServer(control_path, tree=tree, store=store, status=status,
                                     metrics_text=metrics.render)
             await nursery.start(control.serve)
-            if cfg.mount.metrics_addr:
-                await nursery.start(_serve_metrics, cfg.mount.metrics_addr, metrics.render)
             nursery.start_soon(_watch_signals)
 
             async def fuse_main() -> None:
@@ -191,7 +168,7 @@ async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket) ->
                 max_background=cfg.mount.max_background)))
             info = {"mountpoint": str(mountpoint), "source": str(loc), "pid": os.getpid(),
                     "models": sorted(p or "/" for p in tree.models), "problems": problems,
-                    "tuning": tuning, "control": str(control_path),
+                    "tuning": tuning, "control": str(control_path), "metrics_url": metrics_url,
                     "seconds": round(time.monotonic() - t0, 3)}
             log.info("mounted %s at %s: %d model(s), tuning %s", loc, mountpoint, len(models), tuning)
             on_ready(info)
@@ -200,6 +177,10 @@ async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket) ->
         sd_notify(notify_socket, "STOPPING=1")
         pyfuse3.close(unmount=True)
         log.info("unmounted %s", mountpoint)
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 async def _watch_signals() -> None:
