@@ -32,7 +32,9 @@ import zstandard
 
 from .config import CacheConfig, FetchConfig
 from .diskcache import DiskCache
-from .errors import CacheFull, FetchTimeout, IntegrityError, OriginError, P2PFSError, is_temp_failure
+from .errors import (CacheFull, FetchTimeout, IntegrityError, OriginError, P2PFSError,
+                     RecentlyFailed, is_temp_failure)
+from .failures import RecentFailures
 from .lru import ByteLRU
 from .metrics import Metrics
 from .origin import Origin
@@ -56,6 +58,13 @@ def verify_chunk(loc: ChunkLoc, stored: bytes | bytearray | memoryview) -> bytes
     ref = loc.ref
     if ref.compression == "zstd":
         try:
+            # zstd allocates what the frame header declares and ignores max_output_size
+            # then: a 65 KB frame may declare 2 GiB. Check the declaration first, so
+            # memory per chunk is bounded by the manifest's (bounded) size.
+            declared = zstandard.frame_content_size(stored)
+            if declared not in (-1, ref.size):
+                raise IntegrityError(f"{loc.key}@{ref.offset}: zstd frame declares {declared} "
+                                     f"bytes, the manifest {ref.size}")
             data = zstandard.ZstdDecompressor().decompress(stored, max_output_size=ref.size)
         except zstandard.ZstdError as exc:
             raise IntegrityError(f"{loc.key}@{ref.offset}: bad zstd frame ({exc})") from None
@@ -79,6 +88,7 @@ class ChunkStore:
         self._mem: OrderedDict[str, bytes] = OrderedDict()
         self._mem_lru: ByteLRU[str] = ByteLRU(cache.memory_size)
         self._flights: dict[str, _Flight] = {}
+        self._failed = RecentFailures(fetch.fail_fast)
         self._origin_limiter = trio.CapacityLimiter(fetch.concurrency)
         self._disk_limiter = trio.CapacityLimiter(8)
         self._wb_send, self._wb_recv = trio.open_memory_channel[tuple[str, bytes]](cache.writeback_queue)
@@ -102,6 +112,13 @@ class ChunkStore:
         return len(self._flights)
 
     @property
+    def readahead_limit(self) -> int:
+        """The most read-ahead worth issuing at once: chunks fetched ahead wait in the
+        memory tier until read, so a window larger than half of it evicts its own chunks
+        before the reader gets there (measured: 2.8x disk reads for one sequential read)."""
+        return self._mem_lru.budget // 2
+
+    @property
     def memory_used(self) -> int:
         return self._mem_lru.used
 
@@ -117,23 +134,37 @@ class ChunkStore:
         missing = [loc for loc, d in zip(locs, out) if d is None]
         if not missing:
             return out  # type: ignore[return-value]
+        now = trio.current_time()
+        for loc in missing:
+            if (failure := self._failed.check(loc.digest, now)) is not None:
+                self.metrics.errors["fail_fast"] += 1
+                raise RecentlyFailed(
+                    f"{loc.key}@{loc.ref.offset}: failed {now - failure.at:.1f}s ago "
+                    f"({failure.error}); not retried for {self.cfg.fail_fast:g}s after a failure")
         flights = self._start(missing)
         for f in flights:
             f.waiters += 1
-        with trio.move_on_after(self.cfg.read_timeout if timeout is None else timeout):
+        limit = self.cfg.read_timeout if timeout is None else timeout
+        with trio.move_on_after(limit):
             j = 0
             for i, d in enumerate(out):
                 if d is None:
                     f = flights[j]
+                    loc = missing[j]
                     j += 1
                     await f.event.wait()
                     if f.error is not None:
+                        self._failed.record(loc.digest, f.error, trio.current_time())
                         raise f.error
                     out[i] = f.data
             return out  # type: ignore[return-value]
         self.metrics.errors["timeout"] += 1
-        raise FetchTimeout(f"chunks of {missing[0].key} not available within "
-                           f"{self.cfg.read_timeout if timeout is None else timeout}s")
+        error = FetchTimeout(f"chunks of {missing[0].key} not available within {limit}s")
+        now = trio.current_time()
+        for loc, f in zip(missing, flights):
+            if not f.event.is_set():
+                self._failed.record(loc.digest, error, now)
+        raise error
 
     def prefetch(self, locs: Sequence[ChunkLoc]) -> None:
         """Start fetching chunks that are not in memory or in flight; do not wait."""
@@ -358,6 +389,8 @@ class ChunkStore:
         the fill caller's memory."""
         if self._flights.get(loc.digest) is f:
             del self._flights[loc.digest]
+        if view is not None:
+            self._failed.clear(loc.digest)
         if view is not None and f.waiters:
             data = bytes(view)
             self._mem_put(loc.digest, data)
@@ -399,6 +432,7 @@ class ChunkStore:
         if f is None:
             return
         if data is not None:
+            self._failed.clear(loc.digest)
             self._mem_put(loc.digest, data)
         f.data, f.error = data, error
         f.event.set()

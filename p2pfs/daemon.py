@@ -27,7 +27,7 @@ from .fs import Operations
 from .metrics import Metrics
 from .metrics import serve as serve_metrics
 from .origin import open_origin, parse_url
-from .tree import build_tree
+from .tree import build_tree_skipping
 from .tune import is_stale, mount_entry, tune_mount, unmount
 
 log = logging.getLogger("p2pfs.daemon")
@@ -118,7 +118,10 @@ async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket,
     await trio.to_thread.run_sync(disk.scan)
     metrics_url = f"http://{_host(metrics_addr[0])}:{metrics_addr[1]}/metrics" if metrics_addr else None
     store = ChunkStore(origin, disk, fetch=cfg.fetch, cache=cfg.cache, metrics=metrics)
-    tree = build_tree(models)
+    tree, conflicts = build_tree_skipping(models)
+    for problem in conflicts:
+        log.error("%s", problem)
+    problems = [*problems, *conflicts]
     control_path = cfg.cache.dir / "control.sock"
     ops = Operations(tree, store, fetch=cfg.fetch, metrics=metrics,
                      attr_timeout=cfg.mount.attr_timeout, control_path=str(control_path))

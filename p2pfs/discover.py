@@ -11,20 +11,30 @@ from pathlib import Path
 import trio
 
 from .errors import ManifestError, ManifestNotFound, ObjectNotFound, OriginUnavailable
-from .manifest import MANIFEST_KEY, Manifest, parse
+from .manifest import MANIFEST_KEY, MAX_MANIFEST_BYTES, Manifest, parse
 from .origin import Location, Origin
 
 log = logging.getLogger("p2pfs.discover")
 
 
-async def load_manifest(origin: Origin, model_prefix: str, *, url: str) -> Manifest:
+async def load_manifest(origin: Origin, model_prefix: str, *, url: str,
+                        size: int | None = None) -> Manifest:
+    """Fetch and parse one model's manifest. Its size (from a listing, else a HEAD) is
+    checked against MAX_MANIFEST_BYTES before anything is downloaded, and the download
+    is a ranged read of exactly that size, so a huge object costs one small request."""
     key = model_prefix + MANIFEST_KEY
+    source = f"{origin.name}/{key}"
     try:
-        data = await origin.get(key)
+        if size is None:
+            size = (await origin.head(key)).size
+        if size > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{source}: {size} bytes is over the {MAX_MANIFEST_BYTES}-byte "
+                                "manifest limit; not downloaded")
+        data = bytes(await origin.get_range(key, 0, size)) if size else b""
     except ObjectNotFound:
         raise ManifestNotFound(
             f"{url}: no manifest at {key}; run `p2pfs index {url}` or `p2pfs publish`") from None
-    return parse(data, source=f"{origin.name}/{key}")
+    return parse(data, source=source)
 
 
 async def discover(origin: Origin, loc: Location) -> tuple[list[tuple[str, Manifest, str]], list[str]]:
@@ -40,7 +50,8 @@ async def discover(origin: Origin, loc: Location) -> tuple[list[tuple[str, Manif
         pass
     objs = await origin.list(loc.prefix)
     suffix = "/" + MANIFEST_KEY
-    keys = [o.key for o in objs if o.key.endswith(suffix)]
+    sizes = {o.key: o.size for o in objs if o.key.endswith(suffix)}
+    keys = sorted(sizes)
     if not keys:
         raise ManifestNotFound(
             f"{loc}: no p2pfs manifest at or under this prefix; run `p2pfs index URL` for "
@@ -51,10 +62,17 @@ async def discover(origin: Origin, loc: Location) -> tuple[list[tuple[str, Manif
     async def one(key: str) -> None:
         model_prefix = key[: -len(MANIFEST_KEY)]
         try:
-            m = await load_manifest(origin, model_prefix, url=f"{loc}")
-        except ManifestError as exc:
+            m = await load_manifest(origin, model_prefix, url=f"{loc}", size=sizes[key])
+        except (ManifestError, ObjectNotFound) as exc:  # gone since the listing: skip too
             problems.append(str(exc))
             log.error("skipping model %s: %s", model_prefix, exc)
+            return
+        except OriginUnavailable:
+            raise  # the store, not the model: discover_cached may fall back
+        except Exception as exc:  # noqa: BLE001 - one model must not take the others down
+            problems.append(f"{model_prefix}: unexpected {type(exc).__name__}: {exc}")
+            log.error("skipping model %s: unexpected %s: %s (please report)", model_prefix,
+                      type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
             return
         found.append((model_prefix[len(loc.prefix):].rstrip("/"), m, model_prefix))
 

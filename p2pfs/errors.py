@@ -7,9 +7,12 @@
     ├── OriginError              the object store failed us
     │   ├── OriginUnavailable    transient: connection refused, timeout, 5xx, throttling
     │   ├── ObjectNotFound       the key (or bucket) does not exist
+    │   ├── ObjectTruncated      a range past the object's end: it changed since it was
+    │   │                        indexed (permanent for that manifest, never retried)
     │   └── OriginAccessDenied   credentials rejected
     ├── IntegrityError           bytes that do not match their recorded digest (never served)
     ├── FetchTimeout             a chunk could not be had within the read deadline
+    ├── RecentlyFailed           a chunk whose read failed moments ago (failing fast)
     └── CacheFull                a prefetch asked for more than the disk cache can keep
 
 Library errors (botocore, OS) are mapped to these at the edge (`p2pfs/origin/`); the FUSE
@@ -47,6 +50,10 @@ class ObjectNotFound(OriginError):
     pass
 
 
+class ObjectTruncated(OriginError):
+    """The object is shorter than a manifest's chunk range: retrying will not help."""
+
+
 class OriginAccessDenied(OriginError):
     pass
 
@@ -57,6 +64,10 @@ class IntegrityError(P2PFSError):
 
 class FetchTimeout(P2PFSError):
     pass
+
+
+class RecentlyFailed(P2PFSError):
+    """A chunk that failed within the last `fetch.fail_fast` seconds: not retried yet."""
 
 
 class CacheFull(P2PFSError):

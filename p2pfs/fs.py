@@ -9,6 +9,7 @@ in the background through the chunk store.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import stat
@@ -19,7 +20,7 @@ import pyfuse3
 
 from .chunkstore import ChunkStore
 from .config import FetchConfig
-from .errors import FetchTimeout, IntegrityError, OriginUnavailable, P2PFSError
+from .errors import FetchTimeout, IntegrityError, OriginUnavailable, P2PFSError, RecentlyFailed
 from .metrics import Metrics
 from .plan import chunk_span, slice_reply
 from .tree import ROOT_INODE, Node, Tree
@@ -79,16 +80,23 @@ class Operations(pyfuse3.Operations):
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = mtime
         return a
 
-    def _eio(self, exc: BaseException, what: str) -> pyfuse3.FUSEError:
-        kind = type(exc).__name__
+    def _should_log(self, kind: str) -> bool:
+        """At most one line per kind per 5 s: a failing store must not flood the log."""
         now = time.monotonic()
-        if now - self._last_log.get(kind, 0.0) > 5.0:  # one line per kind per 5 s
+        if now - self._last_log.get(kind, 0.0) > 5.0:
             self._last_log[kind] = now
+            return True
+        return False
+
+    def _eio(self, exc: BaseException, what: str) -> pyfuse3.FUSEError:
+        if self._should_log(type(exc).__name__):
             hint = ""
             if isinstance(exc, (FetchTimeout, OriginUnavailable)):
                 hint = " (object store slow or unreachable; cached data is still served)"
             elif isinstance(exc, IntegrityError):
                 hint = " (data did not match its digest and was not served)"
+            elif isinstance(exc, RecentlyFailed):
+                hint = " (failing fast: the same chunk failed moments ago; see fetch.fail_fast)"
             log.error("%s failed: %s%s", what, exc, hint)
         self.metrics.errors["eio"] += 1
         return pyfuse3.FUSEError(errno.EIO)
@@ -141,7 +149,7 @@ class Operations(pyfuse3.Operations):
         s = pyfuse3.StatvfsData()
         total = sum(n.size for n in self.tree.nodes.values())
         s.f_bsize = s.f_frsize = 4096
-        s.f_blocks = (total + 4095) // 4096
+        s.f_blocks = min((total + 4095) // 4096, 2**64 - 1)
         s.f_bfree = s.f_bavail = 0
         s.f_files = len(self.tree.nodes)
         s.f_ffree = s.f_favail = 0
@@ -194,9 +202,6 @@ class Operations(pyfuse3.Operations):
             chunks = await self.store.get(h.node.locs(span))
         except P2PFSError as exc:
             raise self._eio(exc, f"read {h.node.model or '/'} inode {h.node.inode} @{off}+{size}")
-        except Exception as exc:  # noqa: BLE001 - a bug of ours: EIO and a traceback, not a dead mount
-            log.exception("unexpected error reading inode %d", h.node.inode)
-            raise self._eio(exc, f"read inode {h.node.inode}") from None
         data = slice_reply(entry, span, chunks, off, size)
         self.metrics.read_latency.observe(time.monotonic() - t0)
         self.metrics.reads += 1
@@ -213,8 +218,9 @@ class Operations(pyfuse3.Operations):
         assert entry is not None
         end = off + size
         near = h.next_off - self.fetch.readahead_max <= off <= h.next_off + self.fetch.readahead_min
+        top = min(self.fetch.readahead_max, self.store.readahead_limit)
         if h.window == 0 and off == 0 or near and end > h.next_off:
-            h.window = min(max(h.window * 2, self.fetch.readahead_min), self.fetch.readahead_max)
+            h.window = min(max(h.window * 2, self.fetch.readahead_min), top)
         elif not near:
             h.window, h.ahead_to = 0, 0
         h.next_off = max(h.next_off, end) if near else end
@@ -243,3 +249,34 @@ class Operations(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.EROFS)
 
 
+
+
+def _guard(name: str, fn):
+    """Wrap one FUSE handler so that an exception it did not mean to raise becomes EIO
+    plus one logged traceback. pyfuse3 ends `main()` (the whole mount, every model) on
+    any exception other than FUSEError; a local user must not be able to do that."""
+
+    @functools.wraps(fn)
+    async def handler(self: "Operations", *args):
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except P2PFSError as exc:
+            raise self._eio(exc, name) from None
+        except Exception as exc:  # noqa: BLE001 - a bug of ours (or bad input we missed)
+            self.metrics.errors["internal"] += 1
+            self.metrics.errors["eio"] += 1
+            if self._should_log("internal:" + name):
+                log.exception("unexpected %s in FUSE %s%r; answered EIO (please report)",
+                              type(exc).__name__, name, args[:2])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return handler
+
+
+#: Every operation this filesystem implements; each goes through `_guard`.
+_OPS = ("lookup", "getattr", "readlink", "opendir", "readdir", "releasedir", "access", "statfs",
+        "getxattr", "listxattr", "open", "release", "read", "forget", "setxattr", "removexattr")
+for _name in _OPS:
+    setattr(Operations, _name, _guard(_name, getattr(Operations, _name)))

@@ -13,6 +13,7 @@ import json
 import posixpath
 import re
 import stat
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -22,8 +23,27 @@ FORMAT_NAME = "p2pfs-manifest"
 FORMAT_VERSION = 1
 #: Where a manifest lives, relative to the prefix it describes.
 MANIFEST_KEY = ".p2pfs/manifest.json"
-#: A manifest bigger than this is refused before parsing (about 3M chunks).
-MAX_MANIFEST_BYTES = 512 * 1024 * 1024
+#: A manifest bigger than this is refused before it is downloaded (its size comes from the
+#: listing or a HEAD) and before parsing. 64 MiB holds ~500k chunk refs (4 PB of weights
+#: at 8 MiB chunks) or an image layer of ~300k files; parsing costs about 10x its size in
+#: memory, so the bound is also the daemon's worst case per manifest.
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+#: Largest chunk (uncompressed) a manifest may name. Every buffer the daemon allocates for
+#: one chunk is bounded by this, whatever a manifest says; `p2pfs publish` uses 8 MiB.
+MAX_CHUNK_SIZE = 64 * 1024 * 1024
+#: Largest stored (compressed) chunk: zstd's worst-case expansion is far below 1/64.
+MAX_STORED_CHUNK = MAX_CHUNK_SIZE + MAX_CHUNK_SIZE // 64
+#: Ranges the kernel and Python's C types accept (pyfuse3 raises OverflowError past them,
+#: inside a FUSE handler): uid_t/gid_t are 32 bits (2**32-1 means "none"), off_t and the
+#: nanosecond timestamps are signed 64 bits, FUSE carries rdev in 32 bits.
+MAX_ID = 2**32 - 2
+MAX_OFF = 2**63 - 1
+MAX_RDEV = 2**32 - 1
+#: Linux limits: NAME_MAX, PATH_MAX, XATTR_NAME_MAX, XATTR_SIZE_MAX.
+MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 4095
+MAX_XATTR_NAME_BYTES = 255
+MAX_XATTR_VALUE_BYTES = 65536
 
 ENTRY_TYPES = ("file", "dir", "symlink", "hardlink", "char", "block", "fifo")
 COMPRESSIONS = ("none", "zstd")
@@ -148,14 +168,21 @@ def parse(data: bytes, *, expected_digest: str | None = None, source: str = "man
         raise ManifestError(f"{source}: digest {digest_of(data)} is not the pinned {expected_digest}")
     try:
         doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"{source}: not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise ManifestError(f"{source}: not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, integers over 4300 digits
+        raise ManifestError(f"{source}: not valid JSON ({_short(exc)})") from None
     try:
         return _from_json(doc)
     except ManifestError as exc:
         raise ManifestError(f"{source}: {exc}") from None
-    except (TypeError, ValueError, KeyError, IndexError) as exc:
-        raise ManifestError(f"{source}: malformed ({type(exc).__name__}: {exc})") from exc
+    except (TypeError, ValueError, KeyError, IndexError, RecursionError) as exc:
+        raise ManifestError(f"{source}: malformed ({type(exc).__name__}: {_short(exc)})") from None
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _need(cond: bool, msg: str) -> None:
@@ -163,20 +190,44 @@ def _need(cond: bool, msg: str) -> None:
         raise ManifestError(msg)
 
 
-def _int(d: Mapping[str, Any], key: str, default: int | None = None, *, minimum: int = 0) -> int:
+def _int(d: Mapping[str, Any], key: str, default: int | None = None, *, minimum: int = 0,
+         maximum: int = MAX_OFF) -> int:
     v = d.get(key, default)
-    _need(isinstance(v, int) and not isinstance(v, bool), f"{key!r} must be an integer, got {v!r}")
-    _need(v >= minimum, f"{key!r} must be >= {minimum}, got {v}")
+    _need(isinstance(v, int) and not isinstance(v, bool), f"{key!r} must be an integer, got {_brief(v)}")
+    _need(minimum <= v <= maximum, f"{key!r} must be in [{minimum}, {maximum}], got {_brief(v)}")
     return v
+
+
+def _brief(v: Any) -> str:
+    """repr of a value for an error message, cut short (an integer may have 4000 digits)."""
+    try:
+        text = repr(v)
+    except ValueError:  # int too large to print
+        return f"an integer of over {sys.get_int_max_str_digits()} digits"
+    return text if len(text) <= 60 else text[:60] + "..."
+
+
+def _utf8(text: str, what: str, limit: int) -> bytes:
+    """`text` as the UTF-8 bytes the kernel will see; lone surrogates and over-long names
+    are refused here rather than failing later in a FUSE handler."""
+    try:
+        raw = text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ManifestError(f"{what} {_brief(text)} is not valid Unicode (lone surrogate)") from None
+    _need(len(raw) <= limit, f"{what} {_brief(text)} is over {limit} bytes")
+    return raw
 
 
 def check_path(path: str, what: str = "path") -> str:
     _need(isinstance(path, str), f"{what} must be a string")
     if path == "":
         return path
-    _need(not path.startswith("/") and "\0" not in path, f"{what} {path!r} must be relative")
+    _utf8(path, what, MAX_PATH_BYTES)
+    _need(not path.startswith("/") and "\0" not in path, f"{what} {_brief(path)} must be relative")
     parts = path.split("/")
-    _need(all(p not in ("", ".", "..") for p in parts), f"{what} {path!r} is not normalized")
+    _need(all(p not in ("", ".", "..") for p in parts), f"{what} {_brief(path)} is not normalized")
+    _need(all(len(p.encode()) <= MAX_NAME_BYTES for p in parts),
+          f"{what} {_brief(path)} has a name over {MAX_NAME_BYTES} bytes")
     return path
 
 
@@ -185,7 +236,7 @@ def _from_json(doc: Any) -> Manifest:
     _need(doc.get("format") == FORMAT_NAME, f"'format' must be {FORMAT_NAME!r}")
     version = doc.get("version")
     _need(version == FORMAT_VERSION, f"unsupported version {version!r} (this p2pfs reads {FORMAT_VERSION})")
-    chunk_size = _int(doc, "chunk_size", minimum=1)
+    chunk_size = _int(doc, "chunk_size", minimum=1, maximum=MAX_CHUNK_SIZE)
     blobs = doc.get("blobs", [])
     _need(isinstance(blobs, list), "'blobs' must be a list")
     for b in blobs:
@@ -195,6 +246,13 @@ def _from_json(doc: Any) -> Manifest:
     _need(isinstance(raw_entries, list), "'entries' must be a list")
     annotations = doc.get("annotations", {})
     _need(isinstance(annotations, dict), "'annotations' must be an object")
+    for k, v in annotations.items():
+        _need(isinstance(v, str), f"annotation {_brief(k)} must be a string")
+        _utf8(k, "annotation key", MAX_PATH_BYTES)
+        _utf8(v, f"annotation {_brief(k)}", MAX_XATTR_VALUE_BYTES)
+    kind = doc.get("kind", "model")
+    _need(isinstance(kind, str) and bool(re.fullmatch(r"[a-z][a-z0-9-]{0,31}", kind)),
+          f"'kind' must be a short lowercase name, got {_brief(kind)}")
 
     entries: list[Entry] = []
     seen: dict[str, str] = {}
@@ -205,8 +263,11 @@ def _from_json(doc: Any) -> Manifest:
         seen[e.path] = e.type
         entries.append(e)
     for e in entries:
-        parent = posixpath.dirname(e.path)
-        if e.path != "" and parent in seen:
+        # The nearest listed ancestor must be a directory (unlisted ones are synthesized).
+        parent = posixpath.dirname(e.path) if e.path else None
+        while parent is not None and parent not in seen:
+            parent = posixpath.dirname(parent) if parent else None
+        if parent is not None:
             _need(seen[parent] == "dir", f"parent of {e.path!r} is not a directory")
         if e.type == "hardlink":
             _need(seen.get(e.target) == "file", f"hard link {e.path!r} must point at a file")
@@ -214,8 +275,8 @@ def _from_json(doc: Any) -> Manifest:
         chunk_size=chunk_size,
         blobs=tuple(blobs),
         entries=tuple(entries),
-        kind=str(doc.get("kind", "model")),
-        annotations={str(k): str(v) for k, v in annotations.items()},
+        kind=kind,
+        annotations=dict(annotations),
     )
 
 
@@ -225,11 +286,20 @@ def _entry(raw: Mapping[str, Any], nblobs: int) -> Entry:
     _need(etype in ENTRY_TYPES, f"{path!r}: unknown type {etype!r}")
     xattrs_raw = raw.get("xattrs", {})
     _need(isinstance(xattrs_raw, dict), f"{path!r}: 'xattrs' must be an object")
-    xattrs = {str(k): base64.b64decode(v, validate=True) for k, v in xattrs_raw.items()}
+    xattrs = {}
+    for k, v in xattrs_raw.items():
+        _need(k != "" and "\0" not in k, f"{path!r}: empty xattr name or NUL in it")
+        _utf8(k, f"{path!r}: xattr name", MAX_XATTR_NAME_BYTES)
+        _need(isinstance(v, str), f"{path!r}: xattr {_brief(k)} must be a base64 string")
+        xattrs[k] = base64.b64decode(v, validate=True)
+        _need(len(xattrs[k]) <= MAX_XATTR_VALUE_BYTES,
+              f"{path!r}: xattr {_brief(k)} is over {MAX_XATTR_VALUE_BYTES} bytes")
     target = raw.get("target", "")
     _need(isinstance(target, str), f"{path!r}: 'target' must be a string")
     if etype == "symlink":
         _need(target != "", f"{path!r}: symlink without a target")
+        _need("\0" not in target, f"{path!r}: NUL in symlink target")
+        _utf8(target, f"{path!r}: symlink target", MAX_PATH_BYTES)
     if etype == "hardlink":
         check_path(target, f"{path!r}: hard link target")
     _need(path != "" or etype == "dir", "the root entry must be a directory")
@@ -237,7 +307,7 @@ def _entry(raw: Mapping[str, Any], nblobs: int) -> Entry:
     starts: tuple[int, ...] = ()
     size = 0
     if etype == "file":
-        size = _int(raw, "size")
+        size = _int(raw, "size", maximum=MAX_OFF)
         chunks, starts = _chunks(path, raw.get("chunks", []), size, nblobs)
     elif etype == "symlink":
         size = len(target.encode())
@@ -245,12 +315,12 @@ def _entry(raw: Mapping[str, Any], nblobs: int) -> Entry:
         path=path,
         type=etype,
         mode=_int(raw, "mode", 0o755 if etype == "dir" else 0o644) & 0o7777,
-        uid=_int(raw, "uid", 0),
-        gid=_int(raw, "gid", 0),
-        mtime_ns=_int(raw, "mtime_ns", 0),
+        uid=_int(raw, "uid", 0, maximum=MAX_ID),
+        gid=_int(raw, "gid", 0, maximum=MAX_ID),
+        mtime_ns=_int(raw, "mtime_ns", 0, maximum=MAX_OFF),
         size=size,
         target=target,
-        rdev=_int(raw, "rdev", 0),
+        rdev=_int(raw, "rdev", 0, maximum=MAX_RDEV),
         xattrs=xattrs,
         chunks=chunks,
         starts=starts,
@@ -267,7 +337,10 @@ def _chunks(path: str, raw: Any, size: int, nblobs: int) -> tuple[tuple[ChunkRef
             _need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                   f"{path!r}: chunk {i} {name} must be a non-negative integer")
         _need(blob < nblobs, f"{path!r}: chunk {i} names blob {blob} of {nblobs}")
-        _need(csize > 0, f"{path!r}: chunk {i} is empty")
+        _need(0 < csize <= MAX_CHUNK_SIZE, f"{path!r}: chunk {i} size must be in [1, {MAX_CHUNK_SIZE}]")
+        _need(0 < length <= MAX_STORED_CHUNK,
+              f"{path!r}: chunk {i} stored length must be in [1, {MAX_STORED_CHUNK}]")
+        _need(offset + length <= MAX_OFF, f"{path!r}: chunk {i} ends past 2**63")
         _need(comp in COMPRESSIONS, f"{path!r}: chunk {i} has unknown compression {comp!r}")
         _need(comp != "none" or length == csize, f"{path!r}: raw chunk {i} length != size")
         _need(isinstance(digest, str) and bool(_HEX64.match(digest)),

@@ -57,6 +57,30 @@ class Tree:
         return node
 
 
+class TreeConflict(ValueError):
+    """Two models (or a model and a synthesized directory) claim one path differently."""
+
+
+def build_tree_skipping(models: list[tuple[str, Manifest, str]]) -> tuple[Tree, list[str]]:
+    """`build_tree`, leaving out each model that conflicts with those before it (in mount
+    path order) and saying why: one model must not keep every other one from mounting.
+    The common case builds once; only a conflict pays for rebuilding."""
+    try:
+        return build_tree(models), []
+    except TreeConflict:
+        pass
+    kept: list[tuple[str, Manifest, str]] = []
+    problems: list[str] = []
+    for m in sorted(models, key=lambda m: m[0]):
+        try:
+            build_tree([*kept, m])
+        except TreeConflict as exc:
+            problems.append(f"model {m[0] or '/'} skipped: {exc}")
+            continue
+        kept.append(m)
+    return build_tree(kept), problems
+
+
 def build_tree(models: list[tuple[str, Manifest, str]]) -> Tree:
     """`models`: (mount-relative directory, manifest, object key prefix of its blobs)."""
     tree = Tree()
@@ -78,7 +102,7 @@ def build_tree(models: list[tuple[str, Manifest, str]]) -> Tree:
             else:
                 node = tree.nodes[child]
                 if node.children is None:
-                    raise ValueError(f"{path!r} is both a file and a directory")
+                    raise TreeConflict(f"{path!r} is both a file and a directory")
         return node
 
     for mount_dir, manifest, blob_prefix in sorted(models, key=lambda m: m[0]):
@@ -89,6 +113,8 @@ def build_tree(models: list[tuple[str, Manifest, str]]) -> Tree:
         # Parents before children: sort by depth, then path.
         for e in sorted(manifest.entries, key=lambda e: (e.path.count("/"), e.path)):
             if e.path == "":
+                if base.entry is not None:
+                    raise TreeConflict(f"{mount_dir!r} is the root of two models")
                 base.entry = e
                 base.st_mode = e.st_mode
                 base.blob_prefix, base.blobs, base.model = blob_prefix, manifest.blobs, mount_dir
@@ -98,7 +124,8 @@ def build_tree(models: list[tuple[str, Manifest, str]]) -> Tree:
                 posixpath.join(mount_dir, parent_path))
             by_path.setdefault(parent_path, parent.inode)
             name = posixpath.basename(e.path).encode()
-            assert parent.children is not None
+            if parent.children is None:
+                raise TreeConflict(f"{posixpath.join(mount_dir, e.path)!r}: parent is not a directory")
             if e.type == "hardlink":
                 continue  # second pass, once targets exist
             node = Node(next_inode, e.st_mode, entry=e, blob_prefix=blob_prefix,

@@ -13,7 +13,7 @@ import trio
 from p2pfs.chunkstore import ChunkStore
 from p2pfs.config import CacheConfig, FetchConfig
 from p2pfs.diskcache import DiskCache
-from p2pfs.errors import FetchTimeout, IntegrityError, OriginUnavailable
+from p2pfs.errors import FetchTimeout, IntegrityError, ObjectTruncated, OriginUnavailable, RecentlyFailed
 from p2pfs.manifest import ChunkRef
 from p2pfs.metrics import Metrics
 from p2pfs.origin import LocalDirOrigin
@@ -126,7 +126,7 @@ async def test_write_back_then_served_from_disk_without_origin(tmp_path):
 async def test_unreachable_origin_fails_within_the_deadline_then_recovers(tmp_path):
     data, locs = blob(tmp_path)
     origin = Counting(tmp_path / "origin")
-    store = make_store(tmp_path, origin, read_timeout=1.0)
+    store = make_store(tmp_path, origin, read_timeout=1.0, fail_fast=0.5)
 
     async def body():
         origin.down = True
@@ -136,6 +136,14 @@ async def test_unreachable_origin_fails_within_the_deadline_then_recovers(tmp_pa
         assert trio.current_time() - t0 <= 1.5
         assert len(origin.requests) > 1  # it retried
         origin.down = False
+        # The kernel re-issues a failed read at once: that retry fails fast, without
+        # waiting a second read deadline and without asking the store.
+        asked = len(origin.requests)
+        t0 = trio.current_time()
+        with pytest.raises(RecentlyFailed):
+            await store.get(locs[:1])
+        assert trio.current_time() - t0 < 0.1 and len(origin.requests) == asked
+        await trio.sleep(0.5)
         assert (await store.get(locs[:1]))[0] == data[:CHUNK]
 
     await with_store(store, body)
@@ -323,3 +331,69 @@ async def test_fill_with_deferred_writes_keeps_memory_changed_after_the_answer_o
 
     await with_store(store, body)
     assert store.metrics.errors["cache_corrupt"] == 1 and store.metrics.hits["disk"] == 1
+
+
+async def test_a_stalled_read_and_its_kernel_retry_fail_within_one_deadline(tmp_path):
+    """Defect 7 of issue 12: the kernel retries a failed read-ahead synchronously (an mmap
+    fault twice); each retry used to wait a whole read_timeout again."""
+    data, locs = blob(tmp_path)
+    origin = Counting(tmp_path / "origin")
+    store = make_store(tmp_path, origin, read_timeout=0.5, fail_fast=30.0)
+
+    async def body():
+        origin.stall = True
+        t0 = trio.current_time()
+        for _ in range(3):  # the read, then two retries of the same pages
+            with pytest.raises((FetchTimeout, RecentlyFailed)):
+                await store.get(locs[2:4])
+        assert trio.current_time() - t0 < 0.5 + 0.3
+        assert store.metrics.errors["fail_fast"] == 2
+        # A chunk that did not fail is not affected, and a success clears the entry.
+        origin.stall = False
+        assert (await store.get(locs[5:6]))[0] == data[5 * CHUNK:6 * CHUNK]
+
+    await with_store(store, body)
+
+
+async def test_a_chunk_range_past_the_blob_end_fails_at_once(tmp_path):
+    """Defect 9: a short body is permanent for that manifest, not an outage to retry."""
+    data, locs = blob(tmp_path)
+    (tmp_path / "origin" / "blob").write_bytes(data[:-CHUNK // 2])  # the blob shrank
+    origin = Counting(tmp_path / "origin")
+    store = make_store(tmp_path, origin, read_timeout=5.0)
+
+    async def body():
+        t0 = trio.current_time()
+        with pytest.raises(ObjectTruncated):
+            await store.get(locs[-1:])
+        assert trio.current_time() - t0 < 0.5
+        assert len(origin.requests) == 1  # not retried
+        assert (await store.get(locs[:1]))[0] == data[:CHUNK]
+
+    await with_store(store, body)
+
+
+async def test_a_zstd_bomb_is_refused_before_it_is_inflated(tmp_path):
+    """Defect 3: zstd allocates what a frame declares; a 32 KB frame declaring 1 GiB took
+    the daemon's memory with it. The declaration is checked against the manifest first."""
+    import tracemalloc
+
+    import zstandard
+
+    bomb = zstandard.ZstdCompressor().compress(bytes(1 << 30))
+    (tmp_path / "origin").mkdir()
+    (tmp_path / "origin" / "blob").write_bytes(bomb)
+    loc = ChunkLoc("blob", ChunkRef(0, 0, len(bomb), CHUNK, "zstd", hashlib.sha256(bytes(CHUNK)).hexdigest()))
+    store = make_store(tmp_path, Counting(tmp_path / "origin"))
+
+    async def body():
+        tracemalloc.start()
+        try:
+            with pytest.raises(IntegrityError, match="declares"):
+                await store.get([loc])
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 64 << 20, peak
+
+    await with_store(store, body)

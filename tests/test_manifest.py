@@ -109,3 +109,80 @@ def test_generated_trees_round_trip(files):
         for off in range(0, e.size, 97):
             i = e.chunk_index(off)
             assert e.starts[i] <= off < e.starts[i] + e.chunks[i].size
+
+
+# -- issue 12: values that parse as JSON but not as what the kernel or Python accepts ------
+def _doc(**entry) -> dict:
+    f = {"path": "f", "type": "file", "size": 4, "chunks": [[0, 0, 4, 4, "none", H]]}
+    f.update(entry)
+    return {"format": "p2pfs-manifest", "version": 1, "chunk_size": 4, "blobs": ["b"],
+            "entries": [{"path": "", "type": "dir"}, f]}
+
+
+@pytest.mark.parametrize("field,value", [
+    ("uid", 1 << 40), ("gid", 1 << 32), ("uid", 2**32 - 1), ("mtime_ns", 2**63), ("rdev", 2**32),
+    ("mode", 2**64), ("size", 2**63),
+])
+def test_integers_past_the_kernels_types_are_refused(field, value):
+    """Defect 1: such values passed validation, then an OverflowError in a FUSE handler
+    ended the whole mount on the first `ls`."""
+    with pytest.raises(ManifestError, match=field):
+        parse(json.dumps(_doc(**{field: value})).encode())
+
+
+def test_the_largest_accepted_values_fit_the_kernels_attributes():
+    import pyfuse3
+
+    from p2pfs.manifest import MAX_ID, MAX_OFF, MAX_RDEV
+    m = parse(json.dumps(_doc(uid=MAX_ID, gid=MAX_ID, mtime_ns=MAX_OFF, rdev=MAX_RDEV)).encode())
+    e = m.entries[1]
+    a = pyfuse3.EntryAttributes()
+    a.st_uid, a.st_gid, a.st_rdev, a.st_mtime_ns = e.uid, e.gid, e.rdev, e.mtime_ns
+    a.st_size = MAX_OFF
+    a.st_blocks = (MAX_OFF + 511) // 512
+
+
+@pytest.mark.parametrize("data,needle", [
+    (b'{"format":"p2pfs-manifest","version":1,"chunk_size":' + b"7" * 5000 + b"}", "JSON"),
+    (b"[" * 200000 + b"]" * 200000, "nested"),
+    (json.dumps(_doc(path="f\ud800")).encode(), "surrogate"),
+    (json.dumps(_doc(path="x" * 256)).encode(), "255"),
+    (json.dumps(_doc(xattrs={"user.\udc80": "AA=="})).encode(), "surrogate"),
+    (json.dumps(_doc(xattrs={"user.k": 5})).encode(), "base64"),
+    (json.dumps({**_doc(), "annotations": {"a": 5}}).encode(), "annotation"),
+    (json.dumps({**_doc(), "kind": {"x": 1}}).encode(), "kind"),
+])
+def test_hostile_documents_are_a_manifest_error_not_a_crash(data, needle):
+    """Defect 4: these raised exceptions `parse` did not map, so a multi-model mount failed
+    with a traceback instead of skipping the one bad model."""
+    with pytest.raises(ManifestError, match=needle):
+        parse(data)
+
+
+@pytest.mark.parametrize("chunk,needle", [
+    ([0, 0, 65000, 2**31, "zstd", H], "size"),  # a 2 GiB chunk: the zstd-bomb carrier
+    ([0, 0, 2**30, 4, "zstd", H], "stored length"),
+    ([0, 2**63 - 2, 4, 4, "none", H], "2\\*\\*63"),
+])
+def test_chunk_sizes_are_bounded_at_parse_time(chunk, needle):
+    """Defect 3: an unbounded chunk size let one 4 KiB read allocate 2 GiB."""
+    with pytest.raises(ManifestError, match=needle):
+        parse(json.dumps(_doc(size=chunk[3], chunks=[chunk])).encode())
+
+
+def test_an_ancestor_that_is_a_file_is_refused():
+    doc = _doc()
+    doc["entries"].append({"path": "f/x/y", "type": "dir"})
+    with pytest.raises(ManifestError, match="not a directory"):
+        parse(json.dumps(doc).encode())
+
+
+def test_models_that_conflict_are_skipped_one_by_one():
+    from p2pfs.tree import build_tree_skipping
+    a = parse(json.dumps(_doc(path="b")).encode())  # model "a" holds a file "b"
+    b = parse(json.dumps(_doc()).encode())  # model "a/b" needs "a/b" to be a directory
+    c = parse(json.dumps(_doc()).encode())
+    tree, problems = build_tree_skipping([("a", a, "a/"), ("a/b", b, "a/b/"), ("c", c, "c/")])
+    assert sorted(tree.models) == ["a", "c"]
+    assert len(problems) == 1 and "a/b" in problems[0]
+    assert tree.lookup_path("c/f") is not None and tree.lookup_path("a/b").entry.type == "file"

@@ -11,7 +11,7 @@ import trio
 import trio_asyncio
 
 from p2pfs.config import S3Config
-from p2pfs.errors import ObjectNotFound, OriginUnavailable
+from p2pfs.errors import ObjectNotFound, ObjectTruncated, OriginUnavailable, is_temp_failure
 from p2pfs.origin import LocalDirOrigin
 from p2pfs.origin._s3 import S3Origin
 
@@ -69,6 +69,14 @@ def test_origin_contract(make_origin, tmp_path):
                 await o.get_range(prefix + "missing", 0, 1)
             with pytest.raises(ObjectNotFound):
                 await o.get_range_into(prefix + "missing", 0, memoryview(bytearray(1)))
+            # A range past the end is permanent (the object changed since it was indexed),
+            # never retried as an outage: both partly past the end and wholly past it.
+            for off, n in ((8, 4), (10, 4), (100, 4)):
+                with pytest.raises(ObjectTruncated) as exc:
+                    await o.get_range(prefix + "a/x.bin", off, n)
+                assert not is_temp_failure(exc.value)
+                with pytest.raises(ObjectTruncated):
+                    await o.get_range_into(prefix + "a/x.bin", off, memoryview(bytearray(n)))
         finally:
             await o.aclose()
 

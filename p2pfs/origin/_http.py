@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import trio
 
 from .._buffers import aligned_empty
-from ..errors import ObjectNotFound, OriginAccessDenied, OriginError, OriginUnavailable
+from ..errors import ObjectNotFound, ObjectTruncated, OriginAccessDenied, OriginError, OriginUnavailable
 
 MAX_HEAD = 64 * 1024
 MAX_ERROR_BODY = 64 * 1024
@@ -84,6 +84,9 @@ def error_for(status: int, body: bytes, what: str) -> OriginError:
         return ObjectNotFound(msg)
     if status == 403:
         return OriginAccessDenied(msg + " (check AWS credentials)")
+    if status == 416:
+        return ObjectTruncated(msg + " (range starts past the object's end: it changed since "
+                               "it was indexed; re-run `p2pfs index`)")
     if status >= 500 or status == 429 or code in ("SlowDown", "RequestTimeout"):
         return OriginUnavailable(msg)
     return OriginError(msg)
@@ -221,8 +224,14 @@ class RangeClient:
         if "chunked" in resp.headers.get("transfer-encoding", "").lower() or clen is None:
             raise OriginUnavailable(f"{what}: response without Content-Length")
         if clen != length:
-            raise OriginUnavailable(f"{what}: expected {length} bytes, server sends {clen}"
-                                    + (" (Range ignored)" if resp.status == 200 else ""))
+            # A 206 with fewer bytes means the range runs past the object's end; a 200
+            # means the server ignored Range. Neither gets better by retrying.
+            if resp.status == 206 and clen < length:
+                raise ObjectTruncated(f"{what}: object ends {length - clen} bytes before the "
+                                      "range does (it changed since it was indexed; re-run "
+                                      "`p2pfs index`)")
+            raise OriginError(f"{what}: expected {length} bytes, server sends {clen}"
+                              + (" (Range ignored)" if resp.status == 200 else ""))
         # Uninitialized, not a bytearray: a bytearray is zero-filled, and on this VM touching
         # fresh memory costs about as much as receiving the data (profiled: the largest
         # single cost of a cold read). malloc'ed memory is reused after free (see

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import trio
 
-from ..errors import ObjectNotFound, OriginError, OriginUnavailable
+from ..errors import ObjectNotFound, ObjectTruncated, OriginError, OriginUnavailable
 from ._base import ObjectInfo, ProgressFn
 
 
@@ -28,7 +28,7 @@ class LocalDirOrigin:
 
         data = await trio.to_thread.run_sync(read)
         if len(data) != length:
-            raise OriginError(f"{key}: short read at {offset} ({len(data)} of {length} bytes)")
+            raise ObjectTruncated(f"{key}: short read at {offset} ({len(data)} of {length} bytes)")
         return data
 
     async def get_range_into(self, key: str, offset: int, dest: memoryview) -> None:
@@ -44,7 +44,7 @@ class LocalDirOrigin:
 
         got = await trio.to_thread.run_sync(read)
         if got != len(dest):
-            raise OriginError(f"{key}: short read at {offset} ({got} of {len(dest)} bytes)")
+            raise ObjectTruncated(f"{key}: short read at {offset} ({got} of {len(dest)} bytes)")
 
     async def get(self, key: str) -> bytes:
         def read() -> bytes:

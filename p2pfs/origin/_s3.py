@@ -22,7 +22,7 @@ from botocore import UNSIGNED
 from botocore.config import Config as BotoConfig
 
 from ..config import S3Config
-from ..errors import ObjectNotFound, OriginAccessDenied, OriginError, OriginUnavailable
+from ..errors import ObjectNotFound, ObjectTruncated, OriginAccessDenied, OriginError, OriginUnavailable
 from ._base import ObjectInfo, ProgressFn
 from ._http import RangeClient
 
@@ -46,6 +46,9 @@ def map_error(exc: BaseException, what: str) -> OriginError:
             return ObjectNotFound(msg)
         if code in _DENIED or status == 403:
             return OriginAccessDenied(msg + " (check AWS credentials)")
+        if code == "InvalidRange" or status == 416:
+            return ObjectTruncated(msg + " (range past the object's end: it changed since it "
+                                   "was indexed)")
         if code in _TRANSIENT or status >= 500 or status == 429:
             return OriginUnavailable(msg)
         return OriginError(msg)
@@ -138,8 +141,9 @@ class S3Origin:
 
         data = await self._call(f"{self.name}/{key}@{offset}+{length}", get)
         if len(data) != length:
-            raise OriginUnavailable(
-                f"{self.name}/{key}: short read at {offset} ({len(data)} of {length} bytes)"
+            raise ObjectTruncated(
+                f"{self.name}/{key}: short read at {offset} ({len(data)} of {length} bytes; "
+                "the object changed since it was indexed)"
             )
         return data
 
