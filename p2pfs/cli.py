@@ -15,6 +15,7 @@ from typing import Any, Awaitable, Callable
 import click
 
 from .config import Config, load_config, override
+from ._perms import ROOT_MODE, private_dir, private_open
 from .errors import P2PFSError
 
 log = logging.getLogger("p2pfs")
@@ -220,10 +221,13 @@ def _flatten(exc: BaseException) -> str:
 def _spawn_background(cfg: Config, mountpoint: Path, log_file: Path | None, as_json: bool) -> None:
     """Re-run ourselves in the foreground as a detached child; wait for it to be ready."""
     log_file = log_file or cfg.cache.dir / "p2pfs.log"
-    log_file.parent.mkdir(parents=True, exist_ok=True)
+    if log_file.parent == cfg.cache.dir:
+        private_dir(cfg.cache.dir, ROOT_MODE)  # as the daemon makes it (p2pfs/_perms.py)
+    else:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
     r, w = os.pipe()
     argv = sys.argv[1:]
-    with open(log_file, "ab") as logf:
+    with open(private_open(log_file, os.O_WRONLY | os.O_APPEND), "ab") as logf:  # 0600
         proc = subprocess.Popen([sys.executable, "-m", "p2pfs", *argv, "--foreground",
                                  "--ready-fd", str(w)],
                                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,

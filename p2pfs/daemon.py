@@ -26,6 +26,7 @@ from .errors import ConfigError
 from .fs import Operations
 from .metrics import Metrics
 from .metrics import serve as serve_metrics
+from ._perms import ROOT_MODE, private_dir, private_open
 from .origin import open_origin, parse_url
 from .tree import build_tree_skipping
 from .tune import is_stale, mount_entry, tune_mount, unmount
@@ -34,8 +35,8 @@ log = logging.getLogger("p2pfs.daemon")
 
 
 def lock_cache_dir(directory: Path) -> int:
-    directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    private_dir(directory, ROOT_MODE)  # the cache holds the plain bytes of every file read
+    fd = private_open(directory / "lock", os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import trio
 
+from ._perms import private_dir, write_private
 from .errors import ManifestError, ManifestNotFound, ObjectNotFound, OriginUnavailable
 from .manifest import MANIFEST_KEY, MAX_MANIFEST_BYTES, Manifest, parse
 from .origin import Location, Origin
@@ -105,7 +106,7 @@ class ManifestCache:
         return self.dir / (hashlib.sha256(str(loc).encode()).hexdigest()[:32] + ".json")
 
     def save(self, loc: Location, models: list[tuple[str, Manifest, str]]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.dir)  # 0700, files 0600: manifests name what is mounted
         for _, m, _ in models:
             p = self.dir / (m.digest.replace(":", "-") + ".json")
             if not p.exists():
@@ -127,7 +128,7 @@ class ManifestCache:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
+    write_private(tmp, data)
     os.replace(tmp, path)
 
 
