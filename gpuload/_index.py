@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from ._io import open_regular
 from .errors import IndexFileError, ReadError
 
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -96,7 +97,7 @@ def resolve(path: str | os.PathLike[str]) -> Checkpoint:
 
 def _index(p: Path) -> Checkpoint:
     try:
-        with open(p, "rb") as f:
+        with os.fdopen(open_regular(p), "rb") as f:  # a FIFO must not block the open
             raw = f.read(MAX_INDEX_SIZE + 1)
     except OSError as exc:
         raise ReadError(f"{p}: {exc.strerror or exc}") from None

@@ -16,6 +16,7 @@ import ctypes
 import errno
 import mmap
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,10 +40,7 @@ class Shard:
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> "Shard":
         p = Path(path)
-        try:
-            fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise ReadError(f"{p}: {exc.strerror or exc}") from None
+        fd = open_regular(p)
         try:
             size = os.fstat(fd).st_size
             prefix = os.pread(fd, _format.PREFIX, 0)
@@ -77,6 +75,27 @@ class Shard:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def open_regular(path: Path) -> int:
+    """A read-only fd of `path`, which must be a regular file: a FIFO or a device would
+    block a plain open (a FIFO until a writer comes) or a read forever. O_NONBLOCK makes
+    the open return at once; it means nothing for a regular file, and is cleared anyway."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ReadError(f"{path}: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ReadError(f"{path}: not a regular file")
+        os.set_blocking(fd, True)
+    except OSError as exc:
+        os.close(fd)
+        raise ReadError(f"{path}: {exc.strerror or exc}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def read_header(path: str | os.PathLike[str]) -> tuple[Header, int]:

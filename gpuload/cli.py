@@ -2,7 +2,8 @@
 
 The only module that talks to the terminal. Every error the library raises on purpose, and
 every usage error, is one line `gpuload: error: ...` on stderr: exit 1 for a failure, 2
-for a usage mistake. No tracebacks (a traceback here means a bug in gpuload).
+for a usage mistake. No tracebacks (a traceback here means a bug in gpuload), also not for
+names the terminal cannot print (`_echo`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,15 @@ from typing import Any
 import click
 
 from .errors import GpuloadError
+
+def _echo(text: str, *, err: bool = False) -> None:
+    """click.echo, except that what the terminal's encoding cannot carry (a lone surrogate
+    in a tensor name, an undecodable file name) is printed as a backslash escape instead
+    of raising. JSON output is ASCII (json.dumps escapes it), so it stays valid."""
+    stream = sys.stderr if err else sys.stdout
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    click.echo(text.encode(encoding, "backslashreplace").decode(encoding, "replace"), err=err)
+
 
 _DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "f16": "float16", "fp16": "float16",
            "float16": "float16", "f32": "float32", "fp32": "float32", "float32": "float32"}
@@ -43,7 +53,7 @@ def inspect(path: Path, as_json: bool) -> None:
     total = sum(dtypes.values())
     ntensors = sum(len(i.header.tensors) for i in infos)
     if as_json:
-        click.echo(json.dumps({
+        _echo(json.dumps({
             "path": str(path), "tensors": ntensors, "bytes": total, "dtypes": dtypes,
             "shards": [{
                 "path": str(i.path), "file_size": i.file_size, "header_size": i.header.header_size,
@@ -53,12 +63,12 @@ def inspect(path: Path, as_json: bool) -> None:
                             for t in i.header.tensors]} for i in infos]}))
         return
     for i in infos:
-        click.echo(f"{i.path}  ({i.file_size} bytes, {len(i.header.tensors)} tensors, "
+        _echo(f"{i.path}  ({i.file_size} bytes, {len(i.header.tensors)} tensors, "
                    f"header {i.header.header_size} bytes)")
         width = max((len(t.name) for t in i.header.tensors), default=0)
         for t in i.header.tensors:
-            click.echo(f"  {t.name:<{width}}  {t.dtype:<11} {str(list(t.shape)):<20} {t.nbytes}")
-    click.echo(f"total: {ntensors} tensors, {total} bytes ({total / 1e9:.3f} GB); "
+            _echo(f"  {t.name:<{width}}  {t.dtype:<11} {str(list(t.shape)):<20} {t.nbytes}")
+    _echo(f"total: {ntensors} tensors, {total} bytes ({total / 1e9:.3f} GB); "
                + ", ".join(f"{k} {v}" for k, v in sorted(dtypes.items())))
 
 
@@ -95,9 +105,9 @@ def load(path: Path, device: str, copy: bool, dtype: str | None, threads: int,
            "peak_rss_bytes": mem.get("VmHWM", 0), "rss_anon_bytes": mem.get("RssAnon", 0),
            "tensors": len(sd)}
     if as_json:
-        click.echo(json.dumps(out))
+        _echo(json.dumps(out))
     else:
-        click.echo(f"{path}: {len(sd)} tensors, {nbytes / 1e9:.3f} GB to {device} in "
+        _echo(f"{path}: {len(sd)} tensors, {nbytes / 1e9:.3f} GB to {device} in "
                    f"{seconds:.3f}s ({out['gbps']} GB/s); peak RSS "
                    f"{out['peak_rss_bytes'] / 2**20:.0f} MiB (anonymous now "
                    f"{out['rss_anon_bytes'] / 2**20:.0f} MiB)")
@@ -119,9 +129,9 @@ def warm(paths: tuple[Path, ...], as_json: bool) -> None:
         if not p.exists():
             raise GpuloadError(f"{p}: no such file or directory")
         if mount_of(p) is None:
-            click.echo(f"{p}: not on a p2pfs mount, already local", err=True)
+            _echo(f"{p}: not on a p2pfs mount, already local", err=True)
             if as_json:
-                click.echo(json.dumps({"path": str(p), "ok": True, "p2pfs": False}))
+                _echo(json.dumps({"path": str(p), "ok": True, "p2pfs": False}))
             continue
         with tqdm(total=0, desc=p.name, unit="B", unit_scale=True, unit_divisor=1024,
                   file=sys.stderr, disable=None, dynamic_ncols=True) as bar:
@@ -131,9 +141,9 @@ def warm(paths: tuple[Path, ...], as_json: bool) -> None:
 
             res = gpuload.warm(p, progress=progress)
         if as_json:
-            click.echo(json.dumps({"path": str(p), "p2pfs": True, **res}))
+            _echo(json.dumps({"path": str(p), "p2pfs": True, **res}))
         else:
-            click.echo(f"{p}: {res.get('done', 0) / 1e6:.1f} MB local in {res.get('seconds')}s")
+            _echo(f"{p}: {res.get('done', 0) / 1e6:.1f} MB local in {res.get('seconds')}s")
 
 
 @cli.command()
@@ -159,22 +169,22 @@ def bench(path: Path, device: str, rounds: int, cold: bool, settle: float,
             raise click.UsageError(f"unknown method {m!r}; known: {', '.join(_bench.METHODS)}")
         if m not in ok:
             raise GpuloadError(f"{m} cannot run here: {missing[m]}")
-    log = (lambda s: None) if as_json else (lambda s: click.echo(s, err=True))
+    log = (lambda s: None) if as_json else (lambda s: _echo(s, err=True))
     res = _bench.run(str(path), device, chosen, rounds=rounds, cold=cold, settle=settle, log=log)
     nbytes = sum(t.nbytes for i in _api.inspect(path) for t in i.header.tensors)
     out: dict[str, Any] = {"path": str(path), "device": device, "bytes": nbytes,
                            "cold": cold, "rounds": rounds, "results": res,
                            "not_available": missing}
     if as_json:
-        click.echo(json.dumps(out))
+        _echo(json.dumps(out))
         return
     base = res.get("gpuload", {}).get("median_s")
     for m, r in res.items():
         ratio = f"  x{r['median_s'] / base:.2f} of gpuload" if base else ""
-        click.echo(f"{m:<22} median {r['median_s']:.3f}s  "
+        _echo(f"{m:<22} median {r['median_s']:.3f}s  "
                    f"{nbytes / r['median_s'] / 1e9:6.2f} GB/s{ratio}")
     for m, why in missing.items():
-        click.echo(f"{m:<22} not available: {why}")
+        _echo(f"{m:<22} not available: {why}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -183,16 +193,16 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:  # usage mistakes
-        click.echo(f"gpuload: error: {exc.format_message()}", err=True)
+        _echo(f"gpuload: error: {exc.format_message()}", err=True)
         sys.exit(2)
     except click.Abort:
-        click.echo("gpuload: error: aborted", err=True)
+        _echo("gpuload: error: aborted", err=True)
         sys.exit(130)
     except GpuloadError as exc:
-        click.echo(f"gpuload: error: {exc}", err=True)
+        _echo(f"gpuload: error: {exc}", err=True)
         sys.exit(1)
     except OSError as exc:  # e.g. --cold without root, a broken pipe on stdout
-        click.echo(f"gpuload: error: {exc}", err=True)
+        _echo(f"gpuload: error: {exc}", err=True)
         sys.exit(1)
 
 

@@ -1,11 +1,17 @@
 """The `p2pfs` command line. Parses flags and the TOML config into `Config`; the only
-module that reads the environment or talks to the terminal."""
+module that reads the environment or talks to the terminal.
+
+Global options (--config, --endpoint-url, -v) are accepted before or after the command,
+as aws-cli does: every command carries them too, and a value given after the command
+wins. Paths from flags and the config file are made absolute here, at startup.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +20,7 @@ from typing import Any, Awaitable, Callable
 
 import click
 
-from .config import Config, load_config, override
+from .config import Config, absolute_paths, load_config, override
 from ._perms import ROOT_MODE, private_dir, private_open
 from .errors import P2PFSError
 
@@ -34,8 +40,11 @@ def _fail(msg: str) -> None:
 
 
 def _config(ctx: click.Context, **sections: dict[str, Any]) -> Config:
-    cfg = load_config(ctx.obj.get("config"))
-    return override(cfg, s3={"endpoint_url": ctx.obj.get("endpoint_url")}, **sections)
+    opts = ctx.find_root().obj
+    path = opts.get("config")
+    cfg = load_config(Path(os.path.abspath(path)) if path else None)
+    cfg = override(cfg, s3={"endpoint_url": opts.get("endpoint_url")}, **sections)
+    return absolute_paths(cfg)
 
 
 def _run_s3(fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
@@ -59,6 +68,8 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*a, **kw)
         except P2PFSError as exc:
             _fail(str(exc))
+        except OSError as exc:  # the environment's refusal (a full disk, a closed pipe)
+            _fail(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
         except BaseExceptionGroup as group:  # from inside trio nurseries
             msg = _flatten(group)
             if not msg:
@@ -75,18 +86,48 @@ def _progress(total: int, desc: str):
                 file=sys.stderr, disable=None, dynamic_ncols=True)
 
 
-@click.group()
-@click.option("--config", type=click.Path(dir_okay=False, path_type=Path),
-              help="TOML config file (every setting and its default: README).")
-@click.option("--endpoint-url", help="S3 endpoint; default from AWS_ENDPOINT_URL / AWS config.")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def _global_options() -> list[click.Option]:
+    """Fresh instances for the group and for each command (click binds them to one)."""
+    return [
+        click.Option(["--config"], type=click.Path(dir_okay=False, path_type=Path),
+                     help="TOML config file (every setting and its default: README)."),
+        click.Option(["--endpoint-url"],
+                     help="S3 endpoint; default from AWS_ENDPOINT_URL / AWS config."),
+        click.Option(["-v", "--verbose"], is_flag=True, help="Debug logging."),
+    ]
+
+
+_GLOBAL = tuple(o.name for o in _global_options())
+
+
+class _Command(click.Command):
+    """A command that also takes the global options, after its own name."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.extend(_global_options())
+
+    def invoke(self, ctx: click.Context) -> Any:
+        opts = ctx.find_root().obj
+        for name in _GLOBAL:
+            value = ctx.params.pop(name, None)
+            if value:  # given after the command: it wins over one given before
+                opts[name] = value
+        _setup_logging(bool(opts.get("verbose")))
+        return super().invoke(ctx)
+
+
+class _Group(click.Group):
+    command_class = _Command
+
+
+@click.group(cls=_Group, params=_global_options())
 @click.version_option(package_name="p2pfs")
 @click.pass_context
 def main(ctx: click.Context, config: Path | None, endpoint_url: str | None, verbose: bool) -> None:
     """p2pfs: mount model weights from object storage as local, lazily fetched files."""
     ctx.ensure_object(dict)
-    ctx.obj.update(config=config, endpoint_url=endpoint_url)
-    _setup_logging(verbose)
+    ctx.obj.update(config=config, endpoint_url=endpoint_url, verbose=verbose)
 
 
 @main.command()
@@ -173,9 +214,14 @@ def mount(ctx: click.Context, url: str, mountpoint: Path, cache_dir: Path | None
     cfg = _config(ctx, cache={"dir": cache_dir, "size": cache_size, "memory_size": memory_size},
                   fetch={"read_timeout": read_timeout, "concurrency": concurrency},
                   mount={"metrics_addr": metrics_addr})
+    mountpoint = Path(os.path.abspath(mountpoint))
     if not foreground:
-        _spawn_background(cfg, mountpoint, log_file, as_json)
+        _spawn_background(cfg, mountpoint, log_file and Path(os.path.abspath(log_file)), as_json)
         return
+    # Every path is absolute by now; leave the directory we were started in, so the
+    # daemon keeps no directory busy (it could not be unmounted) and no later relative
+    # path can work by accident.
+    os.chdir("/")
     import trio
 
     from .daemon import run_daemon
@@ -271,31 +317,138 @@ def unmount(mountpoint: Path, lazy: bool) -> None:
 @main.command()
 @click.argument("mountpoint", type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
+              show_default=True, help="Seconds to wait for the daemon's answer.")
 @_errors
-def status(mountpoint: Path, as_json: bool) -> None:
+def status(mountpoint: Path, as_json: bool, timeout: float) -> None:
     """Cache use, hit ratio, bytes by source and requests in flight of a mount."""
-    from .control import request
+    from .control import control_socket
 
-    reply = next(request(mountpoint, {"op": "status"}), {})
+    reply = ask_status(control_socket(mountpoint), timeout=timeout)
     if as_json:
         click.echo(json.dumps(reply, indent=1))
-        return
-    r = reply
-    ratio = "n/a" if r.get("hit_ratio") is None else f"{r['hit_ratio']:.1%}"
-    src = r.get("bytes_by_source", {})
-    click.echo(f"{r['mountpoint']}  <-  {r['source']}  (pid {r['pid']}, up {r['uptime_s']}s)")
-    click.echo(f"  models:     {', '.join(m['path'] for m in r['models'])}")
-    click.echo(f"  cache:      {r['cache_used_bytes'] / 2**30:.2f} / {r['cache_budget_bytes'] / 2**30:.2f} GiB "
-               f"({r['cache_chunks']} chunks, {r['cache_evicted_chunks']} evicted) in {r['cache_dir']}")
-    click.echo(f"  hit ratio:  {ratio}  (hits {r['hits']}, misses {r['misses']})")
-    click.echo("  bytes:      " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(src.items())))
-    click.echo(f"  in flight:  {r['in_flight_chunks']} chunks, write-back pending {r['writeback_pending']}"
-               f", dropped {r['writeback_dropped']}")
+    else:
+        click.echo(format_status(reply))
+
+
+#: Largest status reply read (a mount of many models lists each one).
+MAX_REPLY = 16 << 20
+
+
+def ask_status(sock: str, *, timeout: float = 10.0) -> dict[str, Any]:
+    """The status reply of the daemon at control socket `sock`. Every way this can fail
+    (unreachable, no answer in `timeout` seconds, an empty, garbled or refused reply) is
+    a P2PFSError with one line saying which."""
+    where = f"the p2pfs daemon at {sock}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        buf = b""
+        try:
+            s.connect(sock)
+            s.sendall(b'{"op": "status"}\n')
+            while b"\n" not in buf and len(buf) <= MAX_REPLY:
+                data = s.recv(1 << 16)
+                if not data:
+                    break
+                buf += data
+        except TimeoutError:
+            raise P2PFSError(f"{where} did not answer within {timeout:g}s") from None
+        except OSError as exc:
+            raise P2PFSError(f"cannot reach {where}: {exc.strerror or exc}") from None
+    line = buf.split(b"\n", 1)[0]
+    if not line.strip():
+        raise P2PFSError(f"{where} closed the connection without an answer")
+    try:
+        reply = json.loads(line)
+    except (ValueError, RecursionError):
+        raise P2PFSError(f"{where} sent a garbled answer: {_brief(line)}") from None
+    if not isinstance(reply, dict):
+        raise P2PFSError(f"{where} sent a garbled answer: {_brief(line)}")
+    if reply.get("ok") is not True:
+        raise P2PFSError(f"{where} refused the status request: {reply.get('error', 'no reason given')}")
+    return reply
+
+
+def _brief(raw: bytes, limit: int = 80) -> str:
+    text = repr(raw[:limit])[2:-1]
+    return text + ("..." if len(raw) > limit else "")
+
+
+def format_status(r: dict[str, Any]) -> str:
+    """A status reply as aligned sections a person reads (`--json` gives the reply)."""
+    def get(key: str, fmt: Callable[[Any], str] = str) -> str:
+        value = r.get(key)
+        try:
+            return "-" if value is None else fmt(value)
+        except (TypeError, ValueError):
+            return str(value)
+
+    def count(source: dict[str, Any] | Any, key: str) -> str:
+        return str(source.get(key, 0)) if isinstance(source, dict) else "-"
+
+    hits = r.get("hits") if isinstance(r.get("hits"), dict) else {}
+    by_source = r.get("bytes_by_source") if isinstance(r.get("bytes_by_source"), dict) else {}
+    errors = r.get("errors") if isinstance(r.get("errors"), dict) else {}
+    models = r.get("models") if isinstance(r.get("models"), list) else []
     p50, p99 = r.get("fetch_latency_p50_s"), r.get("fetch_latency_p99_s")
-    if p50 is not None:
-        click.echo(f"  fetch:      p50 <= {p50}s, p99 <= {p99}s over {r['origin_requests']} requests")
-    if r.get("errors"):
-        click.echo(f"  errors:     {r['errors']}")
+    sections: list[tuple[str, list[tuple[str, ...]]]] = [
+        ("mount", [
+            ("mountpoint", get("mountpoint")),
+            ("source", get("source")),
+            ("pid", get("pid")),
+            ("uptime", get("uptime_s", lambda v: f"{v}s")),
+            ("models", ", ".join(str(m.get("path")) if isinstance(m, dict) else str(m)
+                                 for m in models) or "-"),
+            *(("problem", str(p)) for p in r.get("model_problems") or []),
+            ("metrics", get("metrics_url")),
+        ]),
+        ("cache", [
+            ("directory", get("cache_dir")),
+            ("disk", f"{get('cache_used_bytes', _bytes)} of {get('cache_budget_bytes', _bytes)}"),
+            ("chunks", f"{get('cache_chunks')} ({get('cache_evicted_chunks')} evicted, "
+                       f"{get('cache_corrupt_dropped')} corrupt dropped)"),
+            ("memory", get("memory_cache_bytes", _bytes)),
+            ("hit ratio", get("hit_ratio", lambda v: f"{v:.1%}")),
+        ]),
+        ("chunks by source", [
+            ("", "hits", "misses", "bytes"),
+            ("memory", count(hits, "memory"), "", "-"),
+            ("disk", count(hits, "disk"), "", _bytes(by_source.get("disk", 0))),
+            ("origin", "", get("misses"), _bytes(by_source.get("origin", 0))),
+        ]),
+        ("origin", [
+            ("requests", get("origin_requests")),
+            ("latency", "-" if p50 is None else f"p50 <= {p50}s, p99 <= {p99}s"),
+            ("in flight", f"{get('in_flight_chunks')} chunks"),
+        ]),
+        ("errors", [(str(k), str(v)) for k, v in sorted(errors.items())] or [("none", "")]),
+        ("write-back", [
+            ("done", get("writeback_done")),
+            ("pending", get("writeback_pending")),
+            ("dropped", get("writeback_dropped")),
+        ]),
+    ]
+    rows = [row for _, rs in sections for row in rs]
+    # A column is as wide as its widest cell that is not the last of its row.
+    widths = [max(len(row[i]) for row in rows if len(row) > i + 1)
+              for i in range(max(len(row) for row in rows) - 1)]
+    out = []
+    for title, rs in sections:
+        out.append(title)
+        for row in rs:
+            cells = [c.ljust(w) if j < len(row) - 1 else c
+                     for j, (c, w) in enumerate(zip(row, [*widths, 0]))]
+            out.append(("  " + "  ".join(cells)).rstrip())
+    return "\n".join(out)
+
+
+def _bytes(n: Any) -> str:
+    """1536 -> '1.5 KiB'."""
+    n = int(n)
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
 
 
 @main.command()

@@ -13,16 +13,18 @@ from typing import Any
 
 import click
 
+from p2pfs.settings import parse_host_port
+
 from ._config import (KedaConfig, KubernetesConfig, LocalConfig, PolicyConfig, ProxyConfig,
                       SimConfig, build, load_toml)
-from ._errors import ScalerError
+from ._errors import ConfigError, ScalerError
 
 
 def _host_port(value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    if not host or not port.isdigit():
-        raise click.BadParameter(f"expected HOST:PORT, got {value!r}")
-    return host, int(port)
+    try:
+        return parse_host_port(value)
+    except ValueError as exc:
+        raise ConfigError(f"--listen: {exc}") from None
 
 
 def _fail(exc: ScalerError) -> None:
@@ -30,13 +32,36 @@ def _fail(exc: ScalerError) -> None:
     sys.exit(2)
 
 
-@click.group()
-@click.option("-v", "--verbose", count=True, help="-v info, -vv debug logs on stderr.")
-def main(verbose: int) -> None:
+def _verbose() -> click.Option:
+    return click.Option(["-v", "--verbose"], count=True, help="-v info, -vv debug logs on stderr.")
+
+
+class _Command(click.Command):
+    """A command that also takes the global -v after its name (as aws-cli does); the
+    counts before and after the command add up."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.append(_verbose())
+
+    def invoke(self, ctx: click.Context) -> Any:
+        verbose = ctx.params.pop("verbose", 0) + (ctx.find_root().obj or {}).get("verbose", 0)
+        level = logging.WARNING - 10 * min(verbose, 2)
+        logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        logging.getLogger().setLevel(level)
+        return super().invoke(ctx)
+
+
+class _Group(click.Group):
+    command_class = _Command
+
+
+@click.group(cls=_Group, params=[_verbose()])
+@click.pass_context
+def main(ctx: click.Context, verbose: int) -> None:
     """A concurrency-based autoscaler: a queue proxy in front of replicas, a simulator
     with the Knative/HPA/Ray Serve baselines, and a KEDA external scaler."""
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    ctx.obj = {"verbose": verbose}
 
 
 @main.command()
