@@ -130,3 +130,50 @@ def test_read_ahead_does_not_evict_its_own_chunks(seaweed, tmp_path, mount_facto
     s = m.status()
     assert s["hits"]["disk"] <= 24 * 1.1, s["hits"]
     assert s["bytes_by_source"].get("origin", 0) == 0
+
+
+MMAP_READ = """
+import mmap, sys
+with open(sys.argv[1], "rb") as f:
+    m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    m[int(sys.argv[2])]
+"""
+
+
+def test_every_reader_sees_the_configured_read_timeout(tmp_path, mount_factory):
+    """Defect 7: after an EIO the kernel re-issues the failed read-ahead synchronously, so
+    `cat` failed after 2x read_timeout and an mmap fault after 3x (then SIGBUS)."""
+    import signal
+
+    from p2pfs.seaweed import SeaweedServer
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a", "b", "c"):
+        (src / name).write_bytes(random.Random(name).randbytes(4 * MiB))
+    sw = SeaweedServer(tmp_path / "sw").start()
+    try:
+        sw.create_bucket("stall")
+        p2pfs_cmd("publish", "--chunk-size", "1MiB", str(src), "s3://stall/m", endpoint=sw.endpoint)
+        timeout = 2.0
+        m = mount_factory("s3://stall/m", sw.endpoint, "--read-timeout", str(timeout))
+        os.killpg(sw.proc.pid, signal.SIGSTOP)  # the store stalls: connections hang
+        try:
+            readers = {
+                "cat": ["cat", str(m.path / "a")],
+                "mmap": [os.sys.executable, "-c", MMAP_READ, str(m.path / "b"), str(MiB + 5)],
+                "dd-direct": ["dd", f"if={m.path / 'c'}", "of=/dev/null", "bs=1M", "count=1",
+                              "iflag=direct"],
+            }
+            took = {}
+            for name, cmd in readers.items():
+                t0 = time.monotonic()
+                r = subprocess.run(cmd, capture_output=True, timeout=60)
+                took[name] = time.monotonic() - t0
+                assert r.returncode != 0, (name, r)
+            assert all(t < timeout + 1.0 for t in took.values()), took
+        finally:
+            os.killpg(sw.proc.pid, signal.SIGCONT)
+        assert m.alive()
+    finally:
+        sw.stop()
