@@ -107,20 +107,35 @@ class ProxyConfig:
     connect_timeout_s: float = 2.0
     #: Seconds a replica has to send its full response once it has the request.
     request_timeout_s: float = 60.0
-    #: Seconds a client has to send its request head and body.
+    #: Seconds a client has, from a request's first byte, to send its head and body (408).
     client_timeout_s: float = 30.0
+    #: Seconds a client has, from a request's first byte, to send its whole head (408): a
+    #: client trickling a head (slowloris) holds its connection slot no longer than this.
+    head_timeout_s: float = 10.0
+    #: Seconds a connection may wait for the first byte of its next request (before the
+    #: first one, and between keep-alive requests). An idle connection is also the first
+    #: closed when every slot is taken and another client waits for one.
+    idle_timeout_s: float = 30.0
+    #: Seconds a connection closed on an error answer (400, 408, 413, 431, 503) goes on
+    #: reading and discarding what the client still sends, so it reads our answer rather
+    #: than a reset.
+    linger_s: float = 5.0
     #: Largest request or response body carried (bigger: 413 / 502).
     max_body_bytes: int = 16 * MiB
-    #: Largest request head (h11 enforces it).
+    #: Largest request head, request line to blank line (bigger: 431, never forwarded).
     max_header_bytes: int = 64 * 1024
-    #: Client connections served at once; more wait in the kernel's accept backlog.
+    #: Client connections served at once. Up to as many more wait for a slot, each at most
+    #: queue_timeout_s (then 503 + Retry-After); beyond that a connection gets 503 at once.
     max_connections: int = 1024
 
     def __post_init__(self) -> None:
         _positive(self, "max_concurrency", "max_queue", "queue_timeout_s", "connect_timeout_s",
-                  "request_timeout_s", "client_timeout_s", "max_body_bytes", "max_connections")
+                  "request_timeout_s", "client_timeout_s", "head_timeout_s", "idle_timeout_s",
+                  "linger_s", "max_body_bytes", "max_header_bytes", "max_connections")
         if self.max_retries < 0:
             raise ConfigError("max_retries must be >= 0")
+        if self.head_timeout_s > self.client_timeout_s:
+            raise ConfigError("head_timeout_s must not exceed client_timeout_s")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -116,15 +116,17 @@ class Dispatcher:
         return [s.endpoint for s in self._slots.values() if s.routable]
 
     # ---------------------------------------------------------------- requests
-    def submit(self, now: float) -> Ticket:
+    def submit(self, now: float, *, deadline: float | None = None) -> Ticket:
         """A new request: assigned at once if a slot is free and nobody waits, else
-        queued. Raises QueueFull."""
+        queued until `queue_timeout_s` from now, or until `deadline` if that is sooner
+        (a request that already waited for a connection slot). Raises QueueFull."""
         self._advance(now)
         self.expire(now)
         if len(self._queue) >= self.max_queue:
             self._rejected_full += 1
             raise QueueFull
-        t = Ticket(next(self._ids), now, now + self.queue_timeout_s)
+        until = now + self.queue_timeout_s
+        t = Ticket(next(self._ids), now, until if deadline is None else min(until, deadline))
         self._accepted += 1
         self._arrived += 1
         self._queue.append(t)

@@ -31,7 +31,12 @@ class TraceError(ScalerError):
 
 
 class ProtocolError(ScalerError):
-    pass
+    """`status` is the answer to a client that caused it: 400, 413 (body too large) or
+    431 (head too large). From a replica it is always a 502."""
+
+    def __init__(self, message: str, *, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class ReplicaError(ScalerError):

@@ -1,18 +1,29 @@
-"""Prometheus text exposition: rendering the proxy's signal and parsing it back (for
-the KEDA shell). Pure: plain values in, text out, and the reverse."""
+"""The proxy's Prometheus metrics through prometheus_client: a collector that turns the
+values the shell gathered at one instant (a `Snapshot`, `ConnectionStats`) into metric
+families, rendered by `generate_latest`; and reading one sample back from a text
+exposition with prometheus_client's parser (for the KEDA shell). Pure: values in, text out,
+and the reverse."""
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, Metric,
+                                    SummaryMetricFamily)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from ._errors import MetricsError
+
+#: The Content-Type that goes with `render`'s text.
+CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 @dataclass(frozen=True, kw_only=True)
 class Snapshot:
-    """Everything /metrics shows, gathered by the shell at one instant."""
+    """The signal and the policy's state, gathered by the controller at one instant."""
 
     in_flight: int
     queued: int
@@ -33,71 +44,103 @@ class Snapshot:
     queue_delay_count: int
 
 
-def render(s: Snapshot) -> str:
-    out: list[str] = []
+@dataclass(frozen=True, kw_only=True)
+class ConnectionStats:
+    """The proxy's client connections (`QueueProxy.statistics()`)."""
 
-    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
-        out.append(f"# HELP {name} {help_}")
-        out.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            out.append(f"{name}{labels} {_fmt(value)}")
-
-    metric("scaler_concurrency", "gauge",
-           "Requests in flight at replicas plus requests queued in the proxy.",
-           [("", s.in_flight + s.queued)])
-    metric("scaler_in_flight", "gauge", "Requests in flight at replicas.", [("", s.in_flight)])
-    metric("scaler_queue_length", "gauge", "Requests waiting in the proxy's queue.",
-           [("", s.queued)])
-    metric("scaler_concurrency_average", "gauge",
-           "Concurrency averaged over the policy's windows (backlog-discounted).",
-           [('{window="stable"}', s.stable_concurrency), ('{window="panic"}', s.panic_concurrency)])
-    metric("scaler_panic", "gauge", "1 while the policy is in panic mode.",
-           [("", int(s.panicking))])
-    metric("scaler_replicas", "gauge", "Replicas by state.",
-           [('{state="ready"}', s.ready), ('{state="starting"}', s.starting),
-            ('{state="standby"}', s.standby)])
-    metric("scaler_desired_replicas", "gauge", "Serving replicas the policy wants.",
-           [("", s.desired)])
-    metric("scaler_requests_total", "counter", "Requests by outcome.",
-           [('{outcome="accepted"}', s.accepted), ('{outcome="served"}', s.served),
-            ('{outcome="rejected_queue_full"}', s.rejected_full),
-            ('{outcome="rejected_queue_timeout"}', s.rejected_timeout),
-            ('{outcome="failed"}', s.failed)])
-    metric("scaler_retries_total", "counter",
-           "Requests sent again after a replica died before answering.", [("", s.retries)])
-    metric("scaler_queue_delay_seconds", "summary", "Seconds requests waited for a replica slot.",
-           [("_sum", s.queue_delay_sum_s), ("_count", s.queue_delay_count)])
-    return "\n".join(out) + "\n"
+    #: Holding a connection slot (idle ones included).
+    open: int
+    #: Holding a slot while waiting for the first byte of a request.
+    idle: int
+    #: Accepted, waiting for a slot.
+    waiting: int
+    #: Closing gracefully after an error answer (no slot held).
+    closing: int
+    #: Answered 503 because no slot came free within queue_timeout_s.
+    rejected: int
+    #: Requests refused by status: 400 broken, 408 too slow, 413 body, 431 head too large.
+    client_errors: tuple[tuple[int, int], ...] = ()
 
 
-def _fmt(v: float) -> str:
-    if isinstance(v, int):
-        return str(v)
-    if math.isnan(v):
-        return "NaN"
-    return repr(float(v))
+def families(s: Snapshot, c: ConnectionStats | None = None) -> Iterator[Metric]:
+    def gauge(name: str, help_: str, value: float) -> GaugeMetricFamily:
+        return GaugeMetricFamily(name, help_, value=value)
+
+    def labelled(family: GaugeMetricFamily | CounterMetricFamily,
+                 values: dict[str, float]) -> GaugeMetricFamily | CounterMetricFamily:
+        for label, value in values.items():
+            family.add_metric([label], value)
+        return family
+
+    yield gauge("scaler_concurrency",
+                "Requests in flight at replicas plus requests queued in the proxy.",
+                s.in_flight + s.queued)
+    yield gauge("scaler_in_flight", "Requests in flight at replicas.", s.in_flight)
+    yield gauge("scaler_queue_length", "Requests waiting in the proxy's queue.", s.queued)
+    yield labelled(GaugeMetricFamily(
+        "scaler_concurrency_average",
+        "Concurrency averaged over the policy's windows (backlog-discounted).",
+        labels=["window"]), {"stable": s.stable_concurrency, "panic": s.panic_concurrency})
+    yield gauge("scaler_panic", "1 while the policy is in panic mode.", int(s.panicking))
+    yield labelled(GaugeMetricFamily("scaler_replicas", "Replicas by state.", labels=["state"]),
+                   {"ready": s.ready, "starting": s.starting, "standby": s.standby})
+    yield gauge("scaler_desired_replicas", "Serving replicas the policy wants.", s.desired)
+    yield labelled(CounterMetricFamily("scaler_requests", "Requests by outcome.",
+                                       labels=["outcome"]),
+                   {"accepted": s.accepted, "served": s.served,
+                    "rejected_queue_full": s.rejected_full,
+                    "rejected_queue_timeout": s.rejected_timeout, "failed": s.failed})
+    yield CounterMetricFamily("scaler_retries",
+                              "Requests sent again after a replica died before answering.",
+                              value=s.retries)
+    yield SummaryMetricFamily("scaler_queue_delay_seconds",
+                              "Seconds requests waited for a replica slot.",
+                              count_value=s.queue_delay_count, sum_value=s.queue_delay_sum_s)
+    if c is None:
+        return
+    yield labelled(GaugeMetricFamily("scaler_connections", "Client connections by state.",
+                                     labels=["state"]),
+                   {"open": c.open, "idle": c.idle, "waiting": c.waiting, "closing": c.closing})
+    yield CounterMetricFamily("scaler_connections_rejected",
+                              "Connections answered 503: no connection slot in time.",
+                              value=c.rejected)
+    yield labelled(CounterMetricFamily("scaler_client_errors",
+                                       "Requests refused for the client's fault, by status.",
+                                       labels=["status"]),
+                   {str(status): n for status, n in c.client_errors})
 
 
-_LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)(?:\s+\d+)?$')
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+class ProxyCollector(Collector):
+    """Collects from the shell's callables on every scrape."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot],
+                 connections: Callable[[], ConnectionStats] | None = None) -> None:
+        self._snapshot, self._connections = snapshot, connections
+
+    def collect(self) -> Iterator[Metric]:
+        yield from families(self._snapshot(), self._connections() if self._connections else None)
+
+
+def registry(snapshot: Callable[[], Snapshot],
+             connections: Callable[[], ConnectionStats] | None = None) -> CollectorRegistry:
+    """A registry of its own (not prometheus_client's global one): each proxy, and each
+    test, exposes only its own values."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(ProxyCollector(snapshot, connections))
+    return reg
+
+
+def render(s: Snapshot, c: ConnectionStats | None = None) -> str:
+    return generate_latest(registry(lambda: s, (lambda: c) if c else None)).decode()
 
 
 def parse(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Samples of a text exposition, keyed by (name, labels)."""
-    out: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
-    for lineno, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        m = _LINE.match(line)
-        if not m:
-            raise MetricsError(f"line {lineno}: not a Prometheus sample: {line[:80]!r}")
-        labels = frozenset(_LABEL.findall(m.group(2) or ""))
-        try:
-            out[(m.group(1), labels)] = float(m.group(3))
-        except ValueError as exc:
-            raise MetricsError(f"line {lineno}: bad value {m.group(3)!r}") from exc
-    return out
+    """Samples of a text exposition, keyed by (sample name, labels)."""
+    try:
+        return {(sample.name, frozenset(sample.labels.items())): sample.value
+                for family in text_string_to_metric_families(text) for sample in family.samples}
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        raise MetricsError(f"not a Prometheus text exposition: {exc}") from exc
 
 
 def value(text: str, name: str, labels: dict[str, str] | None = None) -> float:

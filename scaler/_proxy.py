@@ -4,27 +4,40 @@ Every request takes a ticket from the `Dispatcher` (the pure core): it is sent t
 least-loaded ready replica with a free slot, or waits in the bounded FIFO queue until
 one frees, a replica becomes ready, or its deadline passes (503 + Retry-After; nothing
 is dropped silently). A replica that dies before sending a response byte gets the
-request retried elsewhere. This is the one place replica errors become status codes:
-queue full/timeout 503, replica broken 502, replica too slow 504.
+request retried elsewhere. This is the one place errors become status codes:
+queue full/timeout and no connection slot 503, replica broken 502, replica too slow 504,
+and the client's own faults 400 (broken HTTP), 408 (too slow), 413 (body), 431 (head).
+
+Client connections are bounded too. `max_connections` slots; a connection without one
+waits for one until its queue deadline (503 then), and at most `max_connections` wait
+(beyond that, 503 at once). A slot is held only while it is used: a request head must
+arrive within `head_timeout_s` of its first byte (a slowloris holds a slot no longer), an
+idle connection (no byte of a request yet) is closed after `idle_timeout_s`, or at once
+when another connection waits, and a response says `Connection: close` while any wait.
+An error answer is followed by a graceful close (`_http.close_gracefully`), so a client
+still sending reads it instead of a reset.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Callable
 
 import h11
 import trio
+from prometheus_client.exposition import generate_latest
 
-from . import _http
+from . import _http, _metrics
 from ._config import ProxyConfig
 from ._dispatch import Dispatcher, QueueFull, Ticket
 from ._errors import ProtocolError, ReplicaTimeout, ReplicaUnavailable
-from ._metrics import Snapshot, render
+from ._metrics import ConnectionStats, Snapshot
 
 log = logging.getLogger("scaler.proxy")
 
-Reply = tuple[int, list[tuple[bytes, bytes]], bytes]
+Reply = tuple[int, _http.Headers, bytes]
+_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 class QueueProxy:
@@ -33,15 +46,28 @@ class QueueProxy:
                  replica_failed: Callable[[str], None],
                  clock: Callable[[], float] = trio.current_time) -> None:
         self.config, self.dispatcher = config, dispatcher
-        self._snapshot, self._poke, self._replica_failed = snapshot, poke, replica_failed
+        self._poke, self._replica_failed = poke, replica_failed
         self._clock = clock
-        self._connections = trio.CapacityLimiter(config.max_connections)
+        self._slots = trio.CapacityLimiter(config.max_connections)
+        #: Cancel scopes of idle connections, oldest first (dicts keep insertion order).
+        self._idle: dict[trio.CancelScope, None] = {}
+        #: Connections without a slot: waiting for one, or closing after an error answer.
+        self._waiting = self._closing = 0
+        self._rejected = 0
+        self._client_errors: Counter[int] = Counter()
+        self._registry = _metrics.registry(snapshot, self.statistics)
 
     @staticmethod
     def wake(tickets: list[Ticket]) -> None:
         for t in tickets:
             if t.token is not None:
                 t.token.set()
+
+    def statistics(self) -> ConnectionStats:
+        return ConnectionStats(open=self._slots.borrowed_tokens, idle=len(self._idle),
+                               waiting=self._waiting, closing=self._closing,
+                               rejected=self._rejected,
+                               client_errors=tuple(sorted(self._client_errors.items())))
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(self.config.port, host=self.config.host)
@@ -58,46 +84,146 @@ class QueueProxy:
             await trio.sleep(1.0)
             self.dispatcher.expire(self._clock())
 
+    # ------------------------------------------------------------------ connections
     async def _connection(self, stream: trio.SocketStream) -> None:
-        async with self._connections, stream:
-            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.config.max_header_bytes)
-            while True:
-                try:
-                    with trio.fail_after(self.config.client_timeout_s):
-                        req = await _http.read_request(conn, stream, max_body=self.config.max_body_bytes)
-                    if req is None:
-                        return
-                    reply = await self._route(req)
-                except ProtocolError as exc:
-                    if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-                        return
-                    code = 413 if "larger" in str(exc) else 400
-                    reply = _http.simple(code, f"{exc}\n", [(b"connection", b"close")])
-                except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        c = self.config
+        async with stream:
+            deadline: float | None = None
+            try:
+                self._slots.acquire_nowait()
+            except trio.WouldBlock:
+                if self._waiting + self._closing >= c.max_connections:
+                    # Past both bounds: answer, but spend no more time on it.
+                    self._rejected += 1
+                    await self._refuse(h11.Connection(h11.SERVER), stream,
+                                       self._busy("too many connections"))
                     return
+                deadline = self._clock() + c.queue_timeout_s
+                self._waiting += 1
                 try:
-                    await _http.write_response(conn, stream, *reply)
-                    conn.start_next_cycle()
-                except (h11.LocalProtocolError, trio.BrokenResourceError,
-                        trio.ClosedResourceError, OSError):
+                    slotted = await self._wait_for_slot(deadline)
+                finally:
+                    self._waiting -= 1
+                if not slotted:
+                    self._rejected += 1
+                    if await self._refuse(h11.Connection(h11.SERVER), stream, self._busy(
+                            "no connection slot free before the queue deadline")):
+                        await self._linger(stream)
                     return
+            try:
+                refused = await self._serve(stream, deadline)
+            finally:
+                self._slots.release()
+            if refused:
+                await self._linger(stream)
 
-    async def _route(self, req: _http.Message) -> Reply:
+    async def _wait_for_slot(self, deadline: float) -> bool:
+        if self._idle:
+            # The oldest idle connection makes room; CapacityLimiter is FIFO, so its slot
+            # goes to whoever has waited longest.
+            scope = next(iter(self._idle))
+            del self._idle[scope]
+            scope.cancel()
+        with trio.move_on_at(deadline):
+            await self._slots.acquire()
+            return True
+        return False
+
+    def _contended(self) -> bool:
+        return self._slots.statistics().tasks_waiting > 0
+
+    async def _serve(self, stream: trio.SocketStream, deadline: float | None) -> bool:
+        """Requests on one connection, holding a slot, until either side closes; True when
+        that was an error answer to the client, which should be followed by `_linger`.
+        `deadline`: the first request's queue deadline when it already waited for its slot."""
+        c = self.config
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=c.max_header_bytes)
+        while True:
+            try:
+                if not await self._wait_for_request(conn, stream):
+                    return False
+                started = self._clock()
+                with trio.fail_after(c.head_timeout_s):
+                    head = await _http.read_head(conn, stream, max_head=c.max_header_bytes)
+                with trio.fail_at(started + c.client_timeout_s):
+                    body = await _http.read_body(conn, stream, head, max_body=c.max_body_bytes)
+            except ProtocolError as exc:
+                self._client_errors[exc.status] += 1
+                return await self._refuse(conn, stream, _http.simple(exc.status, f"{exc}\n"))
+            except trio.TooSlowError:
+                self._client_errors[408] += 1
+                return await self._refuse(conn, stream, _http.simple(408, "request not received in time\n"))
+            except _GONE:
+                return False
+            req = _http.Message(headers=list(head.headers), body=body, method=head.method,
+                                target=head.target)
+            reply = await self._route(req, deadline)
+            deadline = None
+            try:
+                # While connections wait for a slot, this one is handed over after the response.
+                await _http.write_response(conn, stream, *reply, close=self._contended())
+            except _GONE:
+                return False
+            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                return False  # either side said close, and the request has been read whole
+            conn.start_next_cycle()
+
+    async def _wait_for_request(self, conn: h11.Connection, stream: trio.SocketStream) -> bool:
+        """Idle until a request begins; False: close (the client did, idle timeout, or the
+        slot went to a waiting connection)."""
+        data, _ = conn.trailing_data
+        if data:
+            return True  # pipelined
+        if self._contended():
+            return False
+        scope = trio.CancelScope(deadline=self._clock() + self.config.idle_timeout_s)
+        self._idle[scope] = None
+        try:
+            with scope:
+                return await _http.wait_for_request(conn, stream, max_head=self.config.max_header_bytes)
+            return False
+        finally:
+            self._idle.pop(scope, None)
+
+    async def _refuse(self, conn: h11.Connection, stream: trio.SocketStream, reply: Reply) -> bool:
+        """An error answer saying Connection: close; False when the client is gone or does
+        not take it within linger_s."""
+        with trio.move_on_after(self.config.linger_s):
+            try:
+                await _http.write_response(conn, stream, *reply, close=True)
+                return True
+            except (h11.LocalProtocolError, *_GONE):
+                return False
+        return False
+
+    async def _linger(self, stream: trio.SocketStream) -> None:
+        """The graceful close after an error answer, without a slot. Lingering connections
+        count with the waiting ones against max_connections; past that, close at once."""
+        if self._waiting + self._closing >= self.config.max_connections:
+            return
+        self._closing += 1
+        try:
+            await _http.close_gracefully(stream, linger=self.config.linger_s)
+        finally:
+            self._closing -= 1
+
+    # ------------------------------------------------------------------ requests
+    async def _route(self, req: _http.Message, deadline: float | None) -> Reply:
         path = req.target.split(b"?", 1)[0]
         if path == b"/metrics" and req.method == b"GET":
-            return 200, [(b"content-type", b"text/plain; version=0.0.4")], \
-                render(self._snapshot()).encode()
+            return 200, [(b"content-type", _metrics.CONTENT_TYPE.encode())], \
+                generate_latest(self._registry)
         if path == b"/-/healthz":
             return _http.simple(200, "ok\n")
-        return await self._forward(req)
+        return await self._forward(req, deadline)
 
     def _busy(self, why: str) -> Reply:
         return _http.simple(503, f"{why}\n", [(b"retry-after", str(self.config.retry_after_s).encode())])
 
-    async def _forward(self, req: _http.Message) -> Reply:
+    async def _forward(self, req: _http.Message, deadline: float | None) -> Reply:
         c = self.config
         try:
-            ticket = self.dispatcher.submit(self._clock())
+            ticket = self.dispatcher.submit(self._clock(), deadline=deadline)
         except QueueFull:
             return self._busy("queue full")
         if ticket.endpoint is None and not self.dispatcher.routable():

@@ -19,6 +19,32 @@ from pathlib import Path
 HERE = Path(__file__).resolve()
 
 
+class StaticActuator:
+    """A test double at the actuator interface: one fixed endpoint, always there. (trio and
+    scaler are imported where used: this file also runs as the replica process.)"""
+
+    def __init__(self, ep) -> None:
+        self.ep = ep
+
+    async def run(self, hooks, *, task_status=None):
+        import trio
+
+        hooks.ready(self.ep)
+        (task_status or trio.TASK_STATUS_IGNORED).started()
+        await trio.sleep_forever()
+
+    def set_target(self, serving, standby):
+        pass
+
+    def fleet(self):
+        from scaler import Fleet
+
+        return Fleet(ready=1)
+
+    def endpoint_failed(self, ep_id):
+        pass
+
+
 def replica_cmd(delay: float = 0.08, die_flag: Path | None = None) -> str:
     cmd = f"{sys.executable} {HERE} --port {{port}} --delay {delay}"
     if die_flag is not None:

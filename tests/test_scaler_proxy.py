@@ -7,10 +7,14 @@ from __future__ import annotations
 import h11
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
-from scaler import ConcurrencyPolicy, Dispatcher, Endpoint, Fleet, PolicyConfig, ProxyConfig, run_proxy
+from scaler import ConcurrencyPolicy, Dispatcher, Endpoint, PolicyConfig, ProxyConfig, run_proxy
 from scaler import _http, _metrics
 from scaler._dispatch import QueueFull
+from scaler._errors import MetricsError
+
+from scaler_helpers import StaticActuator
 
 A, B = Endpoint("a", "h", 1), Endpoint("b", "h", 2)
 
@@ -67,47 +71,66 @@ def test_dispatch_sample_is_a_time_average():
     assert s.arrival_rate == pytest.approx(0.2) and s.service_s == 5
 
 
-def test_metrics_render_parse_roundtrip():
-    snap = _metrics.Snapshot(in_flight=3, queued=4, ready=2, starting=1, standby=2, desired=3,
-                             stable_concurrency=5.5, panic_concurrency=7.25, panicking=True,
-                             accepted=10, served=6, rejected_full=1, rejected_timeout=2,
-                             failed=0, retries=1, queue_delay_sum_s=1.5, queue_delay_count=6)
-    text = _metrics.render(snap)
+def samples(text: str) -> dict[tuple[str, frozenset], float]:
+    """Every sample of a text exposition, read with prometheus_client's own parser."""
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+SNAP = _metrics.Snapshot(in_flight=3, queued=4, ready=2, starting=1, standby=2, desired=3,
+                         stable_concurrency=5.5, panic_concurrency=7.25, panicking=True,
+                         accepted=10, served=6, rejected_full=1, rejected_timeout=2,
+                         failed=0, retries=1, queue_delay_sum_s=1.5, queue_delay_count=6)
+
+
+def test_metrics_render_is_a_valid_exposition_with_stable_names():
+    conns = _metrics.ConnectionStats(open=5, idle=2, waiting=1, closing=0, rejected=4,
+                                     client_errors=((408, 3), (431, 1)))
+    got = samples(_metrics.render(SNAP, conns))
+    assert got[("scaler_concurrency", frozenset())] == 7
+    assert got[("scaler_concurrency_average", frozenset({("window", "panic")}))] == 7.25
+    assert got[("scaler_replicas", frozenset({("state", "standby")}))] == 2
+    assert got[("scaler_requests_total", frozenset({("outcome", "rejected_queue_timeout")}))] == 2
+    assert got[("scaler_retries_total", frozenset())] == 1
+    assert got[("scaler_queue_delay_seconds_count", frozenset())] == 6
+    assert got[("scaler_queue_delay_seconds_sum", frozenset())] == 1.5
+    assert got[("scaler_connections", frozenset({("state", "waiting")}))] == 1
+    assert got[("scaler_connections_rejected_total", frozenset())] == 4
+    assert got[("scaler_client_errors_total", frozenset({("status", "408")}))] == 3
+    types = {f.name: f.type for f in text_string_to_metric_families(_metrics.render(SNAP))}
+    assert types["scaler_requests"] == "counter" and types["scaler_concurrency"] == "gauge"
+    assert types["scaler_queue_delay_seconds"] == "summary"
+
+
+def test_metrics_value_reads_one_sample_or_says_why_not():
+    text = _metrics.render(SNAP)
     assert _metrics.value(text, "scaler_concurrency") == 7
-    assert _metrics.value(text, "scaler_concurrency_average", {"window": "panic"}) == 7.25
-    assert _metrics.value(text, "scaler_replicas", {"state": "standby"}) == 2
-    assert _metrics.value(text, "scaler_queue_delay_seconds_count") == 6
+    assert _metrics.value(text, "scaler_requests_total", {"outcome": "served"}) == 6
+    assert _metrics.value("scaler_concurrency 9.5\n", "scaler_concurrency") == 9.5  # untyped
+    for bad in ("scaler_concurrency{window= 1\n", "scaler_concurrency one\n", "{}\n"):
+        with pytest.raises(MetricsError):
+            _metrics.value(bad, "scaler_concurrency")
+    with pytest.raises(MetricsError, match="not found"):
+        _metrics.value(text, "scaler_concurrency", {"window": "x"})
 
 
 # ----------------------------------------------------------------------------- over loopback
 
-class StaticActuator:
-    """A test double at the actuator interface: one fixed endpoint, always there."""
-
-    def __init__(self, ep: Endpoint) -> None:
-        self.ep = ep
-
-    async def run(self, hooks, *, task_status=trio.TASK_STATUS_IGNORED):
-        hooks.ready(self.ep)
-        task_status.started()
-        await trio.sleep_forever()
-
-    def set_target(self, serving, standby):
-        pass
-
-    def fleet(self):
-        return Fleet(ready=1)
-
-    def endpoint_failed(self, ep_id):
-        pass
-
-
 async def slow_replica(delay: float, *, task_status=trio.TASK_STATUS_IGNORED):
     async def handle(stream):
+        # Plain h11, not the module under test.
         conn = h11.Connection(h11.SERVER)
-        req = await _http.read_request(conn, stream, max_body=1 << 20)
+        body = b""
+        while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Data):
+                body += event.data
         await trio.sleep(delay)
-        await _http.write_response(conn, stream, 200, [], b"done:" + req.body)
+        out = b"done:" + body
+        await stream.send_all(conn.send(h11.Response(status_code=200, headers=[
+            (b"content-length", str(len(out)).encode())])) + conn.send(h11.Data(data=out))
+            + conn.send(h11.EndOfMessage()))
 
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     task_status.started(listeners[0].socket.getsockname()[1])
@@ -148,6 +171,8 @@ async def test_queue_full_and_deadline_answer_503_with_retry_after():
         big = await _post(run.port, b"x" * 2000)
         assert big.status == 413
         m = await _http.get("127.0.0.1", run.port, "/metrics", timeout=5)
-        assert _metrics.value(m.body.decode(), "scaler_requests_total",
-                              {"outcome": "rejected_queue_full"}) == 1
+        assert dict(m.headers)[b"content-type"].startswith(b"text/plain; version=")
+        got = samples(m.body.decode())
+        assert got[("scaler_requests_total", frozenset({("outcome", "rejected_queue_full")}))] == 1
+        assert got[("scaler_client_errors_total", frozenset({("status", "413")}))] == 1
         nursery.cancel_scope.cancel()
