@@ -56,12 +56,14 @@ def write_private(path: Path, data: bytes) -> None:
 
 
 def tighten(root: Path, skip: tuple[str, ...] = ()) -> int:
-    """Set `root` to ROOT_MODE and every directory under it to DIR_MODE and every regular
-    file to FILE_MODE, returning how many had another mode. Symlinks are neither followed
+    """Take from `root` any permission ROOT_MODE does not give (a stricter root, e.g. 0700,
+    stays so), and set every directory under it to DIR_MODE and every regular file to
+    FILE_MODE; return how many were changed. Symlinks are neither followed
     nor changed, nor are sockets and other special files (the control socket has its own
     mode). `skip`: names directly under `root` not to walk (the chunk tree, which the disk
     cache's scan tightens during its own walk)."""
-    fixed = int(fix_mode(root, os.lstat(root), ROOT_MODE))
+    st = os.lstat(root)
+    fixed = int(fix_mode(root, st, (stat.S_IMODE(st.st_mode) & ROOT_MODE) | DIR_MODE))
     stack = [(Path(root), skip)]
     while stack:
         directory, skipped = stack.pop()

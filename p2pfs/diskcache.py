@@ -11,10 +11,12 @@ the umask, and an existing cache is tightened by `scan`: the chunks are the plai
 files whose modes on the mount may deny other users (`_perms`).
 
 The budget is never exceeded, not even for the length of one write: room for a chunk is
-made (least recently used chunks evicted and unlinked) before its temp file is written, and
-held as a reservation until it is renamed into place (`ByteLRU.reserve`), so the bytes of
-the chunk files on disk never exceed `budget`. (A reader that still holds an evicted file
-open keeps its blocks until it closes it.)
+made (least recently used chunks evicted and their files unlinked) before its temp file is
+written and held until it is renamed into place, and the bytes of a dropped file count until
+it is unlinked (`ByteLRU`'s held bytes). So the chunk files on disk, temp files included,
+never add up to more than `budget`. (A reader that still holds an evicted file open keeps
+its blocks until it closes it.) A write that finds the room held by other writes in
+progress waits for them.
 
 A read that cannot be served is a miss, counted by why: `corrupt_dropped` (the bytes or the
 file type were wrong), `read_errors` (the file could not be read: an OSError other than
@@ -52,6 +54,9 @@ from .lru import ByteLRU
 log = logging.getLogger("p2pfs.diskcache")
 
 TOUCH_INTERVAL_S = 600.0
+#: How long a write waits for room held by other writes in progress (each one chunk's
+#: write) before it gives up and leaves the chunk uncached.
+ROOM_WAIT_S = 30.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -142,7 +147,7 @@ class DiskCache:
                 self._lru.add(digest, size)
                 self._entries[digest] = _Entry(xxh, next(self._gen))
             # The budget may have shrunk since the last run.
-            doomed = [self._forget_locked(v, already_removed=True) for v in self._lru.evict()]
+            doomed = [self._forget_locked(v) for v in self._lru.evict()]
         _remove_all(doomed)
 
     # -- queries --------------------------------------------------------------------------
@@ -222,10 +227,12 @@ class DiskCache:
         # Usually evicted by a writer after our lookup (then the entry is gone already, or
         # is a newer one whose file exists); a plain miss either way. If our entry is
         # still there, its file was removed behind our back: forget it.
-        with self._lock:
+        with self._room:
             self._raced += 1
             if self._entries.get(digest) == found.entry:
+                self._lru.remove(digest)
                 self._forget_locked(digest)
+                self._room.notify_all()
         log.debug("disk cache: %s vanished before it could be read", found.path)
 
     def _drop(self, digest: str, found: _Located, kind: str, why: str) -> None:
@@ -237,17 +244,18 @@ class DiskCache:
             else:
                 self._read_errors += 1
             # Only our entry: a newer one of the same digest is another file.
-            doomed = self._forget_locked(digest) if self._entries.get(digest) == found.entry else None
+            doomed, held = (self._drop_locked(digest) if self._entries.get(digest) == found.entry
+                            else (None, 0))
             first = kind not in self._warned
             self._warned.add(kind)
         what = "corrupt" if kind == "corrupt" else "unreadable"
         if first:
-            log.warning("disk cache: dropped %s chunk file %s (%s); refetching it. Further "
+            log.warning("disk cache: dropped %s chunk file %s (%s); it will be fetched again. Further "
                         "%s files are counted in the status and logged at debug level",
                         what, found.path, why, what)
         else:
             log.debug("disk cache: dropped %s chunk file %s (%s)", what, found.path, why)
-        _remove_all([doomed])
+        self._remove_held([doomed], held)
 
     # -- write ----------------------------------------------------------------------------
     def write(self, digest: str, data: bytes | memoryview, xxh: str | None = None) -> bool:
@@ -259,22 +267,28 @@ class DiskCache:
         someone else can change while we write (a fill client's): a file that does not
         match `xxh` fails its check on read-back and is refetched, never served."""
         size = len(data)
-        with self._room:
-            while True:
+        deadline = time.monotonic() + ROOM_WAIT_S
+        while True:
+            with self._room:
                 if digest in self._lru:
                     self._lru.touch(digest)
                     return True
                 if size > self._lru.budget:
                     return False
-                victims = self._lru.reserve(size)
-                if victims is not None:
+                if self._lru.reserve(size):
                     break
-                self._room.wait()
-            self._evicted += len(victims)
-            doomed = [self._forget_locked(v, already_removed=True) for v in victims]
+                doomed, held = self._evict_held_locked(reserve=self._lru.reserved + size)
+                if not doomed:
+                    # The room is held by writes and deletes in progress: wait for them.
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        log.debug("disk cache: no room for %s within %.0f s", digest, ROOM_WAIT_S)
+                        return False
+                    self._room.wait(left)
+                    continue
+            self._remove_held(doomed, held)  # then try again: another write may take it
         committed = False
         try:
-            _remove_all(doomed)  # before our file exists: the budget holds throughout
             if xxh is None:
                 xxh = xxhash.xxh3_64_hexdigest(data)
             final = self._path(digest, xxh)
@@ -291,10 +305,15 @@ class DiskCache:
                     self._shrink_after_enospc(size)
                 return False
             with self._room:
+                # Another write of this digest may have landed meanwhile, under another
+                # name if its xxh3 differed (a fill client's memory changed): ours wins,
+                # and the other file goes, or it would stay on disk uncounted.
+                other, held = self._drop_locked(digest)
                 self._lru.commit(digest, size)
                 self._entries[digest] = _Entry(xxh, next(self._gen))
                 self._room.notify_all()
             committed = True
+            self._remove_held([None if other == final else other], held)
             return True
         finally:
             if not committed:
@@ -315,26 +334,43 @@ class DiskCache:
 
     def remove(self, digest: str) -> None:
         with self._lock:
-            doomed = self._forget_locked(digest)
-        _remove_all([doomed])
+            doomed, held = self._drop_locked(digest)
+        self._remove_held([doomed], held)
 
     def _shrink_after_enospc(self, need: int) -> None:
         # The disk filled before our budget did: free room by evicting the oldest chunks.
         with self._lock:
-            victims = self._lru.evict(limit=max(0, self._lru.used - 8 * need))
-            self._evicted += len(victims)
-            doomed = [self._forget_locked(v, already_removed=True) for v in victims]
-        _remove_all(doomed)
+            doomed, held = self._evict_held_locked(limit=max(0, self._lru.used - 8 * need))
+        self._remove_held(doomed, held)
 
-    def _forget_locked(self, digest: str, already_removed: bool = False) -> Path | None:
-        """Drop `digest` from the index; return its file for the caller to remove once the
-        lock is released (the lock guards bookkeeping only, never file I/O: the trio thread
-        takes it to ask `digest in cache`)."""
-        if not already_removed:
-            self._lru.remove(digest)
+    # The lock guards bookkeeping only, never file I/O (the trio thread takes it to ask
+    # `digest in cache`): files are removed after it is released, their bytes held in the
+    # LRU until they are gone.
+    def _evict_held_locked(self, **evict_args: int) -> tuple[list[Path | None], int]:
+        """Evict (ByteLRU.evict's arguments) holding the victims' bytes; return their files
+        and the bytes held, for `_remove_held`."""
+        before = self._lru.reserved
+        victims = self._lru.evict(hold=True, **evict_args)
+        self._evicted += len(victims)
+        return [self._forget_locked(v) for v in victims], self._lru.reserved - before
+
+    def _drop_locked(self, digest: str) -> tuple[Path | None, int]:
+        """Drop `digest` from the index holding its bytes; its file and the bytes held."""
+        held = self._lru.remove(digest, hold=True)
+        return self._forget_locked(digest), held
+
+    def _forget_locked(self, digest: str) -> Path | None:
+        """The rest of the index after the LRU let `digest` go; its file, if any."""
         self._touched.pop(digest, None)
         entry = self._entries.pop(digest, None)
         return None if entry is None else self._path(digest, entry.xxh)
+
+    def _remove_held(self, paths: list[Path | None], held: int) -> None:
+        """Remove the files, then give back the bytes held for them."""
+        _remove_all(paths)
+        with self._room:
+            self._lru.release(held)
+            self._room.notify_all()
 
 
 def _remove_all(paths: list[Path | None]) -> None:

@@ -13,11 +13,13 @@ class ByteLRU(Generic[K]):
     least recent keys that must go for the total to fit the budget. Not thread-safe: callers
     that share one hold their own lock.
 
-    Room for an entry that is still being made (a file being written) is held with
-    `reserve` and handed over with `commit` (or given back with `release`). Through those,
-    `used + reserved <= budget` holds at every step: the room is made before the entry
-    exists, so whatever the entry stands for never overshoots the budget, not even briefly.
-    `add` alone (rebuilding an index) may overshoot until the next `evict`."""
+    `reserved` counts bytes that are held but are no entry: room for an entry still being
+    made (a file being written: `reserve`, then `commit` or `release`) or an entry dropped
+    whose bytes are not gone yet (a file being deleted: `evict(hold=True)` or
+    `remove(hold=True)`, then `release` once it is gone). Through those, `used + reserved
+    <= budget` holds at every step, so what entries and held bytes stand for never exceeds
+    the budget, not even between two steps of the caller's I/O. `add` alone (rebuilding an
+    index) may overshoot until the next `evict`."""
 
     def __init__(self, budget: int) -> None:
         if budget < 0:
@@ -52,23 +54,24 @@ class ByteLRU(Generic[K]):
         self._sizes.move_to_end(key)
         return True
 
-    def remove(self, key: K) -> int:
+    def remove(self, key: K, hold: bool = False) -> int:
+        """Drop `key`; return its size. `hold`: keep its bytes reserved (release them once
+        what they stand for is gone)."""
         size = self._sizes.pop(key, 0)
         self.used -= size
+        if hold:
+            self.reserved += size
         return size
 
-    def reserve(self, size: int) -> list[K] | None:
-        """Hold room for `size` more bytes: evict least-recently-used keys until
-        used + reserved + size <= budget, then count `size` as reserved; return the evicted
-        keys. None, evicting nothing, if other reservations leave less than `size` of the
-        budget (retry once one of them ends)."""
+    def reserve(self, size: int) -> bool:
+        """Hold room for `size` more bytes if the budget has it beside used + reserved;
+        otherwise hold nothing (make room with `evict(reserve=reserved + size)` first)."""
         if size < 0:
             raise ValueError("size must be >= 0")
-        if self.reserved + size > self.budget:
-            return None
-        victims = self.evict(reserve=self.reserved + size)
+        if self.used + self.reserved + size > self.budget:
+            return False
         self.reserved += size
-        return victims
+        return True
 
     def commit(self, key: K, size: int) -> None:
         """Turn a reservation of `size` into the entry `key` (most recent)."""
@@ -81,9 +84,11 @@ class ByteLRU(Generic[K]):
             raise ValueError(f"releasing {size} of {self.reserved} reserved bytes")
         self.reserved -= size
 
-    def evict(self, reserve: int = 0, keep: K | None = None, limit: int | None = None) -> list[K]:
+    def evict(self, reserve: int = 0, keep: K | None = None, limit: int | None = None,
+              hold: bool = False) -> list[K]:
         """Drop least-recently-used keys until used + reserve <= limit (default: the budget);
-        return them. `keep` (typically the key just added) is never chosen."""
+        return them. `keep` (typically the key just added) is never chosen. `hold`: keep the
+        victims' bytes reserved, as `remove(hold=True)` does."""
         limit = self.budget if limit is None else limit
         victims: list[K] = []
         while self.used + reserve > limit:
@@ -93,5 +98,5 @@ class ByteLRU(Generic[K]):
             else:
                 break
             victims.append(key)
-            self.used -= self._sizes.pop(key)
+            self.remove(key, hold)
         return victims
