@@ -13,7 +13,9 @@
     ├── IntegrityError           bytes that do not match their recorded digest (never served)
     ├── FetchTimeout             a chunk could not be had within the read deadline
     ├── RecentlyFailed           a chunk whose read failed moments ago (failing fast)
-    └── CacheFull                a prefetch asked for more than the disk cache can keep
+    ├── CacheFull                a prefetch asked for more than the disk cache can keep
+    └── ProtocolError            a control-socket request we cannot serve as sent (the
+                                 client's mistake: answered, never logged as ours)
 
 Library errors (botocore, OS) are mapped to these at the edge (`p2pfs/origin/`); the FUSE
 operations module is the only place that turns them into errno values.
@@ -72,6 +74,10 @@ class RecentlyFailed(P2PFSError):
 
 class CacheFull(P2PFSError):
     pass
+
+
+class ProtocolError(P2PFSError):
+    """A control-socket client broke the protocol (p2pfs.control._wire)."""
 
 
 def is_temp_failure(exc: BaseException) -> bool:
