@@ -1,11 +1,11 @@
 """Read part of a file the way one kind of program does, in a child process the fault tests
 can time out and kill: a read that hangs must fail the test, not wedge it.
 
-    python _reader.py PATH MODE OFFSET LENGTH      (LENGTH -1: to the end of the file)
+    python _reader.py PATH MODE OFFSET LENGTH [COPY]  (LENGTH -1: to the end of the file)
 
 MODE: `buffered` (read(2) through the page cache, what cat does), `direct` (O_DIRECT),
 `mmap` (page faults; an unservable page kills us with SIGBUS, which the caller sees as
-the return code). Prints one JSON line: {"ok", "errno", "sha256", "n", "t0", "t1"};
+the return code). With COPY, what was read is also written to that file. Prints one JSON line: {"ok", "errno", "sha256", "n", "t0", "t1"};
 t0/t1 are CLOCK_MONOTONIC, comparable with the caller's time.monotonic().
 """
 
@@ -21,7 +21,16 @@ import time
 
 def main() -> None:
     path, mode, offset, length = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    copy = open(sys.argv[5], "wb") if len(sys.argv) > 5 else None
     h = hashlib.sha256()
+
+    def took(block) -> None:
+        nonlocal n
+        h.update(block)
+        n += len(block)
+        if copy is not None:
+            copy.write(block)
+
     n = 0
     t0 = time.monotonic()
     # Said before touching the file: if we die of SIGBUS the caller still knows when we began.
@@ -36,9 +45,7 @@ def main() -> None:
                     with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as m:
                         step = 1 << 20
                         for pos in range(offset, end, step):
-                            block = m[pos:min(end, pos + step)]
-                            h.update(block)
-                            n += len(block)
+                            took(m[pos:min(end, pos + step)])
             finally:
                 os.close(fd)
         else:
@@ -53,8 +60,7 @@ def main() -> None:
                     k = os.preadv(fd, [view[:want]], pos)
                     if k == 0:
                         break
-                    h.update(view[:k])
-                    n += k
+                    took(view[:k])
                     pos += k
             finally:
                 os.close(fd)

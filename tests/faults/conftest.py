@@ -133,11 +133,12 @@ class Read:
 
 
 def read_file(path: Path | str, *, mode: str = "buffered", offset: int = 0, length: int = -1,
-              timeout: float = 60.0) -> Read:
+              timeout: float = 60.0, copy: Path | None = None) -> Read:
     """Read `path` in a child process; a read still running after `timeout` is killed and
-    reported as hung."""
+    reported as hung. With `copy`, the bytes read are written there too."""
     t_spawn = time.monotonic()
-    proc = subprocess.Popen([sys.executable, str(READER), str(path), mode, str(offset), str(length)],
+    proc = subprocess.Popen([sys.executable, str(READER), str(path), mode, str(offset), str(length),
+                             *([str(copy)] if copy else [])],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, _ = proc.communicate(timeout=timeout)

@@ -33,6 +33,11 @@ SHA = [hashlib.sha256(DATA[i:i + CHUNK]).hexdigest() for i in range(0, len(DATA)
 RAW = "@RAW{}@"  # placeholder for raw JSON text
 
 
+def _nowhere(name: str) -> str:
+    """A digest no bytes of the corpus have: such a chunk can only come from its range."""
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
 def _base() -> dict[str, Any]:
     return {
         "format": "p2pfs-manifest", "version": 1, "kind": "model", "chunk_size": CHUNK,
@@ -99,7 +104,7 @@ case("rdev_2_40", "kernel-range", "a block device with rdev 2**40 (FUSE carries 
 case("size_2_63", "kernel-range", "a file of 2**63 bytes (off_t is signed 64 bits): one zstd "
      "chunk of that size", (1, 3), (1, 3))(
     lambda d, raw: _add(d, path="huge", type="file", size=2**63,
-                        chunks=[[0, 0, 100, 2**63, "zstd", SHA[0]]]))
+                        chunks=[[0, 0, 100, 2**63, "zstd", _nowhere("huge")]]))
 case("name_300_bytes", "kernel-range", "a file name of 300 bytes (NAME_MAX is 255)", (1,))(
     lambda d, raw: _add(d, path="n" * 300, type="file", size=CHUNK,
                         chunks=[[0, 0, CHUNK, CHUNK, "none", SHA[0]]]))
@@ -142,26 +147,29 @@ case("zstd_bomb", "huge-chunk", "one zstd chunk that inflates to 512 MiB (16 KB 
                          chunks=[[1, 0, len(BOMB), BOMB_SIZE, "zstd", BOMB_SHA]])))
 case("chunk_2_40_raw", "huge-chunk", "a raw chunk of 2**40 bytes in a 48 KiB blob", (3,), (3, 9))(
     lambda d, raw: _add(d, path="tera", type="file", size=2**40,
-                        chunks=[[0, 0, 2**40, 2**40, "none", SHA[0]]]))
+                        chunks=[[0, 0, 2**40, 2**40, "none", _nowhere("tera")]]))
 case("chunk_size_2_62", "huge-chunk", "the manifest's chunk_size is 2**62", (3,))(
     lambda d, raw: d.update(chunk_size=2**62))
 case("range_past_end", "short-blob", "a chunk range that ends 8 KiB past the end of its blob",
      (), (9,))(
     lambda d, raw: _add(d, path="past_end.bin", type="file", size=CHUNK,
-                        chunks=[[0, 2 * CHUNK + CHUNK // 2, CHUNK, CHUNK, "none", SHA[2]]]))
+                        chunks=[[0, 2 * CHUNK + CHUNK // 2, CHUNK, CHUNK, "none", _nowhere("past")]]))
 case("offset_past_end", "short-blob", "a chunk that starts 1 GiB past the end of its blob", (), (9,))(
     lambda d, raw: _add(d, path="far.bin", type="file", size=CHUNK,
-                        chunks=[[0, 1 << 30, CHUNK, CHUNK, "none", SHA[0]]]))
-case("wrong_sha", "bad-data", "the second chunk's sha256 is another chunk's")(
+                        chunks=[[0, 1 << 30, CHUNK, CHUNK, "none", _nowhere("far")]]))
+case("wrong_sha", "bad-data", "the second chunk's sha256 matches no bytes")(
+    lambda d, raw: _file(d)["chunks"][1].__setitem__(5, _nowhere("wrong")))
+case("digest_of_another_chunk", "bad-data", "the second chunk's sha256 is the first one's: "
+     "content addressing may serve the first chunk's bytes there, or fail")(
     lambda d, raw: _file(d)["chunks"][1].__setitem__(5, SHA[0]))
 case("bad_zstd", "bad-data", "a zstd chunk whose stored bytes are not a zstd frame")(
     lambda d, raw: _add(d, path="notzstd.bin", type="file", size=CHUNK,
-                        chunks=[[0, 0, CHUNK, CHUNK, "zstd", SHA[0]]]))
+                        chunks=[[0, 0, CHUNK, CHUNK, "zstd", _nowhere("notzstd")]]))
 case("zstd_frame_lies", "huge-chunk", "a 1 MiB zstd chunk whose frame inflates to 512 MiB "
      "(zstandard ignores max_output_size when the frame states its size)", (), (3,))(
     lambda d, raw: (d["blobs"].append("bomb.zst"),
                     _add(d, path="lying.bin", type="file", size=1 << 20,
-                         chunks=[[1, 0, len(BOMB), 1 << 20, "zstd", SHA[0]]])))
+                         chunks=[[1, 0, len(BOMB), 1 << 20, "zstd", _nowhere("lying")]])))
 case("duplicate_path", "structure", "the same path twice")(
     lambda d, raw: d["entries"].append(copy.deepcopy(d["entries"][1])))
 case("parent_is_file", "structure", "an entry under a regular file")(
