@@ -114,7 +114,11 @@ def build(cls: type[T], *layers: Mapping[str, Any] | None, error: type[Exception
     try:
         return dataclasses.replace(base, **merged) if base is not None else cls(**merged)
     except TypeError as exc:  # a required field without a value
-        raise error(f"[{section}] {exc}") from None
+        raise error(f"{where}[{section}] {exc}") from None
+    except error as exc:  # a range check: say which file the value came from
+        if not where:
+            raise
+        raise error(f"{where}{exc}") from None
 
 
 def read_toml(path: Path | None, tables: typing.Iterable[str], *, error: type[Exception]

@@ -1,4 +1,6 @@
-"""Units: config layering (defaults < TOML < flags) and CLI errors without tracebacks."""
+"""Units: config layering (defaults < TOML < flags, one implementation shared with the
+scaler), range checks of every setting, path resolution, and CLI errors without
+tracebacks (global options after the command included)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from p2pfs.config import Config, GiB, MiB, load_config, override, parse_size
+from p2pfs.config import (CacheConfig, Config, FetchConfig, GiB, MiB, MountConfig,
+                          PublishConfig, S3Config, absolute_paths, load_config, override,
+                          parse_size)
 from p2pfs.errors import ConfigError
 from p2pfs.origin import parse_url
 
@@ -64,3 +68,137 @@ def test_cli_errors_are_one_line(args, msg):
     r = subprocess.run([sys.executable, "-m", "p2pfs", *args], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert msg in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("cls, kwargs, msg", [
+    (FetchConfig, {"concurrency": 0}, r"\[fetch\] concurrency = 0: must be between 1 and 1024"),
+    (FetchConfig, {"read_timeout": 0.0}, r"read_timeout = 0.0: must be > 0 and <= 86400"),
+    (FetchConfig, {"read_timeout": float("nan")}, r"read_timeout = nan"),
+    (FetchConfig, {"retry_base": 1.0, "retry_max": 0.5}, r"retry_max = 0.5: must be >= retry_base"),
+    (FetchConfig, {"readahead_min": 2 * MiB, "readahead_max": MiB}, r"readahead_max .* >= readahead_min"),
+    (FetchConfig, {"max_request": 1}, r"max_request = 1: must be between 4KiB and 1GiB"),
+    (FetchConfig, {"concurrency": "8"}, r"concurrency = '8': expected an integer"),
+    (FetchConfig, {"concurrency": True}, r"concurrency = True: expected an integer"),
+    (CacheConfig, {"size": -1}, r"\[cache\] size = -1: must be >= 0"),
+    (CacheConfig, {"writeback_workers": 0}, r"writeback_workers = 0: must be between 1 and 64"),
+    (S3Config, {"upload_part_size": MiB}, r"upload_part_size = 1048576: must be between 5MiB and 5GiB"),
+    (S3Config, {"endpoint_url": "localhost:8333"}, r"endpoint_url .* http:// or https://"),
+    (S3Config, {"connect_timeout": -1.0}, r"connect_timeout = -1.0: must be > 0"),
+    (MountConfig, {"max_background": 0}, r"\[mount\] max_background = 0: must be between 1 and 65535"),
+    (MountConfig, {"metrics_addr": "127.0.0.1:99999"}, r"port must be a number from 0 to 65535"),
+    (MountConfig, {"metrics_addr": "9464"}, r"expected HOST:PORT"),
+    (MountConfig, {"metrics_addr": ":9464"}, r"expected HOST:PORT"),
+    (MountConfig, {"metrics_addr": "::1:9464"}, r"IPv6 host in brackets"),
+    (MountConfig, {"metrics_addr": "[nope]:9464"}, r"not an IPv6 address"),
+    (MountConfig, {"metrics_addr": "a b:80"}, r"not a host name"),
+    (PublishConfig, {"chunk_size": GiB}, r"chunk_size = 1073741824: must be between 4KiB and 64MiB"),
+])
+def test_settings_are_checked_when_built(cls, kwargs, msg):
+    """Regression: FetchConfig(concurrency=0) used to be accepted and fail deep in trio."""
+    with pytest.raises(ConfigError, match=msg):
+        cls(**kwargs)
+
+
+def test_good_values_pass_and_ipv6_metrics_addresses_parse():
+    assert MountConfig(metrics_addr="[::1]:9464").metrics_host_port == ("::1", 9464)
+    assert MountConfig(metrics_addr="localhost:0").metrics_host_port == ("localhost", 0)
+    assert MountConfig().metrics_host_port is None
+    assert FetchConfig(retry_base=0.01, retry_max=0.05, max_request=256 * 1024).retry_max == 0.05
+
+
+def test_range_errors_come_from_toml_and_flags(tmp_path: Path):
+    f = tmp_path / "c.toml"
+    f.write_text("[fetch]\nconcurrency = 0\n")
+    with pytest.raises(ConfigError, match=r"concurrency = 0: must be between 1 and 1024"):
+        load_config(f)
+    with pytest.raises(ConfigError, match=r"\[cache\] size = 'lots' is not a valid value"):
+        override(Config(), cache={"size": "lots"})
+    f.write_text("[fetch]\nconcurrency = 1.5\n")
+    with pytest.raises(ConfigError, match=r"config file .*c.toml: \[fetch\] concurrency = 1.5"):
+        load_config(f)
+
+
+def test_scaler_uses_the_same_layering(tmp_path: Path):
+    """One implementation: the scaler's tables coerce sizes and name the table like p2pfs."""
+    from scaler._config import ProxyConfig, build, load_toml
+    from scaler._errors import ConfigError as ScalerConfigError
+
+    f = tmp_path / "s.toml"
+    f.write_text('[proxy]\nmax_body_bytes = "1MiB"\nport = 9000\n')
+    cfg = build(ProxyConfig, load_toml(f)["proxy"], {"port": None, "max_queue": 5})
+    assert (cfg.max_body_bytes, cfg.port, cfg.max_queue) == (MiB, 9000, 5)
+    with pytest.raises(ScalerConfigError, match=r"\[proxy\] unknown setting 'prot'"):
+        build(ProxyConfig, {"prot": 1})
+    with pytest.raises(ScalerConfigError, match=r"\[proxy\] port = True is not a valid value"):
+        build(ProxyConfig, {"port": True})
+    f.write_text("[proxies]\n")
+    with pytest.raises(ScalerConfigError, match=r"unknown section \[proxies\]"):
+        load_toml(f)
+
+
+def test_paths_are_made_absolute():
+    cfg = override(Config(), cache={"dir": "rel/cache"})
+    assert absolute_paths(cfg, cwd="/srv").cache.dir == Path("/srv/rel/cache")
+    assert absolute_paths(Config(), cwd="/srv").cache.dir == Config().cache.dir
+    assert absolute_paths(override(Config(), cache={"dir": "~/c"})).cache.dir == Path.home() / "c"
+
+
+def _p2pfs(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "p2pfs", *args], capture_output=True, text=True,
+                          timeout=60, cwd=cwd)
+
+
+@pytest.mark.parametrize("args, msg", [
+    # Global options after the command (regression: "No such option").
+    (["index", "s3://b/p", "--config", "/nonexistent.toml"], "does not exist"),
+    (["index", "s3://b/p", "--endpoint-url", "localhost:1"], "endpoint_url"),
+    (["index", "s3://b/p", "--chunk-size", "1GiB"], "chunk_size = 1073741824: must be between"),
+    (["mount", "s3://b/p", "/tmp", "--concurrency", "0"], "concurrency = 0: must be between 1 and 1024"),
+    (["mount", "s3://b/p", "/tmp", "--metrics-addr", "127.0.0.1:99999"], "port must be a number"),
+    (["mount", "s3://b/p", "/tmp", "--metrics-addr", "nohost"], "expected HOST:PORT"),
+])
+def test_cli_setting_errors_are_one_line(args, msg):
+    r = _p2pfs(*args)
+    assert r.returncode == 1, r.stderr
+    assert msg in r.stderr and r.stderr.startswith("p2pfs: error: ") and r.stderr.count("\n") == 1
+
+
+def test_global_options_after_every_command():
+    from click.testing import CliRunner
+
+    from p2pfs.cli import main
+
+    assert set(main.commands) >= {"publish", "index", "mount", "status", "prefetch", "unmount"}
+    for name in main.commands:
+        r = CliRunner().invoke(main, [name, "--config", "/x.toml", "--endpoint-url", "http://e",
+                                      "-v", "--help"])
+        assert r.exit_code == 0, (name, r.output)
+        assert "--endpoint-url" in r.output
+
+
+def test_a_global_option_after_the_command_wins(tmp_path: Path):
+    good = tmp_path / "good.toml"
+    good.write_text("[fetch]\nconcurrency = 4\n")
+    r = _p2pfs("--config", str(good), "index", "s3://b/p", "--config", "/nonexistent.toml")
+    assert r.returncode == 1 and "/nonexistent.toml does not exist" in r.stderr
+
+
+def test_relative_config_path_is_read_from_the_start_directory(tmp_path: Path):
+    (tmp_path / "c.toml").write_text("[fetch]\nconcurrency = 0\n")
+    r = _p2pfs("index", "s3://b/p", "--config", "c.toml", cwd=str(tmp_path))
+    assert r.returncode == 1 and f"{tmp_path}/c.toml" in r.stderr and "concurrency = 0" in r.stderr
+
+
+def test_scaler_verbose_after_the_command_and_listen_checked(tmp_path: Path):
+    from click.testing import CliRunner
+
+    from scaler.cli import main
+
+    trace = tmp_path / "t.csv"
+    trace.write_text("arrival_s,service_s\n0.0,0.1\n1.0,0.1\n")
+    r = CliRunner().invoke(main, ["simulate", "--trace", str(trace), "--json", "-v"])
+    assert r.exit_code == 0, r.output
+    for name in main.commands:
+        assert CliRunner().invoke(main, [name, "-vv", "--help"]).exit_code == 0, name
+    r = CliRunner().invoke(main, ["keda", "--listen", "127.0.0.1:99999"])
+    assert r.exit_code == 2 and "port must be a number from 0 to 65535" in r.output

@@ -117,3 +117,39 @@ def test_bench_smoke(gpuload, model):
     assert set(j["results"]) == {"gpuload", "safetensors"}
     r = gpuload("bench", model, "--method", "nope")
     assert r.returncode == 2
+
+
+def test_inspect_prints_a_lone_surrogate_name_escaped(tmp_path):
+    """Regression: a tensor name with a lone surrogate (valid JSON: "\\ud800") made the
+    text output raise UnicodeEncodeError with a traceback. A real process: its stdout
+    encoding is what matters."""
+    p = raw_file(tmp_path / "s.safetensors",
+                 '{"a\\ud800b":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}', b"\0")
+    cmd = [sys.executable, "-m", "gpuload.cli", "inspect", str(p)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "a\\ud800b  U8" in r.stdout
+    r = subprocess.run([*cmd, "--json"], capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    r.stdout.decode("ascii")  # escaped, so any JSON reader takes it
+    assert json.loads(r.stdout)["shards"][0]["tensors"][0]["name"] == "a\ud800b"
+
+
+@pytest.mark.parametrize("layout", ["file", "index"])
+def test_inspect_refuses_a_fifo_instead_of_hanging(tmp_path, model, layout):
+    """Regression: opening a FIFO blocked until a writer came, i.e. forever."""
+    import os
+
+    if layout == "file":
+        target = tmp_path / "fifo.safetensors"
+        os.mkfifo(target)
+    else:
+        target = tmp_path / "ckpt"
+        target.mkdir()
+        os.mkfifo(target / "model.safetensors.index.json")
+    for cmd in (["inspect", str(target)], ["load", str(target), "--json"]):
+        r = subprocess.run([sys.executable, "-m", "gpuload.cli", *cmd], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 1 and r.stdout == ""
+        assert r.stderr.startswith("gpuload: error: ") and "not a regular file" in r.stderr
+        assert r.stderr.count("\n") == 1
