@@ -112,9 +112,14 @@ class ProxyConfig:
     #: Seconds a client has, from a request's first byte, to send its whole head (408): a
     #: client trickling a head (slowloris) holds its connection slot no longer than this.
     head_timeout_s: float = 10.0
+    #: While every connection slot is taken and another connection waits for one: seconds
+    #: a connection may hold its slot without delivering a whole request head (idle, silent
+    #: since it connected, or its head trickling in). Past that the longest such one gives
+    #: its slot up (408 if a request had begun), so slow or hostile clients only hold
+    #: slots that nobody else needs.
+    busy_head_timeout_s: float = 1.0
     #: Seconds a connection may wait for the first byte of its next request (before the
-    #: first one, and between keep-alive requests). An idle connection is also the first
-    #: closed when every slot is taken and another client waits for one.
+    #: first one, and between keep-alive requests); see also busy_head_timeout_s.
     idle_timeout_s: float = 30.0
     #: Seconds a connection closed on an error answer (400, 408, 413, 431, 503) goes on
     #: reading and discarding what the client still sends, so it reads our answer rather
@@ -130,12 +135,13 @@ class ProxyConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "max_concurrency", "max_queue", "queue_timeout_s", "connect_timeout_s",
-                  "request_timeout_s", "client_timeout_s", "head_timeout_s", "idle_timeout_s",
-                  "linger_s", "max_body_bytes", "max_header_bytes", "max_connections")
+                  "request_timeout_s", "client_timeout_s", "head_timeout_s",
+                  "busy_head_timeout_s", "idle_timeout_s", "linger_s", "max_body_bytes",
+                  "max_header_bytes", "max_connections")
         if self.max_retries < 0:
             raise ConfigError("max_retries must be >= 0")
-        if self.head_timeout_s > self.client_timeout_s:
-            raise ConfigError("head_timeout_s must not exceed client_timeout_s")
+        if not self.busy_head_timeout_s <= self.head_timeout_s <= self.client_timeout_s:
+            raise ConfigError("need busy_head_timeout_s <= head_timeout_s <= client_timeout_s")
 
 
 @dataclass(frozen=True, kw_only=True)

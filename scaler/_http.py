@@ -112,10 +112,13 @@ async def read_head(conn: h11.Connection, stream: trio.abc.Stream, *,
 async def read_body(conn: h11.Connection, stream: trio.abc.Stream, head: h11.Request, *,
                     max_body: int) -> bytes:
     """The body of the request `head` began; a declared length over `max_body` is refused
-    (413) before a byte of it is read, a chunked body as soon as it passes the limit."""
+    (413) before a byte of it is read (and without a 100 Continue to a client that asked
+    for one), a chunked body as soon as it passes the limit."""
     for k, v in head.headers:
         if k == b"content-length" and int(v) > max_body:  # h11 has checked it is digits
             raise ProtocolError(f"body larger than {max_body} bytes", status=413)
+    if conn.they_are_waiting_for_100_continue:
+        await stream.send_all(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
     return await _read_body(conn, stream, max_body)
 
 

@@ -50,8 +50,8 @@ class ConnectionStats:
 
     #: Holding a connection slot (idle ones included).
     open: int
-    #: Holding a slot while waiting for the first byte of a request.
-    idle: int
+    #: Of those, the ones without a whole request head yet (idle, or the head arriving).
+    awaiting_head: int
     #: Accepted, waiting for a slot.
     waiting: int
     #: Closing gracefully after an error answer (no slot held).
@@ -100,7 +100,8 @@ def families(s: Snapshot, c: ConnectionStats | None = None) -> Iterator[Metric]:
         return
     yield labelled(GaugeMetricFamily("scaler_connections", "Client connections by state.",
                                      labels=["state"]),
-                   {"open": c.open, "idle": c.idle, "waiting": c.waiting, "closing": c.closing})
+                   {"open": c.open, "awaiting_head": c.awaiting_head, "waiting": c.waiting,
+                    "closing": c.closing})
     yield CounterMetricFamily("scaler_connections_rejected",
                               "Connections answered 503: no connection slot in time.",
                               value=c.rejected)

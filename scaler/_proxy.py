@@ -28,7 +28,7 @@ import h11
 import trio
 from prometheus_client.exposition import generate_latest
 
-from . import _http, _metrics
+from . import _http, _metrics, _slots
 from ._config import ProxyConfig
 from ._dispatch import Dispatcher, QueueFull, Ticket
 from ._errors import ProtocolError, ReplicaTimeout, ReplicaUnavailable
@@ -48,11 +48,10 @@ class QueueProxy:
         self.config, self.dispatcher = config, dispatcher
         self._poke, self._replica_failed = poke, replica_failed
         self._clock = clock
-        self._slots = trio.CapacityLimiter(config.max_connections)
-        #: Cancel scopes of idle connections, oldest first (dicts keep insertion order).
-        self._idle: dict[trio.CancelScope, None] = {}
-        #: Connections without a slot: waiting for one, or closing after an error answer.
-        self._waiting = self._closing = 0
+        self._slots = _slots.Slots(config.max_connections, grace=config.busy_head_timeout_s,
+                                   clock=clock)
+        #: Connections closing gracefully after an error answer (they hold no slot).
+        self._closing = 0
         self._rejected = 0
         self._client_errors: Counter[int] = Counter()
         self._registry = _metrics.registry(snapshot, self.statistics)
@@ -64,8 +63,8 @@ class QueueProxy:
                 t.token.set()
 
     def statistics(self) -> ConnectionStats:
-        return ConnectionStats(open=self._slots.borrowed_tokens, idle=len(self._idle),
-                               waiting=self._waiting, closing=self._closing,
+        return ConnectionStats(open=self._slots.open, awaiting_head=self._slots.unready,
+                               waiting=self._slots.waiting, closing=self._closing,
                                rejected=self._rejected,
                                client_errors=tuple(sorted(self._client_errors.items())))
 
@@ -89,63 +88,43 @@ class QueueProxy:
         c = self.config
         async with stream:
             deadline: float | None = None
-            try:
-                self._slots.acquire_nowait()
-            except trio.WouldBlock:
-                if self._waiting + self._closing >= c.max_connections:
+            claim = self._slots.try_claim()
+            if claim is None:
+                if self._slots.waiting + self._closing >= c.max_connections:
                     # Past both bounds: answer, but spend no more time on it.
                     self._rejected += 1
                     await self._refuse(h11.Connection(h11.SERVER), stream,
                                        self._busy("too many connections"))
                     return
                 deadline = self._clock() + c.queue_timeout_s
-                self._waiting += 1
-                try:
-                    slotted = await self._wait_for_slot(deadline)
-                finally:
-                    self._waiting -= 1
-                if not slotted:
+                claim = await self._slots.claim(deadline)
+                if claim is None:
                     self._rejected += 1
                     if await self._refuse(h11.Connection(h11.SERVER), stream, self._busy(
                             "no connection slot free before the queue deadline")):
                         await self._linger(stream)
                     return
             try:
-                refused = await self._serve(stream, deadline)
+                refused = await self._serve(stream, claim, deadline)
             finally:
-                self._slots.release()
+                self._slots.release(claim)
             if refused:
                 await self._linger(stream)
 
-    async def _wait_for_slot(self, deadline: float) -> bool:
-        if self._idle:
-            # The oldest idle connection makes room; CapacityLimiter is FIFO, so its slot
-            # goes to whoever has waited longest.
-            scope = next(iter(self._idle))
-            del self._idle[scope]
-            scope.cancel()
-        with trio.move_on_at(deadline):
-            await self._slots.acquire()
-            return True
-        return False
-
-    def _contended(self) -> bool:
-        return self._slots.statistics().tasks_waiting > 0
-
-    async def _serve(self, stream: trio.SocketStream, deadline: float | None) -> bool:
-        """Requests on one connection, holding a slot, until either side closes; True when
-        that was an error answer to the client, which should be followed by `_linger`.
+    async def _serve(self, stream: trio.SocketStream, claim: _slots.Claim,
+                     deadline: float | None) -> bool:
+        """Requests on one connection until either side closes or the slot is taken away;
+        True when that was an error answer to the client, which `_linger` should follow.
         `deadline`: the first request's queue deadline when it already waited for its slot."""
         c = self.config
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=c.max_header_bytes)
         while True:
             try:
-                if not await self._wait_for_request(conn, stream):
+                got = await self._next_head(conn, stream, claim)
+                if got is None:
                     return False
-                started = self._clock()
-                with trio.fail_after(c.head_timeout_s):
-                    head = await _http.read_head(conn, stream, max_head=c.max_header_bytes)
-                with trio.fail_at(started + c.client_timeout_s):
+                head, began = got
+                with trio.fail_at(began + c.client_timeout_s):
                     body = await _http.read_body(conn, stream, head, max_body=c.max_body_bytes)
             except ProtocolError as exc:
                 self._client_errors[exc.status] += 1
@@ -161,29 +140,33 @@ class QueueProxy:
             deadline = None
             try:
                 # While connections wait for a slot, this one is handed over after the response.
-                await _http.write_response(conn, stream, *reply, close=self._contended())
+                await _http.write_response(conn, stream, *reply, close=self._slots.contended)
             except _GONE:
                 return False
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return False  # either side said close, and the request has been read whole
             conn.start_next_cycle()
 
-    async def _wait_for_request(self, conn: h11.Connection, stream: trio.SocketStream) -> bool:
-        """Idle until a request begins; False: close (the client did, idle timeout, or the
-        slot went to a waiting connection)."""
-        data, _ = conn.trailing_data
-        if data:
-            return True  # pipelined
-        if self._contended():
-            return False
-        scope = trio.CancelScope(deadline=self._clock() + self.config.idle_timeout_s)
-        self._idle[scope] = None
-        try:
-            with scope:
-                return await _http.wait_for_request(conn, stream, max_head=self.config.max_header_bytes)
-            return False
-        finally:
-            self._idle.pop(scope, None)
+    async def _next_head(self, conn: h11.Connection, stream: trio.SocketStream,
+                         claim: _slots.Claim) -> tuple[h11.Request, float] | None:
+        """The next request head and when its first byte came. None: close without an
+        answer (the client closed, idle_timeout_s, or the slot was taken while idle).
+        TooSlowError: head_timeout_s, or the slot was taken mid-head."""
+        c = self.config
+        began: float | None = None
+        with self._slots.evictable(claim, self._clock()):
+            with trio.move_on_after(c.idle_timeout_s):
+                if not await _http.wait_for_request(conn, stream, max_head=c.max_header_bytes):
+                    return None
+                began = self._clock()
+            if began is not None:
+                with trio.move_on_at(began + c.head_timeout_s):
+                    head = await _http.read_head(conn, stream, max_head=c.max_header_bytes)
+                    if claim.held:  # else evicted just as the head completed
+                        return head, began
+        if began is None:
+            return None
+        raise trio.TooSlowError
 
     async def _refuse(self, conn: h11.Connection, stream: trio.SocketStream, reply: Reply) -> bool:
         """An error answer saying Connection: close; False when the client is gone or does
@@ -199,7 +182,7 @@ class QueueProxy:
     async def _linger(self, stream: trio.SocketStream) -> None:
         """The graceful close after an error answer, without a slot. Lingering connections
         count with the waiting ones against max_connections; past that, close at once."""
-        if self._waiting + self._closing >= self.config.max_connections:
+        if self._slots.waiting + self._closing >= self.config.max_connections:
             return
         self._closing += 1
         try:

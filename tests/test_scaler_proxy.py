@@ -84,7 +84,7 @@ SNAP = _metrics.Snapshot(in_flight=3, queued=4, ready=2, starting=1, standby=2, 
 
 
 def test_metrics_render_is_a_valid_exposition_with_stable_names():
-    conns = _metrics.ConnectionStats(open=5, idle=2, waiting=1, closing=0, rejected=4,
+    conns = _metrics.ConnectionStats(open=5, awaiting_head=2, waiting=1, closing=0, rejected=4,
                                      client_errors=((408, 3), (431, 1)))
     got = samples(_metrics.render(SNAP, conns))
     assert got[("scaler_concurrency", frozenset())] == 7

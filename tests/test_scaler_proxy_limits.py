@@ -15,7 +15,7 @@ import h11
 import pytest
 import trio
 
-from scaler import ConcurrencyPolicy, Endpoint, PolicyConfig, ProxyConfig, run_proxy
+from scaler import ConcurrencyPolicy, ConfigError, Endpoint, PolicyConfig, ProxyConfig, run_proxy
 
 from scaler_helpers import StaticActuator
 
@@ -141,40 +141,68 @@ async def test_connections_beyond_the_limit_get_503_within_the_queue_timeout():
 
 
 async def test_silent_connections_give_their_slots_to_a_real_request():
-    async with proxied(max_connections=4, idle_timeout_s=30) as (port, seen, _):
+    # Each holds a slot with idle_timeout_s 30 s; a waiting request evicts the oldest once
+    # it has held its slot busy_head_timeout_s (1 s) without sending a request.
+    async with proxied(max_connections=4) as (port, seen, _):
         silent = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(4)]
         await trio.sleep(0.2)  # accepted, each holding a slot
         answer = await roundtrip(port, timeout=5)
-        assert answer.status == 200 and answer.seconds < 1.0
+        assert answer.status == 200 and answer.seconds < 1.5
         # The oldest silent connection was closed to make room.
         assert await closed_within(silent[0], 1.0)
         for s in silent:
             await s.aclose()
 
 
-async def test_slowloris_is_dropped_after_the_head_timeout():
-    async with proxied(max_connections=4, head_timeout_s=1.0, idle_timeout_s=30) as (port, seen, run):
+async def trickle(stream: trio.SocketStream) -> None:
+    """A slowloris: a request head, one header line every 0.1 s, never finished."""
+    try:
+        await stream.send_all(b"GET /x HTTP/1.1\r\n")
+        for i in range(300):
+            await stream.send_all(b"x-%d: y\r\n" % i)
+            await trio.sleep(0.1)
+    except trio.BrokenResourceError:
+        pass
+
+
+async def test_slowloris_holding_every_slot_gives_way_to_real_requests():
+    # Every slot trickles a head; head_timeout_s is its default 10 s. Three real requests
+    # wait: each gets a slot once the oldest head has taken busy_head_timeout_s (1 s).
+    async with proxied(max_connections=4) as (port, seen, run):
         async with trio.open_nursery() as nursery:
             loris = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(4)]
-
-            async def trickle(stream: trio.SocketStream) -> None:
-                try:
-                    await stream.send_all(b"GET /x HTTP/1.1\r\n")
-                    for i in range(100):
-                        await stream.send_all(b"x-%d: y\r\n" % i)
-                        await trio.sleep(0.1)
-                except trio.BrokenResourceError:
-                    pass
-
             for s in loris:
                 nursery.start_soon(trickle, s)
             await trio.sleep(0.2)
-            answer = await roundtrip(port, timeout=5)
-            assert answer.status == 200 and answer.seconds < 2.0, answer
-            for s in loris:  # each got its 408 (or a reset) and was closed
-                assert await closed_within(s, 2.0)
+            answers: list[Answer] = []
+
+            async def client() -> None:
+                answers.append(await roundtrip(port, timeout=5))
+
+            async with trio.open_nursery() as clients:
+                for _ in range(3):
+                    clients.start_soon(client)
+            assert [a.status for a in answers] == [200] * 3
+            assert max(a.seconds for a in answers) < 2.0, [a.seconds for a in answers]
+            closed = [await closed_within(s, 0.1) for s in loris]
+            assert closed.count(True) == 3  # one per waiting request, no more
             nursery.cancel_scope.cancel()
-        assert len(seen) == 1  # no slowloris head was forwarded
+        assert len(seen) == 3  # no slowloris head was forwarded
+        assert dict(run.proxy.statistics().client_errors)[408] == 3
+
+
+async def test_slowloris_is_dropped_after_the_head_timeout_without_contention():
+    async with proxied(max_connections=8, head_timeout_s=1.0, busy_head_timeout_s=0.5) as (port, seen, run):
+        async with trio.open_nursery() as nursery:
+            loris = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(4)]
+            for s in loris:
+                nursery.start_soon(trickle, s)
+            start = trio.current_time()
+            for s in loris:  # each got its 408 and was closed
+                assert await closed_within(s, 3.0)
+            assert trio.current_time() - start < 2.0
+            nursery.cancel_scope.cancel()
+        assert not seen
         assert dict(run.proxy.statistics().client_errors)[408] == 4
 
 
@@ -265,3 +293,25 @@ async def test_oversized_body_after_expect_100_continue_is_refused_unsent():
                                       b"content-length: 1000000\r\n\r\n")
                 assert (await read_answer(stream)).status == 413
         assert not seen
+
+
+async def test_expect_100_continue_gets_a_100_before_the_body():
+    async with proxied() as (port, seen, _):
+        with trio.fail_after(5):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(b"PUT /x HTTP/1.1\r\nhost: t\r\nexpect: 100-continue\r\n"
+                                      b"content-length: 5\r\n\r\n")
+                with trio.fail_after(0.5):  # curl waits 1 s before sending anyway
+                    assert (await stream.receive_some(100)).startswith(b"HTTP/1.1 100 ")
+                await stream.send_all(b"hello")
+                assert (await read_answer(stream)).status == 200
+        assert seen[0]["body"] == 5
+
+
+@pytest.mark.parametrize("bad", [{"head_timeout_s": 0}, {"linger_s": -1},
+                                 {"max_header_bytes": 0}, {"busy_head_timeout_s": 20},
+                                 {"head_timeout_s": 40}])
+def test_proxy_config_refuses_bad_limits(bad):
+    with pytest.raises(ConfigError):
+        ProxyConfig(**bad)
