@@ -466,10 +466,13 @@ def prefetch(paths: tuple[Path, ...], as_json: bool) -> None:
                 bar.total = total
                 bar.update(done - bar.n)
 
-            res = do_prefetch(p, progress=progress)
+            try:
+                res = do_prefetch(p, progress=progress)
+            except ValueError as exc:  # a line that is not JSON
+                raise P2PFSError(f"prefetch of {p}: garbled answer from the daemon ({exc})") from None
         if as_json:
             click.echo(json.dumps({"path": str(p), **res}))
         else:
-            click.echo(f"{p}: {res['done'] / 1e6:.1f} MB local in {res['seconds']}s")
+            click.echo(f"{p}: {res.get('done', 0) / 1e6:.1f} MB local in {res.get('seconds')}s")
 
 
