@@ -9,7 +9,7 @@ may traverse it (the control socket in it is reachable by the clients it authori
 not list it, and everything in it is 0700/0600.
 
 An existing cache (from an older p2pfs, or copied in with other modes) is tightened at
-start-up by `tighten`, which the disk cache's scan calls.
+start-up by `tighten`, which the disk cache's scan calls for what p2pfs keeps there.
 """
 
 from __future__ import annotations
@@ -55,34 +55,27 @@ def write_private(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-def tighten(root: Path, skip: tuple[str, ...] = ()) -> int:
+def tighten(root: Path, owned: tuple[str, ...]) -> int:
     """Take from `root` any permission ROOT_MODE does not give (a stricter root, e.g. 0700,
-    stays so), and set every directory under it to DIR_MODE and every regular file to
-    FILE_MODE; return how many were changed. Symlinks are neither followed
-    nor changed, nor are sockets and other special files (the control socket has its own
-    mode). `skip`: names directly under `root` not to walk (the chunk tree, which the disk
-    cache's scan tightens during its own walk)."""
+    stays so), and give each of the `owned` names under it, and everything below those,
+    DIR_MODE (directories) or FILE_MODE (regular files); return how many were changed.
+    Only what p2pfs writes is named, so a cache dir that also holds other things keeps
+    their modes. Symlinks are neither followed nor changed, nor are sockets and other
+    special files (the control socket has its own mode)."""
     st = os.lstat(root)
     fixed = int(fix_mode(root, st, (stat.S_IMODE(st.st_mode) & ROOT_MODE) | DIR_MODE))
-    stack = [(Path(root), skip)]
+    stack = [Path(root) / name for name in owned]
     while stack:
-        directory, skipped = stack.pop()
+        path = stack.pop()
         try:
-            entries = list(os.scandir(directory))
-        except OSError:
+            st = os.lstat(path)
+        except FileNotFoundError:
             continue
-        for entry in entries:
-            if entry.name in skipped:
-                continue
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                fixed += fix_mode(entry.path, st, DIR_MODE)
-                stack.append((Path(entry.path), ()))
-            elif stat.S_ISREG(st.st_mode):
-                fixed += fix_mode(entry.path, st, FILE_MODE)
+        if stat.S_ISREG(st.st_mode):
+            fixed += fix_mode(path, st, FILE_MODE)
+        elif stat.S_ISDIR(st.st_mode):
+            fixed += fix_mode(path, st, DIR_MODE)
+            stack.extend(Path(e.path) for e in os.scandir(path))
     return fixed
 
 

@@ -54,6 +54,9 @@ from .lru import ByteLRU
 log = logging.getLogger("p2pfs.diskcache")
 
 TOUCH_INTERVAL_S = 600.0
+#: What p2pfs keeps in the cache dir besides `chunks/` (tightened at scan; the chunk tree
+#: during the scan's own walk) and the control socket (its mode is the server's).
+OWNED = ("lock", "p2pfs.log", "manifests")
 #: How long a write waits for room held by other writes in progress (each one chunk's
 #: write) before it gives up and leaves the chunk uncached.
 ROOM_WAIT_S = 30.0
@@ -112,7 +115,7 @@ class DiskCache:
         give every entry of the cache dir its private mode, logging how many had another."""
         private_dir(self.dir, ROOT_MODE)
         private_dir(self.chunk_dir)
-        fixed = tighten(self.dir, skip=("chunks",))
+        fixed = tighten(self.dir, OWNED)
         fixed += fix_mode(self.chunk_dir, os.lstat(self.chunk_dir), DIR_MODE)
         found: list[tuple[int, str, str, int]] = []
         for sub in os.scandir(self.chunk_dir):
@@ -429,8 +432,9 @@ def _read_into(path: Path, dest: memoryview, direct: bool) -> bool:
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
-            _clear_direct(fd)
         if done < n:
+            if bulk:
+                _clear_direct(fd)
             done += _pread_all(fd, dest[done:], done)
         return done == n
     finally:
@@ -492,7 +496,8 @@ def _write_file(path: Path, data: bytes | memoryview, direct: bool) -> None:
         if bulk:
             while done < bulk:
                 done += os.pwritev(fd, [view[done:bulk]], done)
-            _clear_direct(fd)
+            if n > bulk:
+                _clear_direct(fd)
         while done < n:
             done += os.pwritev(fd, [view[done:]], done)
     finally:

@@ -86,9 +86,14 @@ def test_an_existing_cache_is_tightened_on_start(tmp_path, caplog):
         os.chmod(p, 0o755 if p.is_dir() else 0o644)
         loose += 1
     os.chmod(cache / "manifests", 0o777)
+    (tmp_path / "notes").write_text("not ours")
+    os.chmod(tmp_path / "notes", 0o644)
+    os.symlink(tmp_path / "notes", cache / "notes")  # not ours: neither followed nor changed
     with caplog.at_level("INFO", logger="p2pfs.diskcache"):
         c = DiskCache(cache, 1 << 20)
         c.scan()
+    assert stat.S_IMODE((tmp_path / "notes").stat().st_mode) == 0o644
+    (cache / "notes").unlink()
     assert_private(cache)
     lines = [r.getMessage() for r in caplog.records if "other users" in r.getMessage()]
     assert len(lines) == 1 and f": {loose} entries" in lines[0], lines
