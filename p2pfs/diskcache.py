@@ -142,8 +142,8 @@ class DiskCache:
                 fixed += fix_mode(f.path, st, FILE_MODE)
                 found.append((st.st_mtime_ns, digest, xxh, st.st_size))
         if fixed:
-            log.warning("disk cache %s: %d entries could be read or entered by other users; "
-                        "set to 0700 (directories) and 0600 (files)", self.dir, fixed)
+            log.warning("disk cache %s: set the modes of %d entries to 0700 (directories) and "
+                        "0600 (files), so that other users cannot read the cache", self.dir, fixed)
         found.sort()
         with self._lock:
             for _, digest, xxh, size in found:

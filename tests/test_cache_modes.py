@@ -96,7 +96,7 @@ def test_an_existing_cache_is_tightened_on_start(tmp_path, caplog):
     (cache / "notes").unlink()
     assert_private(cache)
     lines = [r.getMessage() for r in caplog.records if "other users" in r.getMessage()]
-    assert len(lines) == 1 and f": {loose} entries" in lines[0], lines
+    assert len(lines) == 1 and f"modes of {loose} entries" in lines[0], lines
     assert all(d in c for d in digests)
     caplog.clear()
     DiskCache(cache, 1 << 20).scan()  # nothing left to change: nothing said
