@@ -8,14 +8,13 @@ request retried elsewhere. This is the one place errors become status codes:
 queue full/timeout and no connection slot 503, replica broken 502, replica too slow 504,
 and the client's own faults 400 (broken HTTP), 408 (too slow), 413 (body), 431 (head).
 
-Client connections are bounded too. `max_connections` slots; a connection without one
-waits for one until its queue deadline (503 then), and at most `max_connections` wait
-(beyond that, 503 at once). A slot is held only while it is used: a request head must
-arrive within `head_timeout_s` of its first byte (a slowloris holds a slot no longer), an
-idle connection (no byte of a request yet) is closed after `idle_timeout_s`, or at once
-when another connection waits, and a response says `Connection: close` while any wait.
-An error answer is followed by a graceful close (`_http.close_gracefully`), so a client
-still sending reads it instead of a reset.
+Client connections are bounded too: `max_connections` slots (`_slots.py`). A connection
+without one waits until its queue deadline (then 503), and at most `max_connections` wait
+or linger (beyond that, 503 at once). A request head must arrive within `head_timeout_s`
+of its first byte, the next request within `idle_timeout_s`; while others wait, a
+connection without a whole head after `busy_head_timeout_s` gives its slot up, and a
+response says `Connection: close`. An error answer is followed by a graceful close without
+a slot (`_linger`), so a client still sending reads it instead of a reset.
 """
 
 from __future__ import annotations

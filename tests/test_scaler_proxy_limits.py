@@ -134,8 +134,8 @@ async def test_connections_beyond_the_limit_get_503_within_the_queue_timeout():
         assert len(ok) + len(busy) == 24
         assert len(ok) >= 4 and len(busy) >= 12, [a.status for a in answers]
         assert all(a.headers[b"retry-after"] == b"3" for a in busy)
-        assert max(a.seconds for a in busy) < 2.0, sorted(a.seconds for a in busy)
-        assert max(a.seconds for a in ok) < 3.0, sorted(a.seconds for a in ok)
+        assert max(a.seconds for a in busy) < 2.5, sorted(a.seconds for a in busy)
+        assert max(a.seconds for a in ok) < 3.5, sorted(a.seconds for a in ok)
         stats = run.proxy.statistics()
         assert stats.rejected == len(busy) and stats.waiting == 0
 
@@ -147,7 +147,7 @@ async def test_silent_connections_give_their_slots_to_a_real_request():
         silent = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(4)]
         await trio.sleep(0.2)  # accepted, each holding a slot
         answer = await roundtrip(port, timeout=5)
-        assert answer.status == 200 and answer.seconds < 1.5
+        assert answer.status == 200 and answer.seconds < 2.0
         # The oldest silent connection was closed to make room.
         assert await closed_within(silent[0], 1.0)
         for s in silent:
@@ -183,8 +183,8 @@ async def test_slowloris_holding_every_slot_gives_way_to_real_requests():
                 for _ in range(3):
                     clients.start_soon(client)
             assert [a.status for a in answers] == [200] * 3
-            assert max(a.seconds for a in answers) < 2.0, [a.seconds for a in answers]
-            closed = [await closed_within(s, 0.1) for s in loris]
+            assert max(a.seconds for a in answers) < 2.5, [a.seconds for a in answers]
+            closed = [await closed_within(s, 1.0) for s in loris]  # the rest hold 10 s
             assert closed.count(True) == 3  # one per waiting request, no more
             nursery.cancel_scope.cancel()
         assert len(seen) == 3  # no slowloris head was forwarded
@@ -200,7 +200,7 @@ async def test_slowloris_is_dropped_after_the_head_timeout_without_contention():
             start = trio.current_time()
             for s in loris:  # each got its 408 and was closed
                 assert await closed_within(s, 3.0)
-            assert trio.current_time() - start < 2.0
+            assert trio.current_time() - start < 2.5
             nursery.cancel_scope.cancel()
         assert not seen
         assert dict(run.proxy.statistics().client_errors)[408] == 4
@@ -214,7 +214,7 @@ async def test_keep_alive_serves_many_requests_on_one_connection_quickly():
             for _ in range(20):
                 await stream.send_all(GET)
                 assert (await read_answer(stream)).status == 200
-            assert trio.current_time() - start < 2.0
+            assert trio.current_time() - start < 4.0
         assert len(seen) == 20
 
 
