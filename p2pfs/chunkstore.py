@@ -311,8 +311,7 @@ class ChunkStore:
             view = dest[pos:pos + loc.ref.size]
             async with self._disk_limiter:
                 ok = await trio.to_thread.run_sync(self.disk.read_into, loc.digest, view)
-            if not ok:
-                self.metrics.errors["cache_corrupt"] += 1
+            if not ok:  # a miss; the disk cache counts why (corrupt, read error, raced)
                 missing.append(item)
                 return
             self.metrics.hits["disk"] += 1
@@ -466,8 +465,7 @@ class ChunkStore:
         async def one(loc: ChunkLoc) -> None:
             async with self._disk_limiter:
                 data = await trio.to_thread.run_sync(self.disk.read, loc.digest)
-            if data is None:
-                self.metrics.errors["cache_corrupt"] += 1
+            if data is None:  # a miss; the disk cache counts why (corrupt, read error, raced)
                 return
             got.add(loc.digest)
             self.metrics.hits["disk"] += 1

@@ -330,7 +330,7 @@ async def test_fill_with_deferred_writes_keeps_memory_changed_after_the_answer_o
         assert origin.requests == [(0, CHUNK)]  # chunk 0 refetched, chunk 1 from disk
 
     await with_store(store, body)
-    assert store.metrics.errors["cache_corrupt"] == 1 and store.metrics.hits["disk"] == 1
+    assert store.disk.stats().corrupt_dropped == 1 and store.metrics.hits["disk"] == 1
 
 
 async def test_a_stalled_read_and_its_kernel_retry_fail_within_one_deadline(tmp_path):
@@ -397,3 +397,30 @@ async def test_a_zstd_bomb_is_refused_before_it_is_inflated(tmp_path):
         assert peak < 64 << 20, peak
 
     await with_store(store, body)
+
+
+async def test_a_disk_read_racing_an_eviction_is_a_miss_not_corruption(tmp_path):
+    """Defect 11: a chunk evicted between `digest in disk` and the read was counted as
+    corruption; it is a plain miss (the disk cache counts misses by cause)."""
+    data, locs = blob(tmp_path, 2 * CHUNK)
+    origin = Counting(tmp_path / "origin")
+    store = make_store(tmp_path, origin)
+    for loc in locs:
+        assert store.disk.write(loc.digest, data[loc.ref.offset:loc.ref.offset + loc.ref.size])
+    read, read_into = store.disk.read, store.disk.read_into
+
+    def evicted_first(digest, *args):  # evicted after `digest in disk`, before the read
+        store.disk.remove(digest)
+        return (read_into if args else read)(digest, *args)
+
+    store.disk.read = store.disk.read_into = evicted_first
+
+    async def body():
+        assert b"".join(await store.get(locs[:1])) == data[:CHUNK]
+        dest = bytearray(CHUNK)
+        await store.fill(locs[1:2], memoryview(dest))
+        assert dest == data[CHUNK:2 * CHUNK]
+
+    await with_store(store, body)
+    assert store.metrics.errors["cache_corrupt"] == 0
+    assert store.disk.stats().corrupt_dropped == 0
