@@ -33,11 +33,10 @@ def mount_of(path: str | os.PathLike[str]) -> Path | None:
     except OSError:
         return None
     # FUSE mounts have anonymous devices (major 0); a file on a real block device cannot be
-    # on p2pfs, and checking that first keeps trio (imported by p2pfs.control) out of plain
-    # local loads.
+    # on p2pfs, and checking that first keeps even the p2pfs client out of plain local loads.
     if os.major(st.st_dev) != 0:
         return None
-    from p2pfs.control import find_mount
+    from p2pfs.control.client import find_mount
 
     return find_mount(path)
 
@@ -45,7 +44,7 @@ def mount_of(path: str | os.PathLike[str]) -> Path | None:
 def _stream(path: Path, stop: threading.Event | None,
             progress: Callable[[int, int], None] | None) -> dict[str, Any]:
     """One prefetch request, read to its end (or until `stop`)."""
-    from p2pfs.control import mount_relative, request
+    from p2pfs.control.client import mount_relative, request
     from p2pfs.errors import P2PFSError
 
     mnt = mount_of(path)

@@ -199,6 +199,8 @@ def _report(m: Any, url: str, nbytes: int, seconds: float, as_json: bool) -> Non
 @click.option("--read-timeout", type=float, help="Seconds before an unservable read fails with EIO.")
 @click.option("--concurrency", type=int, help="Parallel origin requests.")
 @click.option("--metrics-addr", help="Serve Prometheus metrics at HOST:PORT.")
+@click.option("--control-group", help="Group (name or gid) allowed on the control socket "
+              "besides root and the daemon's user.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground (systemd, containers).")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Daemon log when in the background (default CACHE_DIR/p2pfs.log).")
@@ -208,12 +210,13 @@ def _report(m: Any, url: str, nbytes: int, seconds: float, as_json: bool) -> Non
 @_errors
 def mount(ctx: click.Context, url: str, mountpoint: Path, cache_dir: Path | None,
           cache_size: str | None, memory_size: str | None, read_timeout: float | None,
-          concurrency: int | None, metrics_addr: str | None, foreground: bool,
+          concurrency: int | None, metrics_addr: str | None, control_group: str | None,
+          foreground: bool,
           log_file: Path | None, as_json: bool, ready_fd: int | None) -> None:
     """Mount URL (s3://bucket/prefix) read-only at MOUNTPOINT."""
     cfg = _config(ctx, cache={"dir": cache_dir, "size": cache_size, "memory_size": memory_size},
                   fetch={"read_timeout": read_timeout, "concurrency": concurrency},
-                  mount={"metrics_addr": metrics_addr})
+                  mount={"metrics_addr": metrics_addr, "control_group": control_group})
     mountpoint = Path(os.path.abspath(mountpoint))
     if not foreground:
         _spawn_background(cfg, mountpoint, log_file and Path(os.path.abspath(log_file)), as_json)

@@ -121,6 +121,18 @@ class MountConfig:
     metrics_addr: str = ""
     #: Seconds the kernel may cache attributes and names (the tree is immutable).
     attr_timeout: float = setting(3600.0, ge=0, le=365 * 86400)
+    #: Group (name or gid) whose members may use the control socket besides root and the
+    #: daemon's user (checked by SO_PEERCRED; the socket file is then 0660 of that
+    #: group); "" allows only those two (socket file 0600).
+    control_group: str = ""
+    #: Control connections served at once (fill sessions included); more get a "busy" error.
+    control_max_connections: int = setting(256, ge=1, le=65536)
+    #: Seconds a control connection has to send its request; also the most the daemon
+    #: waits for a client to take a reply line.
+    control_idle_timeout: float = setting(30.0, gt=0, le=86400)
+    #: Seconds a fill session may sit with no request in flight before the daemon closes
+    #: it (p2pfs.fill.FillClient opens a new one when needed).
+    control_fill_idle_timeout: float = setting(120.0, gt=0, le=86400)
 
     def __post_init__(self) -> None:
         settings.check(self, ConfigError)

@@ -19,7 +19,7 @@ import trio_asyncio
 
 from .chunkstore import ChunkStore
 from .config import Config, absolute_paths
-from .control import ControlServer
+from .control import ControlLimits, ControlServer
 from .discover import ManifestCache, discover_cached
 from .diskcache import DiskCache
 from .errors import ConfigError
@@ -133,6 +133,8 @@ async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket,
         "cache_chunks": lambda: disk.stats().chunks,
         "cache_evicted_chunks": lambda: disk.stats().evicted,
         "cache_corrupt_dropped": lambda: disk.stats().corrupt_dropped,
+        "cache_read_errors": lambda: disk.stats().read_errors,
+        "cache_raced_misses": lambda: disk.stats().raced,
         "memory_cache_bytes": lambda: store.memory_used,
         "in_flight_chunks": lambda: store.in_flight,
         "writeback_pending": lambda: store.writeback_pending,
@@ -151,12 +153,17 @@ async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket,
     options = {f"fsname=p2pfs:{loc}", "subtype=p2pfs", "ro", "default_permissions", "noatime"}
     if cfg.mount.allow_other:
         options.add("allow_other")
+    control = ControlServer(control_path, tree=tree, store=store, status=status,
+                            metrics_text=metrics.render, group=cfg.mount.control_group,
+                            limits=ControlLimits(
+                                max_connections=cfg.mount.control_max_connections,
+                                idle_timeout=cfg.mount.control_idle_timeout,
+                                send_timeout=cfg.mount.control_idle_timeout,
+                                fill_idle_timeout=cfg.mount.control_fill_idle_timeout))
     pyfuse3.init(ops, str(mountpoint), options)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
-            control = ControlServer(control_path, tree=tree, store=store, status=status,
-                                    metrics_text=metrics.render)
             await nursery.start(control.serve)
             nursery.start_soon(_watch_signals)
 

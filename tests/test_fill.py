@@ -111,7 +111,7 @@ def test_fill_refuses_bad_clients_and_survives_them(model, seaweed, mount_factor
 
     # A client that asks for the whole file and hangs up at once.
     fc = FillClient(m.path / "weights.bin")
-    fc._sock.sendall(json.dumps({"id": 0, "offset": 0, "length": fc.size, "at": 0}).encode()
+    fc._session.sock.sendall(json.dumps({"id": 0, "offset": 0, "length": fc.size, "at": 0}).encode()
                      + b"\n{not json\n")
     fc.close()
     time.sleep(0.5)
