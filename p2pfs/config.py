@@ -64,9 +64,9 @@ class CacheConfig:
     #: Local chunk cache directory (one daemon per directory; it is locked).
     dir: Path = Path("/var/cache/p2pfs")
     #: Byte budget of the disk cache; least recently used chunks are evicted beyond it.
-    size: int = setting(100 * GiB, ge=0, size=True)
+    size: int = setting(100 * GiB, ge=0, le=1024 * TiB, size=True)
     #: In-memory chunk cache (recently read and read-ahead chunks).
-    memory_size: int = setting(512 * MiB, ge=0, size=True)
+    memory_size: int = setting(512 * MiB, ge=0, le=1024 * TiB, size=True)
     #: Chunks waiting to be written back; when full, write-back of new chunks is skipped
     #: (counted in metrics) rather than making a reader wait for the disk.
     writeback_queue: int = setting(32, ge=1, le=65536)

@@ -109,7 +109,7 @@ def build(cls: type[T], *layers: Mapping[str, Any] | None, error: type[Exception
                 continue
             try:
                 merged[name] = coerce(value, hints[name])
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, OverflowError) as exc:
                 raise error(f"{where}[{section}] {key} = {value!r} is not a valid value: {exc}") from None
     try:
         return dataclasses.replace(base, **merged) if base is not None else cls(**merged)
@@ -154,7 +154,11 @@ def parse_size(text: str | int) -> int:
     m = _SIZE.match(str(text))
     if not m:
         raise ValueError("not a size (examples: 4096, 512MiB, 200GiB)")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()[:1]])
+    number, unit = m.group(1), _UNITS[(m.group(2) or "").lower()[:1]]
+    if "." not in number:  # exact, however large (a range check then refuses it)
+        return int(number) * unit
+    whole, frac = number.split(".")
+    return int(whole) * unit + int(frac) * unit // 10 ** len(frac)
 
 
 def coerce(value: Any, hint: Any) -> Any:

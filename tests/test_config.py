@@ -79,7 +79,7 @@ def test_cli_errors_are_one_line(args, msg):
     (FetchConfig, {"max_request": 1}, r"max_request = 1: must be between 4KiB and 1GiB"),
     (FetchConfig, {"concurrency": "8"}, r"concurrency = '8': expected an integer"),
     (FetchConfig, {"concurrency": True}, r"concurrency = True: expected an integer"),
-    (CacheConfig, {"size": -1}, r"\[cache\] size = -1: must be >= 0"),
+    (CacheConfig, {"size": -1}, r"\[cache\] size = -1: must be between 0 and 1024TiB"),
     (CacheConfig, {"writeback_workers": 0}, r"writeback_workers = 0: must be between 1 and 64"),
     (S3Config, {"upload_part_size": MiB}, r"upload_part_size = 1048576: must be between 5MiB and 5GiB"),
     (S3Config, {"endpoint_url": "localhost:8333"}, r"endpoint_url .* http:// or https://"),
@@ -113,6 +113,12 @@ def test_range_errors_come_from_toml_and_flags(tmp_path: Path):
         load_config(f)
     with pytest.raises(ConfigError, match=r"\[cache\] size = 'lots' is not a valid value"):
         override(Config(), cache={"size": "lots"})
+    with pytest.raises(ConfigError, match=r"\[cache\] size = 1000000000000000000000000000000: must be"):
+        override(Config(), cache={"size": "1" + "0" * 30})
+    with pytest.raises(ConfigError, match=r"read_timeout = inf: must be > 0"):
+        override(Config(), fetch={"read_timeout": "9" * 400})
+    with pytest.raises(ConfigError, match=r"read_timeout = 9+ is not a valid value"):
+        override(Config(), fetch={"read_timeout": int("9" * 400)})
     f.write_text("[fetch]\nconcurrency = 1.5\n")
     with pytest.raises(ConfigError, match=r"config file .*c.toml: \[fetch\] concurrency = 1.5"):
         load_config(f)
