@@ -348,3 +348,18 @@ def tmpfs(tmp_path) -> Iterator:
         r = subprocess.run(["umount", str(d)], capture_output=True, timeout=30)
         if r.returncode != 0:
             subprocess.run(["umount", "-l", str(d)], capture_output=True, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def good_store(seaweed, tmp_path_factory) -> dict:
+    """One good model published with 1 MiB chunks: {"url" of the prefix holding it (the
+    model is `good` under it), "files": name -> bytes}."""
+    src = tmp_path_factory.mktemp("good-src") / "good"
+    files = good_model(src)
+    url = f"s3://models/{unique('faults')}"
+    publish_dir(src, f"{url}/good", seaweed.endpoint)
+    return {"url": url, "files": files, "src": src}
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
