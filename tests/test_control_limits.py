@@ -274,3 +274,10 @@ def test_only_root_the_daemons_user_or_the_control_group_may_connect(
     os.chmod(ctl2, 0o666)
     r = as_nobody(ctl2)
     assert r["code"] == "permission_denied" and "group 4242" in r["error"], r
+
+    (tmp_path / "c").mkdir()
+    bad = p2pfs_cmd("mount", url, str(tmp_path / "c"), "--cache-dir", str(open_dir / "c"),
+                    "--control-group", "no-such-group-p2pfs", endpoint=seaweed.endpoint,
+                    check=False)
+    assert bad.returncode == 1 and "no such group 'no-such-group-p2pfs'" in bad.stderr
+    assert "Traceback" not in bad.stderr
