@@ -237,6 +237,7 @@ class ControlServer:
         with trio.move_on_after(self.limits.idle_timeout) as waited:
             line = await conn.next_line()
         fds, dropped = conn.take_fds()
+        fill: tuple[str, Node, int] | None = None
         try:  # until an op takes them, the descriptors are ours to close
             if waited.cancelled_caught:
                 await _refuse(conn, _wire.error(
@@ -252,17 +253,17 @@ class ControlServer:
                 node = self.tree.lookup_path(path)
                 if node is None or node.entry is None or node.entry.type != "file":
                     raise ProtocolError(f"not a regular file in the mount: {path!r}")
-                fd = fds.pop()
+                fill = (path, node, fds.pop())  # serve_fill closes it
         finally:
             self._closer.close_soon(fds)
-        if op == "status":
+        if fill is not None:
+            await serve_fill(conn, self.store, *fill, self.limits)
+        elif op == "status":
             await conn.send({"ok": True, **self.status()})
         elif op == "metrics":
             await conn.send({"ok": True, "text": self.metrics_text()})
-        elif op == "prefetch":
-            await self._prefetch(conn, _wire.parse_prefetch(req))
         else:
-            await serve_fill(conn, self.store, path, node, fd, self.limits)
+            await self._prefetch(conn, _wire.parse_prefetch(req))
 
     async def _prefetch(self, conn: Connection, req: _wire.PrefetchRequest) -> None:
         node = self.tree.lookup_path(req.path)
