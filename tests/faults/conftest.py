@@ -44,8 +44,9 @@ STATUS_BOUND_S = 5.0
 RSS_OVERHEAD = 256 * MiB
 FAULT_MEMORY = 32 * MiB
 #: Slack on top of read_timeout for a failing read: the kernel's round trip, the reader's
-#: own start, one retry backoff step.
-EIO_SLACK_S = 2.0
+#: own start, a thread hand-off. Below read_timeout, so a reader that waits for two
+#: timeouts (defect 7) is caught.
+EIO_SLACK_S = 1.5
 
 
 class Figures:
