@@ -332,7 +332,8 @@ class ChunkStore:
         first, start = run[0][0], run[0][1]
         length = sum(loc.ref.size for loc, _, _ in run)
         view = dest[start:start + length]
-        await self._origin_call(lambda: self.origin.get_range_into(first.key, first.ref.offset, view))
+        await self._origin_call(lambda left: self.origin.get_range_into(
+            first.key, first.ref.offset, view, timeout=left))
         self.metrics.bytes_by_source["origin"] += length
 
         def check() -> list[IntegrityError | str | bool]:
@@ -482,17 +483,22 @@ class ChunkStore:
         self.metrics.misses += len(rest)
         return rest
 
-    async def _origin_call(self, fetch: Callable[[], Awaitable[T]]) -> T:
+    async def _origin_call(self, fetch: Callable[[float], Awaitable[T]]) -> T:
         """Run one origin request under the concurrency limit, retrying transient failures
-        with full-jitter backoff until the read deadline."""
+        with full-jitter backoff until the read deadline. `fetch` gets the seconds left
+        until that deadline and must end by then: a fill's receive into client memory
+        cannot be abandoned, so the bound has to reach the socket."""
         deadline = trio.current_time() + self.cfg.read_timeout
         attempt = 0
         while True:
             try:
                 async with self._origin_limiter:
                     t0 = trio.current_time()
+                    if t0 >= deadline:
+                        self.metrics.errors["timeout"] += 1
+                        raise FetchTimeout(f"no origin request slot within {self.cfg.read_timeout:g}s")
                     self.metrics.origin_requests += 1
-                    result = await fetch()
+                    result = await fetch(deadline - t0)
                     self.metrics.fetch_latency.observe(trio.current_time() - t0)
                 return result
             except OriginError as exc:
@@ -504,7 +510,8 @@ class ChunkStore:
                 await trio.sleep(delay)
 
     async def _from_origin(self, req: Request) -> None:
-        body = await self._origin_call(lambda: self.origin.get_range(req.key, req.offset, req.length))
+        body = await self._origin_call(lambda left: self.origin.get_range(
+            req.key, req.offset, req.length, timeout=left))
         self.metrics.bytes_by_source["origin"] += len(body)
         parts = split_response(req, body)
 

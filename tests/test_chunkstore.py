@@ -30,7 +30,7 @@ class Counting(LocalDirOrigin):
         self.down = False
         self.corrupt = False
 
-    async def get_range(self, key: str, offset: int, length: int) -> bytes:
+    async def get_range(self, key: str, offset: int, length: int, *, timeout=None) -> bytes:
         self.requests.append((offset, length))
         if self.down:
             raise OriginUnavailable("store is down")
@@ -39,7 +39,7 @@ class Counting(LocalDirOrigin):
         data = await super().get_range(key, offset, length)
         return b"X" + data[1:] if self.corrupt else data
 
-    async def get_range_into(self, key: str, offset: int, dest: memoryview) -> None:
+    async def get_range_into(self, key: str, offset: int, dest: memoryview, *, timeout=None) -> None:
         self.requests.append((offset, len(dest)))
         if self.down:
             raise OriginUnavailable("store is down")

@@ -110,3 +110,54 @@ class socket_closed_port:
 
     def __exit__(self, *a) -> None:
         pass
+
+
+class silent_server:
+    """A loopback HTTP 'server' that accepts connections and never answers (a stalled store)."""
+
+    def __enter__(self) -> int:
+        import socket
+        import threading
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.conns: list = []
+        self.stop = False
+
+        def accept() -> None:
+            while not self.stop:
+                try:
+                    c, _ = self.sock.accept()
+                except OSError:
+                    return
+                self.conns.append(c)
+
+        threading.Thread(target=accept, daemon=True).start()
+        return self.sock.getsockname()[1]
+
+    def __exit__(self, *a) -> None:
+        self.stop = True
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+def test_a_stalled_store_is_bounded_by_the_callers_timeout_not_the_request_timeout():
+    """A fill receives into client memory and cannot abandon its thread, so the read
+    deadline must reach the socket: with a 20 s request timeout and 1 s left of the read
+    deadline, a silent store fails the request after ~1 s (issue 12: fills took ~21 s)."""
+    async def body():
+        with silent_server() as port:
+            o = await S3Origin.create("models", S3Config(endpoint_url=f"http://127.0.0.1:{port}",
+                                                         connect_timeout=1, request_timeout=20))
+            try:
+                for call in (lambda: o.get_range("k", 0, 10, timeout=1.0),
+                             lambda: o.get_range_into("k", 0, memoryview(bytearray(10)), timeout=1.0)):
+                    t0 = trio.current_time()
+                    with pytest.raises(OriginUnavailable):
+                        await call()
+                    assert 0.9 <= trio.current_time() - t0 < 3.0
+            finally:
+                await o.aclose()
+
+    run(body)

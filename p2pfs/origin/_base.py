@@ -21,12 +21,18 @@ class Origin(Protocol):
 
     name: str
 
-    async def get_range(self, key: str, offset: int, length: int) -> bytes:
-        """Exactly `length` bytes from `offset`; fewer is an error."""
+    async def get_range(self, key: str, offset: int, length: int, *,
+                        timeout: float | None = None) -> bytes:
+        """Exactly `length` bytes from `offset`; fewer is an error. `timeout` (seconds)
+        bounds the whole request, below the implementation's own request timeout: the
+        chunk store passes what is left of the read deadline."""
 
-    async def get_range_into(self, key: str, offset: int, dest: memoryview) -> None:
+    async def get_range_into(self, key: str, offset: int, dest: memoryview, *,
+                             timeout: float | None = None) -> None:
         """Exactly `len(dest)` bytes from `offset`, written into `dest` (no intermediate
-        buffer where the implementation can avoid one); fewer is an error."""
+        buffer where the implementation can avoid one); fewer is an error. When this
+        returns or raises, nothing writes into `dest` any more (the fill path relies on
+        it: `dest` is a client's memory); `timeout` as for `get_range`."""
 
     async def get(self, key: str) -> bytes: ...
 

@@ -92,6 +92,14 @@ def error_for(status: int, body: bytes, what: str) -> OriginError:
     return OriginError(msg)
 
 
+def _set_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Kernel timeouts for each send and receive call (a zero timeval would mean none)."""
+    usec = max(1, round(seconds * 1e6))
+    tv = struct.pack("ll", usec // 1_000_000, usec % 1_000_000)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
 class _Conn:
     __slots__ = ("sock", "buffered")
 
@@ -125,17 +133,20 @@ class RangeClient:
         self._ssl = ssl.create_default_context()
         self._limiter = trio.CapacityLimiter(max_threads)
 
-    async def get_range(self, url: str, offset: int, length: int, *, what: str) -> memoryview:
+    async def get_range(self, url: str, offset: int, length: int, *, what: str,
+                        timeout: float | None = None) -> memoryview:
         return await trio.to_thread.run_sync(self._get_sync, url, offset, length, what, None,
-                                             limiter=self._limiter)
+                                             timeout, limiter=self._limiter)
 
-    async def get_range_into(self, url: str, offset: int, dest: memoryview, *, what: str) -> None:
-        """Receive bytes [offset, offset + len(dest)) straight into `dest`."""
+    async def get_range_into(self, url: str, offset: int, dest: memoryview, *, what: str,
+                             timeout: float | None = None) -> None:
+        """Receive bytes [offset, offset + len(dest)) straight into `dest`. The thread is
+        never abandoned (it writes into `dest`); `timeout` bounds it instead."""
         await trio.to_thread.run_sync(self._get_sync, url, offset, len(dest), what, dest,
-                                      limiter=self._limiter)
+                                      timeout, limiter=self._limiter)
 
     def _get_sync(self, url: str, offset: int, length: int, what: str,
-                  into: memoryview | None) -> memoryview:
+                  into: memoryview | None, timeout: float | None = None) -> memoryview:
         u = urlsplit(url)
         scheme = u.scheme
         port = u.port or (443 if scheme == "https" else 80)
@@ -144,7 +155,8 @@ class RangeClient:
         request = (f"GET {target} HTTP/1.1\r\nHost: {u.netloc}\r\n"
                    f"Range: bytes={offset}-{offset + length - 1}\r\n"
                    "Accept-Encoding: identity\r\nUser-Agent: p2pfs\r\n\r\n").encode()
-        deadline = time.monotonic() + self.request_timeout
+        limit = self.request_timeout if timeout is None else max(0.001, min(timeout, self.request_timeout))
+        deadline = time.monotonic() + limit
         for attempt in (0, 1):
             with self._lock:
                 idle = self._idle.get(pool_key)
@@ -153,6 +165,9 @@ class RangeClient:
             if conn is None:
                 conn = self._connect(scheme, pool_key[1], port)
             try:
+                # Every blocking call on this socket ends by the deadline (the kernel
+                # timeouts are per call; the remaining time is what each may take).
+                _set_timeouts(conn.sock, max(0.001, deadline - time.monotonic()))
                 data, keep = self._exchange(conn, request, length, what, deadline, into)
             except _StaleConnection:
                 conn.close()
@@ -161,7 +176,7 @@ class RangeClient:
                 raise OriginUnavailable(f"{what}: connection closed before a response") from None
             except (socket.timeout, BlockingIOError, TimeoutError):
                 conn.close()
-                raise OriginUnavailable(f"{what}: no complete response within {self.request_timeout}s") from None
+                raise OriginUnavailable(f"{what}: no complete response within {limit:g}s") from None
             except OSError as exc:
                 conn.close()
                 raise OriginUnavailable(f"{what}: {type(exc).__name__}: {exc}") from None
@@ -184,10 +199,8 @@ class RangeClient:
             sock = socket.create_connection((host, port), timeout=self.connect_timeout)
         except OSError as exc:
             raise OriginUnavailable(f"{scheme}://{host}:{port}: cannot connect ({exc})") from None
-        sock.settimeout(None)  # blocking; the kernel-level timeouts below bound each call
-        tv = struct.pack("ll", int(self.request_timeout), int(self.request_timeout % 1 * 1e6))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        sock.settimeout(None)  # blocking; the kernel-level timeouts (_set_timeouts) bound each call
+        _set_timeouts(sock, self.request_timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if scheme == "https":
             try:

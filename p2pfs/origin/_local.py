@@ -21,7 +21,8 @@ class LocalDirOrigin:
             raise OriginError(f"invalid key {key!r}")
         return self.root / key
 
-    async def get_range(self, key: str, offset: int, length: int) -> bytes:
+    async def get_range(self, key: str, offset: int, length: int, *,
+                        timeout: float | None = None) -> bytes:  # local reads do not stall
         def read() -> bytes:
             with _mapped(key), open(self._path(key), "rb") as f:
                 return os.pread(f.fileno(), length, offset)
@@ -31,7 +32,8 @@ class LocalDirOrigin:
             raise ObjectTruncated(f"{key}: short read at {offset} ({len(data)} of {length} bytes)")
         return data
 
-    async def get_range_into(self, key: str, offset: int, dest: memoryview) -> None:
+    async def get_range_into(self, key: str, offset: int, dest: memoryview, *,
+                             timeout: float | None = None) -> None:
         def read() -> int:
             with _mapped(key), open(self._path(key), "rb", buffering=0) as f:
                 got = 0

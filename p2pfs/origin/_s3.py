@@ -125,12 +125,18 @@ class S3Origin:
         self._presigned[key] = (url, now + PRESIGN_REUSE_S)
         return url
 
-    async def get_range(self, key: str, offset: int, length: int) -> bytes | memoryview:
+    async def get_range(self, key: str, offset: int, length: int, *,
+                        timeout: float | None = None) -> bytes | memoryview:
         if length == 0:
             return b""
         if self._fast is not None:
             what = f"{self.name}/{key}@{offset}+{length}"
-            return await self._fast.get_range(await self._presign(key), offset, length, what=what)
+            return await self._fast.get_range(await self._presign(key), offset, length,
+                                              what=what, timeout=timeout)
+        if timeout is not None:
+            with trio.move_on_after(timeout):
+                return await self.get_range(key, offset, length)
+            raise OriginUnavailable(f"{self.name}/{key}@{offset}+{length}: no response within {timeout:.1f}s")
 
         async def get() -> bytes:
             resp = await self._client.get_object(
@@ -147,14 +153,16 @@ class S3Origin:
             )
         return data
 
-    async def get_range_into(self, key: str, offset: int, dest: memoryview) -> None:
+    async def get_range_into(self, key: str, offset: int, dest: memoryview, *,
+                             timeout: float | None = None) -> None:
         if len(dest) == 0:
             return
         if self._fast is not None:
             what = f"{self.name}/{key}@{offset}+{len(dest)}"
-            await self._fast.get_range_into(await self._presign(key), offset, dest, what=what)
+            await self._fast.get_range_into(await self._presign(key), offset, dest, what=what,
+                                            timeout=timeout)
             return
-        dest[:] = await self.get_range(key, offset, len(dest))
+        dest[:] = await self.get_range(key, offset, len(dest), timeout=timeout)
 
     async def get(self, key: str) -> bytes:
         async def get() -> bytes:
