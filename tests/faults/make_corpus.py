@@ -199,6 +199,9 @@ case("size_mismatch", "structure", "chunks cover less than the file size")(
     lambda d, raw: _file(d).update(size=len(DATA) + 1))
 case("blob_index_past", "structure", "a chunk names blob 5 of 1")(
     lambda d, raw: _file(d)["chunks"][0].__setitem__(0, 5))
+case("type_100k", "bad-type", "an entry type that is a 100 KB string: the reason must not quote "
+     "it whole (one line a person reads, bounded in logs and status)", (0,), (0,))(
+    lambda d, raw: _add(d, path="x", type="t" * 100000))
 case("negative_uid", "bad-type", "uid -1")(lambda d, raw: _file(d).update(uid=-1))
 case("bool_size", "bad-type", "size true")(lambda d, raw: _file(d).update(size=True))
 case("float_mtime", "bad-type", "mtime_ns 1.5")(lambda d, raw: _file(d).update(mtime_ns=1.5))

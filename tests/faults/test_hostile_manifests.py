@@ -50,6 +50,8 @@ def _xfail(defects: list[int], where: str) -> list:
     if defects == [0]:
         return [pytest.mark.xfail(reason=f"not a listed defect of issue 12 ({where}): reported to "
                                          "the lead", strict=False)]
+    if 0 in defects:
+        defects = [d for d in defects if d]
     names = " and ".join(str(d) for d in defects)
     return [pytest.mark.xfail(reason=f"defect {names} of issue 12, being fixed", strict=False)]
 
@@ -135,8 +137,11 @@ def parse_and_check(data: bytes) -> bool:
     try:
         m = parse(data, source="hostile")
     except ManifestError as exc:
-        assert str(exc), "a ManifestError without a reason"
-        assert len(str(exc)) < 2000, f"a {len(str(exc))}-character error message"
+        msg = str(exc)
+        # One line a person reads; a hostile value is cut short, not quoted whole (a path
+        # of PATH_MAX bytes may be).
+        assert msg and "\n" not in msg, f"not a one-line reason: {msg[:200]!r}"
+        assert len(msg) < 8192, f"a {len(msg)}-character error message: {msg[:200]!r}..."
         return False
     check_accepted(m)
     return True
@@ -222,7 +227,7 @@ hostile_ints = st.sampled_from([0, 1, -1, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1
                                 64 * MiB, 64 * MiB + 1, 2**30]) | st.integers()
 hostile_strings = st.sampled_from(["", ".", "..", "/", "a/../b", "a//b", "/abs", "\x00", "a\x00b",
                                    "\ud800", "x\udc00y", "n" * 256, "p/" * 2100 + "q", "file",
-                                   "dir", "symlink", "hardlink", "zstd", "none", HEX, HEX.upper(),
+                                   "dir", "symlink", "hardlink", "zstd", "none", HEX, HEX.upper(), "t" * 20000,
                                    "p2pfs-manifest", "b0", "f"]) | \
     st.text(alphabet=st.characters(codec=None, exclude_categories=()), max_size=20)
 hostile_leaf = (hostile_ints | hostile_strings | st.booleans() | st.none() |
@@ -301,7 +306,9 @@ def mutated_docs(draw) -> bytes:
     return encode(doc)
 
 
-GENERATED_XFAIL = pytest.mark.xfail(reason="defect 1, 3 and 4 of issue 12, being fixed", strict=False)
+GENERATED_XFAIL = pytest.mark.xfail(
+    reason="defect 1, 3 and 4 of issue 12, being fixed; and reasons that quote a hostile value "
+           "whole (not a listed defect: reported to the lead)", strict=False)
 
 
 @GENERATED_XFAIL
