@@ -204,7 +204,7 @@ def _brief(v: Any) -> str:
         text = repr(v)
     except ValueError:  # int too large to print
         return f"an integer of over {sys.get_int_max_str_digits()} digits"
-    return text if len(text) <= 60 else text[:60] + "..."
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _utf8(text: str, what: str, limit: int) -> bytes:
@@ -235,7 +235,7 @@ def _from_json(doc: Any) -> Manifest:
     _need(isinstance(doc, dict), "top level must be an object")
     _need(doc.get("format") == FORMAT_NAME, f"'format' must be {FORMAT_NAME!r}")
     version = doc.get("version")
-    _need(version == FORMAT_VERSION, f"unsupported version {version!r} (this p2pfs reads {FORMAT_VERSION})")
+    _need(version == FORMAT_VERSION, f"unsupported version {_brief(version)} (this p2pfs reads {FORMAT_VERSION})")
     chunk_size = _int(doc, "chunk_size", minimum=1, maximum=MAX_CHUNK_SIZE)
     blobs = doc.get("blobs", [])
     _need(isinstance(blobs, list), "'blobs' must be a list")
@@ -259,7 +259,7 @@ def _from_json(doc: Any) -> Manifest:
     for raw in raw_entries:
         _need(isinstance(raw, dict), "each entry must be an object")
         e = _entry(raw, len(blobs))
-        _need(e.path not in seen, f"duplicate path {e.path!r}")
+        _need(e.path not in seen, f"duplicate path {_brief(e.path)}")
         seen[e.path] = e.type
         entries.append(e)
     for e in entries:
@@ -268,9 +268,9 @@ def _from_json(doc: Any) -> Manifest:
         while parent is not None and parent not in seen:
             parent = posixpath.dirname(parent) if parent else None
         if parent is not None:
-            _need(seen[parent] == "dir", f"parent of {e.path!r} is not a directory")
+            _need(seen[parent] == "dir", f"parent of {_brief(e.path)} is not a directory")
         if e.type == "hardlink":
-            _need(seen.get(e.target) == "file", f"hard link {e.path!r} must point at a file")
+            _need(seen.get(e.target) == "file", f"hard link {_brief(e.path)} must point at a file")
     return Manifest(
         chunk_size=chunk_size,
         blobs=tuple(blobs),
@@ -283,25 +283,25 @@ def _from_json(doc: Any) -> Manifest:
 def _entry(raw: Mapping[str, Any], nblobs: int) -> Entry:
     path = check_path(raw.get("path"), "entry path")
     etype = raw.get("type")
-    _need(etype in ENTRY_TYPES, f"{path!r}: unknown type {etype!r}")
+    _need(etype in ENTRY_TYPES, f"{_brief(path)}: unknown type {_brief(etype)}")
     xattrs_raw = raw.get("xattrs", {})
-    _need(isinstance(xattrs_raw, dict), f"{path!r}: 'xattrs' must be an object")
+    _need(isinstance(xattrs_raw, dict), f"{_brief(path)}: 'xattrs' must be an object")
     xattrs = {}
     for k, v in xattrs_raw.items():
-        _need(k != "" and "\0" not in k, f"{path!r}: empty xattr name or NUL in it")
-        _utf8(k, f"{path!r}: xattr name", MAX_XATTR_NAME_BYTES)
-        _need(isinstance(v, str), f"{path!r}: xattr {_brief(k)} must be a base64 string")
+        _need(k != "" and "\0" not in k, f"{_brief(path)}: empty xattr name or NUL in it")
+        _utf8(k, f"{_brief(path)}: xattr name", MAX_XATTR_NAME_BYTES)
+        _need(isinstance(v, str), f"{_brief(path)}: xattr {_brief(k)} must be a base64 string")
         xattrs[k] = base64.b64decode(v, validate=True)
         _need(len(xattrs[k]) <= MAX_XATTR_VALUE_BYTES,
-              f"{path!r}: xattr {_brief(k)} is over {MAX_XATTR_VALUE_BYTES} bytes")
+              f"{_brief(path)}: xattr {_brief(k)} is over {MAX_XATTR_VALUE_BYTES} bytes")
     target = raw.get("target", "")
-    _need(isinstance(target, str), f"{path!r}: 'target' must be a string")
+    _need(isinstance(target, str), f"{_brief(path)}: 'target' must be a string")
     if etype == "symlink":
-        _need(target != "", f"{path!r}: symlink without a target")
-        _need("\0" not in target, f"{path!r}: NUL in symlink target")
-        _utf8(target, f"{path!r}: symlink target", MAX_PATH_BYTES)
+        _need(target != "", f"{_brief(path)}: symlink without a target")
+        _need("\0" not in target, f"{_brief(path)}: NUL in symlink target")
+        _utf8(target, f"{_brief(path)}: symlink target", MAX_PATH_BYTES)
     if etype == "hardlink":
-        check_path(target, f"{path!r}: hard link target")
+        check_path(target, f"{_brief(path)}: hard link target")
     _need(path != "" or etype == "dir", "the root entry must be a directory")
     chunks: tuple[ChunkRef, ...] = ()
     starts: tuple[int, ...] = ()
@@ -328,27 +328,27 @@ def _entry(raw: Mapping[str, Any], nblobs: int) -> Entry:
 
 
 def _chunks(path: str, raw: Any, size: int, nblobs: int) -> tuple[tuple[ChunkRef, ...], tuple[int, ...]]:
-    _need(isinstance(raw, list), f"{path!r}: 'chunks' must be a list")
+    _need(isinstance(raw, list), f"{_brief(path)}: 'chunks' must be a list")
     refs, starts, pos = [], [], 0
     for i, c in enumerate(raw):
-        _need(isinstance(c, list) and len(c) == 6, f"{path!r}: chunk {i} must be a 6-item list")
+        _need(isinstance(c, list) and len(c) == 6, f"{_brief(path)}: chunk {i} must be a 6-item list")
         blob, offset, length, csize, comp, digest = c
         for name, v in (("blob", blob), ("offset", offset), ("length", length), ("size", csize)):
             _need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-                  f"{path!r}: chunk {i} {name} must be a non-negative integer")
-        _need(blob < nblobs, f"{path!r}: chunk {i} names blob {blob} of {nblobs}")
-        _need(0 < csize <= MAX_CHUNK_SIZE, f"{path!r}: chunk {i} size must be in [1, {MAX_CHUNK_SIZE}]")
+                  f"{_brief(path)}: chunk {i} {name} must be a non-negative integer")
+        _need(blob < nblobs, f"{_brief(path)}: chunk {i} names blob {_brief(blob)} of {nblobs}")
+        _need(0 < csize <= MAX_CHUNK_SIZE, f"{_brief(path)}: chunk {i} size must be in [1, {MAX_CHUNK_SIZE}]")
         _need(0 < length <= MAX_STORED_CHUNK,
-              f"{path!r}: chunk {i} stored length must be in [1, {MAX_STORED_CHUNK}]")
-        _need(offset + length <= MAX_OFF, f"{path!r}: chunk {i} ends past 2**63")
-        _need(comp in COMPRESSIONS, f"{path!r}: chunk {i} has unknown compression {comp!r}")
-        _need(comp != "none" or length == csize, f"{path!r}: raw chunk {i} length != size")
+              f"{_brief(path)}: chunk {i} stored length must be in [1, {MAX_STORED_CHUNK}]")
+        _need(offset + length <= MAX_OFF, f"{_brief(path)}: chunk {i} ends past 2**63")
+        _need(comp in COMPRESSIONS, f"{_brief(path)}: chunk {i} has unknown compression {_brief(comp)}")
+        _need(comp != "none" or length == csize, f"{_brief(path)}: raw chunk {i} length != size")
         _need(isinstance(digest, str) and bool(_HEX64.match(digest)),
-              f"{path!r}: chunk {i} sha256 must be 64 lowercase hex digits")
+              f"{_brief(path)}: chunk {i} sha256 must be 64 lowercase hex digits")
         refs.append(ChunkRef(blob, offset, length, csize, comp, digest))
         starts.append(pos)
         pos += csize
-    _need(pos == size, f"{path!r}: chunks cover {pos} bytes but size is {size}")
+    _need(pos == size, f"{_brief(path)}: chunks cover {pos} bytes but size is {size}")
     return tuple(refs), tuple(starts)
 
 
