@@ -14,7 +14,6 @@ import errno
 import json
 import os
 import stat
-from pathlib import Path
 from typing import Any
 
 import pyfuse3
