@@ -150,12 +150,10 @@ class ChunkStore:
             for i, d in enumerate(out):
                 if d is None:
                     f = flights[j]
-                    loc = missing[j]
                     j += 1
                     await f.event.wait()
                     if f.error is not None:
-                        self._failed.record(loc.digest, f.error, trio.current_time())
-                        raise f.error
+                        raise f.error  # recorded as a recent failure where the flight ended
                     out[i] = f.data
             return out  # type: ignore[return-value]
         self.metrics.errors["timeout"] += 1
@@ -296,11 +294,12 @@ class ChunkStore:
             first_error = first_failure(exc) if isinstance(exc, BaseExceptionGroup) else exc
             raise
         finally:
-            err = first_error if isinstance(first_error, P2PFSError) else \
+            fetch_failed = isinstance(first_error, P2PFSError)
+            err = first_error if fetch_failed else \
                 OriginError(f"fill ended without data ({first_error!r})")
             for loc, _, f in own:
                 if not f.event.is_set():
-                    self._end_fill(loc, f, None, err)
+                    self._end_fill(loc, f, None, err, failed=fetch_failed)
 
     async def _fill_from_disk(self, own: list[tuple[ChunkLoc, int, _Flight]],
                               dest: memoryview) -> list[tuple[ChunkLoc, int, _Flight]]:
@@ -356,7 +355,7 @@ class ChunkStore:
             chunk = dest[pos:pos + loc.ref.size]
             if isinstance(res, IntegrityError):
                 self.metrics.errors["integrity"] += 1
-                self._end_fill(loc, f, None, res)
+                self._end_fill(loc, f, None, res, failed=True)
                 error = error or res
                 continue
             self._end_fill(loc, f, chunk, None)
@@ -384,13 +383,16 @@ class ChunkStore:
             self.metrics.errors["writeback"] += 1
 
     def _end_fill(self, loc: ChunkLoc, f: _Flight, view: memoryview | None,
-                  error: BaseException | None) -> None:
+                  error: BaseException | None, *, failed: bool = False) -> None:
         """End a flight a fill owns. Readers waiting on it get their own copy: `view` is
-        the fill caller's memory."""
+        the fill caller's memory. `failed`: the error came from fetching the chunk (not
+        from the client going away), so reads of it fail fast for a while."""
         if self._flights.get(loc.digest) is f:
             del self._flights[loc.digest]
         if view is not None:
             self._failed.clear(loc.digest)
+        elif failed and error is not None:
+            self._failed.record(loc.digest, error, trio.current_time())
         if view is not None and f.waiters:
             data = bytes(view)
             self._mem_put(loc.digest, data)
@@ -434,6 +436,11 @@ class ChunkStore:
         if data is not None:
             self._failed.clear(loc.digest)
             self._mem_put(loc.digest, data)
+        elif isinstance(error, P2PFSError):
+            # Recorded where the flight ends, not where a reader gives up: a reader that
+            # fails on its first chunk must not leave the next ones (in flight, failing a
+            # moment later) to cost the kernel's retry a second deadline.
+            self._failed.record(loc.digest, error, trio.current_time())
         f.data, f.error = data, error
         f.event.set()
 

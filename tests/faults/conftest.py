@@ -211,15 +211,18 @@ def chunk_files(cache_dir: Path) -> list[Path]:
 
 
 def cache_bytes(cache_dir: Path) -> int:
-    """Bytes of chunk files (temp files included) under a cache dir."""
-    total = 0
+    """Bytes of chunk files (temp files included) under a cache dir. Counted by inode: a
+    directory listing is not atomic against renames, so a temp file renamed into place
+    while we walk can be listed under both names."""
+    sizes: dict[int, int] = {}
     for root, _, files in os.walk(cache_dir / "chunks"):
         for f in files:
             try:
-                total += os.lstat(os.path.join(root, f)).st_size
+                st = os.lstat(os.path.join(root, f))
             except FileNotFoundError:
-                pass
-    return total
+                continue
+            sizes[st.st_ino] = st.st_size
+    return sum(sizes.values())
 
 
 def fuse_abort(m: Mount) -> bool:

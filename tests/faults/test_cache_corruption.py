@@ -107,8 +107,6 @@ def _prefetched(m) -> None:
     p2pfs_cmd("prefetch", str(m.path / "model.bin"))
 
 
-@pytest.mark.xfail(reason="defect 11 of issue 12 (a directory in place of a chunk is never "
-                          "dropped, so the chunk is never cached again), being fixed", strict=False)
 def test_corruption_found_at_start_up(corruptible, seaweed, mount_factory, tmp_path):
     cache = tmp_path / "cache"
     args = ("--memory-size", "32MiB", "--cache-size", str(BUDGET))
@@ -140,8 +138,6 @@ def test_corruption_found_at_start_up(corruptible, seaweed, mount_factory, tmp_p
     assert_healed(cache, NCHUNKS)
 
 
-@pytest.mark.xfail(reason="defect 11 of issue 12 (a non-regular file at a chunk path), being "
-                          "fixed", strict=False)
 def test_corruption_found_on_read_back(corruptible, seaweed, mount_factory, tmp_path):
     """The daemon runs; chunk files are damaged under it. Its memory cache holds 4 of the 12
     chunks, so the other 8 are read back from disk."""
@@ -175,7 +171,6 @@ def _first_bytes(f: Path) -> bytes:
         return fh.read(64)
 
 
-@pytest.mark.xfail(reason="defect 5 of issue 12, being fixed", strict=False)
 def test_cache_modes_are_tightened(corruptible, seaweed, mount_factory, tmp_path):
     """A cache left world-readable (or an old p2pfs's 0644/0755) is made private on start:
     the cache must not bypass the mount's file permissions."""

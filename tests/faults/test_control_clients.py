@@ -130,7 +130,6 @@ def test_a_huge_line_is_cut_off_not_buffered(good_store, seaweed, mount_factory)
     check_daemon(m, "control socket: huge line")
 
 
-@pytest.mark.xfail(reason="defect 8 of issue 12, being fixed", strict=False)
 def test_an_idle_crowd_is_bounded(good_store, seaweed, mount_factory):
     """1500 connections that never send a byte: the daemon holds a bounded number of
     them, and once they are gone status answers at once."""
@@ -193,7 +192,6 @@ def _sealed_memfd(size: int) -> int:
     return fd
 
 
-@pytest.mark.xfail(reason="defect 8 of issue 12, being fixed", strict=False)
 def test_descriptors_by_the_thousand_are_not_kept(good_store, seaweed, mount_factory):
     """A fill session whose every request line carries 4 descriptors (and a status
     request that does): the daemon must not keep them."""
@@ -262,7 +260,6 @@ os.close(fd)
 """
 
 
-@pytest.mark.xfail(reason="defect 2 of issue 12, being fixed", strict=False)
 def test_a_descriptor_of_a_file_on_the_mount_does_not_wedge_the_daemon(good_store, seaweed,
                                                                         mount_factory):
     m = mount_factory(good_store["url"], seaweed.endpoint, "--memory-size", "32MiB")

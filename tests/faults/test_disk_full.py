@@ -117,8 +117,6 @@ def test_another_program_fills_the_disk(forty_mib, seaweed, tmpfs, mount_factory
     FIGURES.survived("cache disk filled by another program")
 
 
-@pytest.mark.xfail(reason="defect 11 of issue 12 (the budget overshoots by one chunk), being fixed",
-                   strict=False)
 def test_usage_never_exceeds_the_budget(forty_mib, seaweed, tmpfs, mount_factory):
     cache = tmpfs(f"{DISK // MiB}m")
     budget = 6 * MiB

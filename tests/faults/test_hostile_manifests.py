@@ -44,15 +44,8 @@ INDEX: dict[str, dict[str, Any]] = json.loads((CORPUS / "INDEX.json").read_text(
 
 
 def _xfail(defects: list[int], where: str) -> list:
-    if not defects:
-        return []
-    if defects == [0]:
-        return [pytest.mark.xfail(reason=f"not a listed defect of issue 12 ({where}): reported to "
-                                         "the lead", strict=False)]
-    if 0 in defects:
-        defects = [d for d in defects if d]
-    names = " and ".join(str(d) for d in defects)
-    return [pytest.mark.xfail(reason=f"defect {names} of issue 12, being fixed", strict=False)]
+    """No marks: every defect a corpus case exposed (recorded in corpus/INDEX.json) is fixed."""
+    return []
 
 
 # -- the invariants ------------------------------------------------------------------------
@@ -305,12 +298,7 @@ def mutated_docs(draw) -> bytes:
     return encode(doc)
 
 
-GENERATED_XFAIL = pytest.mark.xfail(
-    reason="defect 1, 3 and 4 of issue 12, being fixed; and reasons that quote a hostile value "
-           "whole (not a listed defect: reported to the lead)", strict=False)
 
-
-@GENERATED_XFAIL
 @settings(max_examples=2500, deadline=None, suppress_health_check=list(HealthCheck))
 @given(mutated_docs())
 def test_generated_hostile_manifests(data: bytes) -> None:
@@ -344,7 +332,6 @@ def test_byte_level_mutations_of_the_reference(data) -> None:
     parse_and_check(bytes(raw))
 
 
-@GENERATED_XFAIL
 @settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.dictionaries(st.sampled_from(["format", "version", "chunk_size", "blobs", "entries",
                                         "annotations", "kind"]), hostile_values, max_size=7),
@@ -358,7 +345,6 @@ def test_arbitrary_documents(top: dict, entries: list) -> None:
     parse_and_check(encode(doc))
 
 
-@pytest.mark.xfail(reason="defect 1 of issue 12, being fixed", strict=False)
 def test_handlers_answer_eio_not_an_exception_for_a_broken_node() -> None:
     """A node whose attributes cannot be converted (as if a manifest value slipped through)
     must get EIO from every handler, not an exception that ends pyfuse3.main()."""

@@ -5,7 +5,7 @@ its digests promise (or an EIO within the read bound); the daemon stays alive, a
 status, and its memory stays within its settings.
 
 The corpus is mounted in groups, one per defect of issue 12 it exposed (a group whose
-defect is not fixed yet is xfail), and once all together."""
+defect it exposed is recorded in corpus/INDEX.json), and once all together."""
 
 from __future__ import annotations
 
@@ -44,16 +44,9 @@ for _name, _case in INDEX.items():
 
 
 def _marks(group: str) -> list:
-    defects = sorted({d for n in GROUPS[group] for d in INDEX[n]["defects"]["mount"]})
-    if not defects:
-        return []
-    if defects == [0]:
-        return [pytest.mark.xfail(reason="not a listed defect of issue 12 (build_tree raised on a "
-                                         "grandparent that is a file; a reason quoting a 100 KB "
-                                         "value whole): reported to the lead", strict=False)]
-    listed = [d for d in defects if d]
-    return [pytest.mark.xfail(reason=f"defect {' and '.join(map(str, listed))} of issue 12, "
-                                     "being fixed", strict=False)]
+    """Marks for a group: none now that every defect the corpus records is fixed (the
+    INDEX keeps which defect each case exposed, for the record)."""
+    return []
 
 
 ALL_DEFECTS = sorted({d for c in INDEX.values() for d in c["defects"]["mount"] if d})
@@ -177,7 +170,5 @@ def test_hostile_group_beside_a_good_model(group, hostile_store, seaweed, mount_
     _exercise(mount_factory, seaweed, hostile_store, group, GROUPS[group], tmp_path)
 
 
-@pytest.mark.xfail(reason=f"defect {' and '.join(map(str, ALL_DEFECTS))} of issue 12, being fixed, "
-                          "and two findings not listed (reported)", strict=False)
 def test_every_hostile_manifest_under_one_prefix(hostile_store, seaweed, mount_factory, tmp_path):
     _exercise(mount_factory, seaweed, hostile_store, "all", list(INDEX), tmp_path)

@@ -160,7 +160,6 @@ def test_reads_recover_once_the_store_is_back(outage_run):
     FIGURES.survived(f"store {outage_run['kind']}: recovered")
 
 
-@pytest.mark.xfail(reason="defect 7 of issue 12, being fixed", strict=False)
 def test_every_kind_of_reader_sees_the_bound(outage_run):
     """cat (buffered read(2): the kernel re-issues a failed read-ahead) and mmap (page
     faults, then SIGBUS) must see read_timeout too, not a multiple of it."""
