@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import mmap
+import os
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -43,6 +45,7 @@ def open_clients(shards: Sequence[Shard]) -> list | None:
     try:
         for s in shards:
             clients.append(FillClient(s.path))
+            clients[-1].release()  # reopened by the first fill: one session per file being filled
     except (P2PFSError, OSError, ValueError) as exc:  # ValueError: a garbled answer
         log.info("p2pfs fill unavailable, reading through the mount: %s", exc)
         for c in clients:
@@ -58,6 +61,9 @@ class FillSink:
         self.clients = clients
         self._addrs = [address(c.memory) for c in clients]
         self._populate = True
+        self._filled = [0] * len(clients)  # bytes asked per file; its session ends when all are in
+        self._lock = threading.Lock()
+        self._fell_back = False
 
     def chunk_sizes(self, default: int) -> list[int]:
         return [c.chunk_size or default for c in self.clients]
@@ -75,11 +81,38 @@ class FillSink:
             if madvise(self._addrs[seg.file] + page, hi - page, MADV_POPULATE_WRITE):
                 self._populate = False  # an older kernel: the daemon's writes fault them in
         from p2pfs.errors import P2PFSError
+        from p2pfs.fill import SessionUnavailable
 
         try:
             self.clients[seg.file].fill(lo, hi - lo)
+        except SessionUnavailable as exc:
+            # The daemon is at its connection limit (more files in flight than it takes
+            # sessions): these bytes come through the mount instead, into the same memory.
+            if not self._fell_back:
+                self._fell_back = True
+                log.info("%s; reading such segments through the mount", exc)
+            self._read_through_mount(seg.file, lo, hi)
         except P2PFSError as exc:
             raise ReadError(str(exc)) from None
+        with self._lock:
+            self._filled[seg.file] += hi - lo
+            done = self._filled[seg.file] >= self.shards[seg.file].header.file_size
+        if done:
+            self.clients[seg.file].release()
+
+    def _read_through_mount(self, file: int, lo: int, hi: int) -> None:
+        view = memoryview(self.clients[file].memory)[lo:hi]
+        fd, got = self.shards[file].fd, 0
+        try:
+            while got < len(view):
+                n = os.preadv(fd, [view[got:]], lo + got)
+                if n == 0:
+                    raise ReadError(f"{self.shards[file].path}: file ended at {lo + got}")
+                got += n
+        except OSError as exc:
+            raise ReadError(f"{self.shards[file].path}: {exc.strerror} at {lo + got}") from None
+        finally:
+            view.release()
 
     def flush(self) -> None:
         pass

@@ -44,6 +44,11 @@ class FillError(P2PFSError):
     """A fill request failed, or the daemon stopped answering."""
 
 
+class SessionUnavailable(FillError):
+    """A new session could not be opened (e.g. the daemon is at its connection limit):
+    the memory is intact, and the caller may read the bytes through the mount instead."""
+
+
 class FillClient:
     def __init__(self, path: str | os.PathLike[str], *, timeout: float = 120.0) -> None:
         self.path = Path(path)
@@ -94,6 +99,15 @@ class FillClient:
                 break  # a real failure; only a request caught by an idle close is resent
         raise FillError(f"{self.path}: bytes {offset}+{length}: {reply.get('error', 'failed')}")
 
+    def release(self) -> None:
+        """End the session but keep the memory and the right to fill it: the next `fill`
+        opens a new session. A loader with many files holds a session only while it fills
+        one (the daemon bounds connections, `control_max_connections`)."""
+        with self._open_lock:
+            if self._session is not None:
+                self._session.close()
+                self._session = None
+
     def close(self) -> None:
         """End the session (the memory stays ours, mapped, until `memory.close()`)."""
         with self._open_lock:
@@ -109,15 +123,16 @@ class FillClient:
         """The open session; a new one if the daemon closed the last for idleness."""
         with self._open_lock:
             s = self._session
-            if s is None:
+            if s is None and self._fd < 0:
                 raise FillError(f"{self.path}: the fill client is closed")
-            if s.ended_idle:
-                s.close()
+            if s is None or s.ended_idle:
+                if s is not None:
+                    s.close()
                 self._session = None
                 try:
                     self._session = self._open()
                 except ConfigError as exc:
-                    raise FillError(f"{self.path}: cannot reopen the fill session: {exc}") from None
+                    raise SessionUnavailable(f"{self.path}: cannot open a fill session: {exc}") from None
                 return self._session
             return s
 
