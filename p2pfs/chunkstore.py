@@ -22,6 +22,7 @@ Concurrency invariants (docs/ARCHITECTURE.md):
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 from collections import OrderedDict
 from typing import Awaitable, Callable, Sequence, TypeVar
@@ -32,14 +33,15 @@ import zstandard
 
 from .config import CacheConfig, FetchConfig
 from .diskcache import DiskCache
-from .errors import (CacheFull, FetchTimeout, IntegrityError, OriginError, P2PFSError,
-                     RecentlyFailed, is_temp_failure)
+from .errors import (CacheFull, FetchTimeout, IntegrityError, InternalError, OriginError,
+                     P2PFSError, RecentlyFailed, is_temp_failure)
 from .failures import RecentFailures
 from .lru import ByteLRU
 from .metrics import Metrics
 from .origin import Origin
 from .plan import ChunkLoc, Request, coalesce, split_response
 
+log = logging.getLogger("p2pfs.chunkstore")
 T = TypeVar("T")
 
 
@@ -295,8 +297,13 @@ class ChunkStore:
             raise
         finally:
             fetch_failed = isinstance(first_error, P2PFSError)
-            err = first_error if fetch_failed else \
-                OriginError(f"fill ended without data ({first_error!r})")
+            if fetch_failed:
+                err: BaseException = first_error  # type: ignore[assignment]
+            elif isinstance(first_error, trio.Cancelled):
+                err = FetchTimeout("the fill that was fetching this chunk ended (its client left)")
+            else:
+                log.error("fill failed unexpectedly (please report): %r", first_error)
+                err = InternalError(f"fill ended without data ({first_error!r})")
             for loc, _, f in own:
                 if not f.event.is_set():
                     self._end_fill(loc, f, None, err, failed=fetch_failed)
@@ -452,9 +459,14 @@ class ChunkStore:
                 await self._from_origin(sub)
         except BaseException as exc:
             # Whatever happened (cancellation included), no waiter may be left hanging.
-            err = exc if isinstance(exc, P2PFSError) else OriginError(f"fetch failed: {exc!r}")
-            if not isinstance(exc, P2PFSError) and not isinstance(exc, trio.Cancelled):
+            if isinstance(exc, P2PFSError):
+                err: BaseException = exc
+            elif isinstance(exc, trio.Cancelled):
+                err = FetchTimeout("fetch cancelled (the daemon is shutting down)")
+            else:  # a bug of ours: say so, and do not blame the store for it
                 self.metrics.errors["internal"] += 1
+                log.exception("fetch of %s failed unexpectedly (please report)", req.key)
+                err = InternalError(f"fetch of {req.key} failed: {exc!r} (a p2pfs bug; see the log)")
             for loc in pending:
                 self._finish(loc, None, err)
             if isinstance(exc, (trio.Cancelled, KeyboardInterrupt)):
@@ -462,7 +474,7 @@ class ChunkStore:
         finally:
             for loc in req.locs:
                 if loc.digest in self._flights:
-                    self._finish(loc, None, OriginError("fetch ended without data"))
+                    self._finish(loc, None, InternalError("fetch ended without data"))
 
     async def _from_disk(self, locs: list[ChunkLoc]) -> list[ChunkLoc]:
         """Serve what the disk cache has, each chunk in its own thread (parallel I/O);

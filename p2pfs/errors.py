@@ -13,6 +13,8 @@
     ├── IntegrityError           bytes that do not match their recorded digest (never served)
     ├── FetchTimeout             a chunk could not be had within the read deadline
     ├── RecentlyFailed           a chunk whose read failed moments ago (failing fast)
+    ├── InternalError            a bug of ours, logged with its traceback; never blamed on
+    │                            the store (or, later, on a peer)
     ├── CacheFull                a prefetch asked for more than the disk cache can keep
     └── ProtocolError            a control-socket request we cannot serve as sent (the
                                  client's mistake: answered, never logged as ours)
@@ -70,6 +72,10 @@ class FetchTimeout(P2PFSError):
 
 class RecentlyFailed(P2PFSError):
     """A chunk that failed within the last `fetch.fail_fast` seconds: not retried yet."""
+
+
+class InternalError(P2PFSError):
+    """An unexpected exception inside p2pfs, reported to readers as EIO."""
 
 
 class CacheFull(P2PFSError):

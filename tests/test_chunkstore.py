@@ -13,7 +13,8 @@ import trio
 from p2pfs.chunkstore import ChunkStore
 from p2pfs.config import CacheConfig, FetchConfig
 from p2pfs.diskcache import DiskCache
-from p2pfs.errors import FetchTimeout, IntegrityError, ObjectTruncated, OriginUnavailable, RecentlyFailed
+from p2pfs.errors import (FetchTimeout, IntegrityError, InternalError, ObjectTruncated, OriginError,
+                          OriginUnavailable, RecentlyFailed)
 from p2pfs.manifest import ChunkRef
 from p2pfs.metrics import Metrics
 from p2pfs.origin import LocalDirOrigin
@@ -424,3 +425,25 @@ async def test_a_disk_read_racing_an_eviction_is_a_miss_not_corruption(tmp_path)
     await with_store(store, body)
     assert store.metrics.errors["cache_corrupt"] == 0
     assert store.disk.stats().corrupt_dropped == 0
+
+
+async def test_a_bug_of_ours_is_an_internal_error_not_the_stores(tmp_path, caplog):
+    """A bug in the fetch path was reported as an OriginError (blaming the store, and later
+    a peer) without a log line; it is an InternalError with one traceback."""
+    _, locs = blob(tmp_path)
+
+    class Buggy(Counting):
+        async def get_range(self, key, offset, length, *, timeout=None):
+            raise RuntimeError("a bug")
+
+    store = make_store(tmp_path, Buggy(tmp_path / "origin"))
+
+    async def body():
+        with pytest.raises(InternalError) as exc:
+            await store.get(locs[:1])
+        assert not isinstance(exc.value, OriginError)
+
+    with caplog.at_level("ERROR", logger="p2pfs.chunkstore"):
+        await with_store(store, body)
+    assert store.metrics.errors["internal"] == 1
+    assert any(r.exc_info and "a bug" in str(r.exc_info[1]) for r in caplog.records)
