@@ -22,12 +22,14 @@ Exceptions (all raised on purpose derive from ScalerError):
 
 from ._actuator import Actuator, Hooks
 from ._app import Running, run_proxy
-from ._baselines import HpaConfig, HpaPolicy, KpaConfig, RayServeConfig, RayServePolicy, kpa_policy
+from ._baselines import (HpaConfig, HpaPolicy, KpaConfig, KpaPolicy, RayServeConfig,
+                         RayServePolicy, kpa_policy)
 from ._config import (KedaConfig, KubernetesConfig, LocalConfig, PolicyConfig, ProxyConfig,
                       SimConfig)
 from ._dispatch import Dispatcher, Endpoint
 from ._errors import (ActuatorError, ConfigError, MetricsError, ProtocolError, ReplicaError,
                       ReplicaTimeout, ReplicaUnavailable, ScalerError, TraceError)
+from ._family import Shape, family, generate
 from ._kube import KubernetesActuator
 from ._local import LocalActuator
 from ._policies import make_policy
@@ -38,9 +40,10 @@ from ._trace import Trace, bursty, diurnal, load, load_azure, load_csv, write_cs
 __all__ = [
     "Actuator", "ActuatorError", "ConcurrencyPolicy", "ConfigError", "Decision", "Dispatcher",
     "Endpoint", "Fleet", "Hooks", "HpaConfig", "HpaPolicy", "KedaConfig", "KpaConfig",
-    "KubernetesActuator", "KubernetesConfig", "LocalActuator", "LocalConfig", "MetricsError",
-    "Policy", "PolicyConfig", "ProtocolError", "ProxyConfig", "RayServeConfig", "RayServePolicy",
-    "ReplicaError", "ReplicaTimeout", "ReplicaUnavailable", "Running", "Sample", "ScalerError",
-    "SimConfig", "SimResult", "Trace", "TraceError", "bursty", "diurnal", "kpa_policy", "load",
-    "load_azure", "load_csv", "make_policy", "run_proxy", "simulate", "write_csv",
+    "KpaPolicy", "KubernetesActuator", "KubernetesConfig", "LocalActuator", "LocalConfig",
+    "MetricsError", "Policy", "PolicyConfig", "ProtocolError", "ProxyConfig", "RayServeConfig",
+    "RayServePolicy", "ReplicaError", "ReplicaTimeout", "ReplicaUnavailable", "Running",
+    "Sample", "ScalerError", "Shape", "SimConfig", "SimResult", "Trace", "TraceError", "bursty",
+    "diurnal", "family", "generate", "kpa_policy", "load", "load_azure", "load_csv",
+    "make_policy", "run_proxy", "simulate", "write_csv",
 ]

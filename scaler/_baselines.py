@@ -12,9 +12,8 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-from ._config import PolicyConfig
-from ._policy import ConcurrencyPolicy, Decision, Fleet, Sample, clamp
-from ._window import WindowAverage
+from ._policy import Decision, Fleet, Sample, clamp
+from ._window import WindowAverage, WindowMax
 
 
 # --------------------------------------------------------------------------- Knative KPA
@@ -43,18 +42,80 @@ class KpaConfig:
     max_replicas: int = 1000
 
 
-def kpa_policy(config: KpaConfig) -> ConcurrencyPolicy:
-    """The KPA is the algorithm ConcurrencyPolicy generalizes; only the target differs
-    (multiplied by the utilization percentage) and there are no standby replicas."""
-    return ConcurrencyPolicy(PolicyConfig(
-        target_concurrency=config.target * config.target_utilization,
-        stable_window_s=config.stable_window_s, panic_window_s=config.panic_window_s,
-        panic_threshold=config.panic_threshold, max_scale_up_rate=config.max_scale_up_rate,
-        max_scale_down_rate=config.max_scale_down_rate,
-        scale_down_delay_s=config.scale_down_delay_s,
-        scale_to_zero_grace_s=config.scale_to_zero_grace_s, tick_s=config.tick_s,
-        sample_s=1.0, min_replicas=config.min_replicas, max_replicas=config.max_replicas,
-        standby=0, backlog_drain_s=None))
+class KpaPolicy:
+    """Knative's KPA (`pkg/autoscaler/scaling/autoscaler.go`): desired = ceil(windowed
+    concurrency / (target x target utilization)); panic when the panic window's count
+    reaches panic_threshold x ready, and while panicking (until a whole stable window
+    passes without crossing it) the running maximum, never a scale-down; rate limits
+    relative to the ready pods (at least one); scale to zero after the grace period.
+    Queued requests count as concurrency (the activator reports them)."""
+
+    def __init__(self, config: KpaConfig) -> None:
+        self.config = config
+        self.tick_s = config.tick_s
+        self.sample_s = 1.0
+        self._target = config.target * config.target_utilization
+        self._stable = WindowAverage(config.stable_window_s)
+        self._panic = WindowAverage(config.panic_window_s)
+        self._delay = WindowMax(config.scale_down_delay_s) if config.scale_down_delay_s else None
+        self._panic_since: float | None = None  # last time over the panic threshold
+        self._max_panic = 0
+        self._last_nonzero: float | None = None
+
+    @property
+    def panicking(self) -> bool:
+        return self._panic_since is not None
+
+    def averages(self, now: float) -> tuple[float, float]:
+        return self._stable.average(now), self._panic.average(now)
+
+    def record(self, now: float, sample: Sample) -> None:
+        self._stable.record(now, sample.concurrency)
+        self._panic.record(now, sample.concurrency)
+
+    def decide(self, now: float, fleet: Fleet) -> Decision:
+        c = self.config
+        stable, panic = self.averages(now)
+        # Rates are relative to ready pods; at zero, behave as if one (Knative does too)
+        # so that the first request can scale straight to what it needs.
+        ready = max(1, fleet.ready)
+        max_up = math.ceil(c.max_scale_up_rate * ready)
+        max_down = math.floor(ready / c.max_scale_down_rate)
+        want_stable = math.ceil(_clean(stable) / self._target)
+        want_panic = math.ceil(_clean(panic) / self._target)
+        stable_n = int(clamp(want_stable, max_down, max_up))
+        panic_n = int(clamp(want_panic, max_down, max_up))
+        if want_panic / ready >= c.panic_threshold:
+            self._panic_since = now
+        elif self._panic_since is not None and now - self._panic_since > c.stable_window_s:
+            self._panic_since, self._max_panic = None, 0
+        desired, mode = stable_n, "stable"
+        if self._panic_since is not None:
+            self._max_panic = max(self._max_panic, stable_n, panic_n)
+            desired, mode = self._max_panic, "panic"
+        if self._delay is not None:
+            self._delay.record(now, desired)
+            delayed = int(self._delay.current(now, desired))
+            if delayed != desired:
+                desired, mode = delayed, "delay"
+        desired = int(clamp(desired, c.min_replicas, c.max_replicas))
+        if desired > 0 or self._last_nonzero is None:
+            self._last_nonzero = now
+        idle_s = now - self._last_nonzero
+        if desired == 0 and fleet.serving > 0 and idle_s < c.scale_to_zero_grace_s:
+            desired, mode = 1, "grace"
+        if fleet.serving == 0 and desired > 0:
+            mode = "activate"
+        return Decision(serving=desired, mode=mode)
+
+
+def kpa_policy(config: KpaConfig) -> KpaPolicy:
+    return KpaPolicy(config)
+
+
+def _clean(x: float) -> float:
+    # Running sums leave 1e-15 residues; they must not round up to one more pod.
+    return 0.0 if x < 1e-9 else round(x, 9)
 
 
 # --------------------------------------------------------------------------- Kubernetes HPA

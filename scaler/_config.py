@@ -25,16 +25,35 @@ class PolicyConfig:
     docs/SCALER.md, "Policy parameters"."""
 
     #: Concurrency (requests in flight + queued) one serving replica should carry on
-    #: average; desired = ceil(average concurrency / target). Unlike Knative there is no
-    #: extra 70% utilization factor: the target means what it says.
+    #: average; desired = ceil(average demand / target). Unlike Knative there is no extra
+    #: 70% utilization factor: the target means what it says (bursts get `burst_headroom`).
     target_concurrency: float = 4.0
-    #: Seconds of concurrency averaged for ordinary (stable) decisions.
+    #: Seconds of demand averaged for ordinary (stable) decisions, and of completed
+    #: requests for the mean service time.
     stable_window_s: float = 60.0
-    #: Seconds of concurrency averaged to detect bursts (Knative: 10% of the stable window).
+    #: Seconds of demand averaged to detect bursts (Knative: 10% of the stable window).
     panic_window_s: float = 6.0
-    #: Enter panic when the panic-window desired count reaches this multiple of the ready
-    #: replicas. In panic the policy scales up on the panic window and never scales down.
+    #: Panic when the panic-window desired count reaches this multiple of the ready
+    #: replicas: the panic window's count then applies (Knative's 200%).
     panic_threshold: float = 2.0
+    #: Seconds of arrivals averaged for the backlog forecast: short, so that the first
+    #: order of a burst is sized for the burst rather than for the seconds before it.
+    rate_window_s: float = 2.0
+    #: While requests wait: drain the backlog forecast for when new replicas are ready
+    #: within this many seconds of their being ready. None: no forecast (stable and panic
+    #: wants only). Shorter drains are faster and cost more replicas that each pay a cold
+    #: start for this many seconds of work (docs/SCALER.md, "Policy parameters").
+    backlog_drain_s: float | None = 30.0
+    #: Seconds a new replica takes to be ready (provisioning, pulling, loading) until the
+    #: first one is measured; the policy learns it from the fleet after that.
+    cold_start_s: float = 60.0
+    #: Burst headroom: after a burst outran the ready slots, keep slots for up to this
+    #: multiple of the stable demand (the burst's height if lower: peak / pre-burst
+    #: demand) for burst_memory_s. 0 turns it off; the target alone leaves 2x (8 slots
+    #: for a target of 4).
+    burst_headroom: float = 3.0
+    #: Seconds a burst's height is remembered for the headroom.
+    burst_memory_s: float = 3600.0
     #: Seconds a lower desired count must persist before it is applied (max over the window).
     scale_down_delay_s: float = 0.0
     #: At most ceil(rate * ready) serving replicas after one decision.
@@ -47,31 +66,34 @@ class PolicyConfig:
     max_replicas: int = 8
     #: Most warm, not-yet-serving replicas (standby). The count follows the scale step:
     #: the largest step (replicas a burst waited for) in the last standby_decay_s, capped
-    #: here, so the next such step skips provisioning; without bursts it is 0 and costs
-    #: nothing. 0 turns standby off. Raise it when bursts recur and delay matters more
-    #: than replica-seconds (docs/SCALER.md, "Standby replicas").
-    standby: int = 1
+    #: here, so the next such step skips provisioning. 0 (the default) turns standby off:
+    #: in the simulator a standby costs what a serving replica does and serves nothing
+    #: until promoted (docs/SCALER.md, "Standby replicas").
+    standby: int = 0
     #: Seconds a scale step is remembered; standby falls back to min_standby after this
     #: long without one.
     standby_decay_s: float = 3600.0
     #: Standby replicas kept however quiet the load, scaled to zero included (a faster
-    #: wake-up, paid for while idle); at most `standby`. Above it, standby that followed a
-    #: step goes with the last serving replica: at zero load nothing else is warm.
+    #: wake-up, paid for while idle); at most `standby`.
     min_standby: int = 0
-    #: Seconds the desired count must have been zero before the last replica goes.
+    #: Seconds the desired count must have been zero before the last replica may go.
     scale_to_zero_grace_s: float = 30.0
-    #: Count a queue backlog as the concurrency that drains it in this many seconds
-    #: (beyond what the arrival rate explains); None counts every queued request, as
-    #: Knative does. See ConcurrencyPolicy.effective_concurrency.
-    backlog_drain_s: float | None = 60.0
+    #: Keep-alive: the last replica stays after requests stop for as long as a wake-up
+    #: would cost, the cold start plus the wait of the requests that arrive during it,
+    #: with one request-second of waiting priced at this many replica-seconds (0: no
+    #: keep-alive beyond the grace period).
+    wait_cost: float = 1.0
+    #: Longest keep-alive, however busy the service was.
+    max_keepalive_s: float = 3600.0
     #: Seconds between decisions.
-    tick_s: float = 2.0
-    #: Seconds between concurrency samples (each the time average since the previous one).
-    sample_s: float = 1.0
+    tick_s: float = 0.5
+    #: Seconds between load samples (each the time average since the previous one).
+    sample_s: float = 0.5
 
     def __post_init__(self) -> None:
         _positive(self, "target_concurrency", "stable_window_s", "panic_window_s", "tick_s",
-                  "sample_s", "max_scale_up_rate", "max_scale_down_rate", "standby_decay_s")
+                  "sample_s", "max_scale_up_rate", "max_scale_down_rate", "standby_decay_s",
+                  "rate_window_s", "cold_start_s", "burst_memory_s", "max_keepalive_s")
         if self.panic_window_s > self.stable_window_s:
             raise ConfigError("panic_window_s must not exceed stable_window_s")
         if not 0 <= self.min_replicas <= self.max_replicas:
@@ -84,6 +106,8 @@ class PolicyConfig:
             raise ConfigError("backlog_drain_s must be > 0 (or None)")
         if self.panic_threshold < 1:
             raise ConfigError("panic_threshold must be >= 1")
+        if self.burst_headroom < 0 or self.wait_cost < 0:
+            raise ConfigError("burst_headroom and wait_cost must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -244,7 +244,8 @@ class Dispatcher:
         s = Sample(concurrency=self._area_conc / dt, queued=self._area_queued / dt,
                    busy=self._area_busy / dt, capacity=self._area_cap / dt,
                    arrival_rate=self._arrived / dt,
-                   service_s=self._svc_sum / self._svc_n if self._svc_n else 0.0)
+                   service_s=self._svc_sum / self._svc_n if self._svc_n else 0.0,
+                   completed=float(self._svc_n))
         self._area_conc = self._area_queued = self._area_busy = self._area_cap = 0.0
         self._arrived, self._svc_sum, self._svc_n = 0, 0.0, 0
         self._sample_t = now

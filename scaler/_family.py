@@ -139,8 +139,8 @@ def rate_fn(shape: Shape, seed: int):
     def rate(t: float) -> float:
         if any(a <= t < b for a, b in f.silences):
             return 0.0
-        base = shape.base_rps * (1 + s * (0.6 * math.sin(w1 * t + p1) + 0.4 * math.sin(w2 * t + p2)))
-        return base * ramp(t) * burst(t)
+        swing = 0.6 * math.sin(w1 * t + p1) + 0.4 * math.sin(w2 * t + p2)
+        return shape.base_rps * (1 + s * swing) * ramp(t) * burst(t)
 
     return rate
 
@@ -198,11 +198,11 @@ def draw_shape(rng: random.Random, service: str) -> Shape:
     spread = {"gamma": rng.uniform(0.3, 1.0), "lognormal": rng.uniform(0.5, 1.3),
               "pareto": rng.uniform(1.5, 3.0)}[service]
     return Shape(
-        duration_s=rng.choice((3600.0, 5400.0, 7200.0)),
+        duration_s=7200.0,
         base_rps=conc / mean_s, base_swing=rng.uniform(0.0, 0.6),
         base_period_s=_log_uniform(rng, 1200.0, 7200.0),
         burst_height=(3.0, 15.0), burst_width_s=(20.0, 240.0),
-        burst_gap_s=_log_uniform(rng, 300.0, 2400.0), rise=rng.uniform(0.0, 0.3),
+        burst_gap_s=_log_uniform(rng, 300.0, 1800.0), rise=rng.uniform(0.0, 0.3),
         ramps=rng.randint(0, 2), ramp_factor=rng.uniform(2.0, 5.0),
         ramp_s=_log_uniform(rng, 180.0, 900.0),
         silences=rng.randint(0, 2), silence_s=_log_uniform(rng, 300.0, 1500.0),

@@ -328,7 +328,8 @@ class Simulator:
             concurrency=(self._area_conc - c0) / dt, busy=(self._area_busy - b0) / dt,
             capacity=(self._area_cap - k0) / dt, queued=(self._area_queued - q0) / dt,
             arrival_rate=self._arrived / dt,
-            service_s=self._svc_sum / self._svc_n if self._svc_n else 0.0))
+            service_s=self._svc_sum / self._svc_n if self._svc_n else 0.0,
+            completed=float(self._svc_n)))
         self._arrived, self._svc_sum, self._svc_n = 0, 0.0, 0
         self._last_sample = (t, self._area_conc, self._area_busy, self._area_cap,
                              self._area_queued)

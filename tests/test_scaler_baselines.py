@@ -1,10 +1,20 @@
-"""The anchors' policies: KPA target factor, HPA's capped metric and stabilization,
-Ray Serve's decision delays. Exact decisions from their documented algorithms."""
+"""The anchors' policies: the KPA's target factor, panic and windows, HPA's capped metric
+and stabilization, Ray Serve's decision delays. Exact decisions from their documented
+algorithms."""
 
 from __future__ import annotations
 
 from scaler import (Fleet, HpaConfig, HpaPolicy, KpaConfig, RayServeConfig, RayServePolicy,
                     Sample, kpa_policy, make_policy)
+
+# Target 10 exactly (no 70% factor) so the KPA's decisions are round numbers.
+KPA10 = KpaConfig(target=10, target_utilization=1.0, max_replicas=100)
+
+
+def _feed(p, start: int, end: int, value: float) -> None:
+    """One sample per second for t in [start, end]."""
+    for t in range(start, end + 1):
+        p.record(t, Sample(concurrency=value))
 
 
 def test_kpa_aims_at_70_percent_of_the_target():
@@ -15,6 +25,65 @@ def test_kpa_aims_at_70_percent_of_the_target():
     for t in range(61, 121):
         p.record(t, Sample(concurrency=15))
     assert p.decide(120, Fleet(ready=2)).serving == 3  # 15 / 7 -> 3; 10 would give 2
+
+
+def test_kpa_panics_in_one_step_and_never_scales_down_while_panicking():
+    p = kpa_policy(KPA10)
+    _feed(p, 1, 60, 10)
+    assert p.decide(60, Fleet(ready=1)).serving == 1
+    _feed(p, 61, 66, 50)
+    # stable = (54*10 + 6*50)/60 = 14 -> 2; panic = 50 -> 5 >= 2 x 1 ready: panic.
+    d = p.decide(66, Fleet(ready=1))
+    assert (d.serving, d.mode) == (5, "panic") and p.panicking
+    _feed(p, 67, 72, 0)
+    d = p.decide(72, Fleet(ready=5))
+    assert (d.serving, d.mode) == (5, "panic")  # load gone, but the burst was 6 s ago
+    _feed(p, 73, 127, 0)
+    # 61 s after the last over-threshold tick: back to stable; rate limit floor(5/2)=2.
+    d = p.decide(127, Fleet(ready=5))
+    assert (d.serving, d.mode) == (2, "stable")
+    assert p.decide(129, Fleet(ready=2)).serving == 1
+
+
+def test_kpa_ramp_follows_the_stable_window():
+    p = kpa_policy(KPA10)
+    got = []
+    for t in range(1, 121):
+        p.record(t, Sample(concurrency=t / 2))  # 0.5 .. 60, a slow ramp
+        if t % 20 == 0:
+            got.append(p.decide(t, Fleet(ready=max(1, got[-1] if got else 1))).serving)
+    # t=40: the panic window (18.75 -> 2) is twice the one ready replica: panic, which
+    # takes max(stable, panic) until 60 s after; t=120: stable 45.25 -> 5.
+    assert got == [1, 2, 3, 4, 5, 5]
+
+
+def test_kpa_idles_to_zero_after_the_grace_period():
+    p = kpa_policy(KPA10)
+    _feed(p, 1, 10, 4)
+    assert p.decide(10, Fleet(ready=1)).serving == 1
+    decisions = {}
+    for t in range(11, 101):
+        p.record(t, Sample(concurrency=0))
+        if t % 2 == 0:
+            decisions[t] = p.decide(t, Fleet(ready=1)).serving
+    # The window holds a non-zero sample until t=70; the last non-zero decision is at 68;
+    # grace 30 s: zero from t=98.
+    assert all(decisions[t] == 1 for t in range(12, 97, 2))
+    assert decisions[98] == 0 and decisions[100] == 0
+
+
+def test_kpa_counts_queued_requests_and_its_scale_down_delay():
+    p = kpa_policy(KpaConfig(target=10, target_utilization=1.0, scale_down_delay_s=10))
+    p.record(1, Sample(concurrency=108, queued=100))
+    assert p.decide(1, Fleet(ready=1)).serving == 11  # every queued request counts
+    q = kpa_policy(KpaConfig(target=10, target_utilization=1.0, scale_down_delay_s=10,
+                             max_replicas=100))
+    _feed(q, 1, 60, 80)
+    assert q.decide(60, Fleet(ready=8)).serving == 8
+    _feed(q, 61, 200, 0)
+    d = q.decide(66, Fleet(ready=8))  # floor(8/2) allowed, but the delay holds the 8
+    assert (d.serving, d.mode) == (8, "delay")
+    assert q.decide(200, Fleet(ready=8)).serving == 4  # rate limit: halve at most
 
 
 def _hpa_feed(p: HpaPolicy, start: int, end: int, busy: float, capacity: float) -> None:

@@ -66,14 +66,15 @@ def test_standby_skips_provisioning():
 
 
 def test_adaptive_standby_serves_the_second_step():
-    # Adaptive (the default): the first step finds nothing warm and leaves 2 standby
-    # behind, so the second one waits startup only; on smooth load it would cost nothing.
+    # Adaptive standby (opt-in, standby=2): the first step finds nothing warm and leaves
+    # 2 standby behind, so the second one waits startup only; on smooth load it costs
+    # nothing. Headroom off, so that standby alone is measured.
     two = _steps(2)
-    cold, adaptive = _run(two, standby=0), _run(two)
+    cold, adaptive = _run(two, burst_headroom=0), _run(two, standby=2, burst_headroom=0)
     assert adaptive.p95_queue_delay_s < cold.p95_queue_delay_s - 5
     assert adaptive.rejected == cold.rejected == 0
     smooth = Trace([i * 0.5 for i in range(600)], [0.2] * 600)
-    assert _run(smooth).replica_seconds == _run(smooth, standby=0).replica_seconds
+    assert _run(smooth, standby=2).replica_seconds == _run(smooth).replica_seconds
 
 
 def test_queue_bound_and_deadline_reject_not_drop():
