@@ -89,7 +89,8 @@ class Shape:
 @dataclass(frozen=True)
 class Features:
     """What `generate` drew for one seed: (start, end, height) bursts, (start, end)
-    ramps and silences. Kept so tests and plots can check the trace against them."""
+    ramps and silences, edges on whole seconds. Kept so tests and plots can check the
+    trace against them."""
 
     bursts: list[tuple[float, float, float]] = field(default_factory=list)
     ramps: list[tuple[float, float]] = field(default_factory=list)
@@ -97,19 +98,20 @@ class Features:
 
 
 def features(shape: Shape, seed: int) -> Features:
+    # Edges fall on whole seconds, where the piecewise-constant rate changes.
     rng = random.Random(f"features/{seed}")
     d = shape.duration_s
     bursts: list[tuple[float, float, float]] = []
-    t = max(shape.min_gap_s, rng.expovariate(1.0 / shape.burst_gap_s))
+    t = round(max(shape.min_gap_s, rng.expovariate(1.0 / shape.burst_gap_s)))
     while t < d:
-        width = _log_uniform(rng, *shape.burst_width_s)
+        width = max(1, round(_log_uniform(rng, *shape.burst_width_s)))
         bursts.append((t, min(d, t + width), _log_uniform(rng, *shape.burst_height)))
-        t += width + max(shape.min_gap_s, rng.expovariate(1.0 / shape.burst_gap_s))
+        t += width + round(max(shape.min_gap_s, rng.expovariate(1.0 / shape.burst_gap_s)))
     span = 3 * shape.ramp_s
-    ramps = [(s, s + span) for s in sorted(rng.uniform(0, max(0.0, d - span))
+    ramps = [(s, s + span) for s in sorted(round(rng.uniform(0, max(0.0, d - span)))
                                           for _ in range(shape.ramps))]
-    silences = [(s, s + shape.silence_s) for s in sorted(
-        rng.uniform(0, max(0.0, d - shape.silence_s)) for _ in range(shape.silences))]
+    silences = [(s, s + round(shape.silence_s)) for s in sorted(
+        round(rng.uniform(0, max(0.0, d - shape.silence_s))) for _ in range(shape.silences))]
     return Features(bursts, ramps, silences)
 
 

@@ -72,7 +72,7 @@ def main(ctx: click.Context, verbose: int) -> None:
 @click.option("--min", "min_replicas", type=int)
 @click.option("--max", "max_replicas", type=int)
 @click.option("--standby", type=int, help="Most standby replicas; the count follows the "
-              "recent scale step (default 1; 0: off).")
+              "recent scale step (default 0: off).")
 @click.option("--ready-path", help="Readiness probe path of local replicas.")
 @click.option("--max-queue", type=int)
 @click.option("--queue-timeout", "queue_timeout_s", type=float)
@@ -138,7 +138,7 @@ def proxy(listen: str, replica_cmd: str | None, target_concurrency: float | None
 @click.option("--provision-s", type=float, help="Seconds to get a machine (default 60).")
 @click.option("--startup-s", type=float, help="Seconds to pull + load (default 30).")
 @click.option("--standby", type=int, help="Most standby replicas, following the recent "
-              "scale step (concurrency policy only; default 1; 0: off).")
+              "scale step (concurrency policy only; default 0: off).")
 @click.option("--min", "min_replicas", type=int, help="Concurrency policy minimum.")
 @click.option("--max", "max_replicas", type=int, default=1000, show_default=True)
 @click.option("--slo-s", type=float, help="Queueing-delay SLO (default 1 s).")
