@@ -153,6 +153,7 @@ class ConcurrencyPolicy:
         self._last_nonzero: float | None = None
         self._prev_ready: int | None = None
         self._pre_burst = 0.0         # stable demand before the current burst
+        self._panic_at, self._panic_n = -math.inf, 0  # last panic crossing and its count
         self.mode = "stable"
 
     # ------------------------------------------------------------------ inputs
@@ -248,8 +249,12 @@ class ConcurrencyPolicy:
                 # The queue still grows: a replica cancelled now would be asked for again
                 # a moment later and start its whole cold start over.
                 desired = max(desired, fleet.serving)
-        elif over:
-            desired, mode = max(want_stable, want_panic), "panic"
+        elif over or now - self._panic_at < c.panic_window_s:
+            # Held for a panic window after the last crossing: the count is computed over
+            # that window, and a decision that flips back a tick later only churns orders.
+            if over:
+                self._panic_at, self._panic_n = now, max(want_stable, want_panic)
+            desired, mode = max(want_stable, want_panic, self._panic_n), "panic"
         elif self._queued > 0:
             desired = max(desired, fleet.ready)  # requests wait: keep what serves them
         if mode == "stable" and desired < fleet.serving:

@@ -93,6 +93,18 @@ def test_orders_stand_while_the_queue_grows_and_go_once_it_drains_in_time():
     assert p.decide(66, Fleet(ready=1, starting=6)).serving < 7
 
 
+def test_a_panic_holds_for_a_panic_window_so_orders_do_not_churn():
+    p = ConcurrencyPolicy(_r(CFG, backlog_drain_s=None))
+    feed(p, 1, 60, 10)
+    p.decide(60, Fleet(ready=1))
+    feed(p, 61, 66, 50)
+    assert (p.decide(66, Fleet(ready=1)).serving, p.mode) == (5, "panic")
+    feed(p, 67, 72, 0)  # gone a second later: the replicas asked for stay asked for...
+    assert [p.decide(t, Fleet(ready=1, starting=4)).serving for t in (67, 69, 71)] == [5] * 3
+    d = p.decide(72.5, Fleet(ready=1, starting=4))  # ...until a panic window has passed
+    assert d.serving < 5 and d.mode == "stable"
+
+
 def test_the_lead_is_learned_from_the_fleet():
     lead = Lead(60.0)
     assert lead.remaining(0) is None
