@@ -10,14 +10,22 @@
     │   ├── ObjectTruncated      a range past the object's end: it changed since it was
     │   │                        indexed (permanent for that manifest, never retried)
     │   └── OriginAccessDenied   credentials rejected
-    ├── IntegrityError           bytes that do not match their recorded digest (never served)
+    ├── IntegrityError           bytes that do not match their recorded digest (never served);
+    │                            `source` says who sent them (origin, disk, peer:<id>)
     ├── FetchTimeout             a chunk could not be had within the read deadline
     ├── RecentlyFailed           a chunk whose read failed moments ago (failing fast)
     ├── InternalError            a bug of ours, logged with its traceback; never blamed on
     │                            the store (or, later, on a peer)
     ├── CacheFull                a prefetch asked for more than the disk cache can keep
-    └── ProtocolError            a control-socket request we cannot serve as sent (the
-                                 client's mistake: answered, never logged as ours)
+    ├── ProtocolError            a control-socket request we cannot serve as sent (the
+    │                            client's mistake: answered, never logged as ours)
+    └── PeerError                a peer could not give us a chunk (never shown to readers:
+        │                        the next rank or the origin is asked instead)
+        ├── PeerUnavailable      refused, timed out, reset, draining: lowers its health
+        ├── PeerBusy             503 + Retry-After: its upload queue is full; move on
+        ├── PeerMiss             the peer has no copy and was asked not to fetch one
+        ├── PeerUnauthorized     401: our token and theirs differ (a configuration error)
+        └── PeerProtocolError    an answer that breaks the protocol: bans the peer
 
 Library errors (botocore, OS) are mapped to these at the edge (`p2pfs/origin/`); the FUSE
 operations module is the only place that turns them into errno values.
@@ -63,7 +71,10 @@ class OriginAccessDenied(OriginError):
 
 
 class IntegrityError(P2PFSError):
-    pass
+    def __init__(self, message: str = "", *, source: str = "origin") -> None:
+        super().__init__(message)
+        #: Who sent the bytes: "origin", "disk" or "peer:<node id>" (a peer gets banned).
+        self.source = source
 
 
 class FetchTimeout(P2PFSError):
@@ -84,6 +95,36 @@ class CacheFull(P2PFSError):
 
 class ProtocolError(P2PFSError):
     """A control-socket client broke the protocol (p2pfs.control._wire)."""
+
+
+class PeerError(P2PFSError):
+    """A peer did not give us a chunk; `peer` is its node id."""
+
+    def __init__(self, message: str = "", *, peer: str = "") -> None:
+        super().__init__(message)
+        self.peer = peer
+
+
+class PeerUnavailable(PeerError):
+    pass
+
+
+class PeerBusy(PeerError):
+    def __init__(self, message: str = "", *, peer: str = "", retry_after: float = 1.0) -> None:
+        super().__init__(message, peer=peer)
+        self.retry_after = retry_after
+
+
+class PeerMiss(PeerError):
+    pass
+
+
+class PeerUnauthorized(PeerError):
+    pass
+
+
+class PeerProtocolError(PeerError):
+    pass
 
 
 def is_temp_failure(exc: BaseException) -> bool:
