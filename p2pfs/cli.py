@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Callable
 
 import click
 
-from .config import Config, absolute_paths, load_config, override
+from .config import Config, absolute_paths, complete, load_config, override
 from ._perms import ROOT_MODE, private_dir, private_open
 from .errors import P2PFSError
 
@@ -201,6 +201,15 @@ def _report(m: Any, url: str, nbytes: int, seconds: float, as_json: bool) -> Non
 @click.option("--metrics-addr", help="Serve Prometheus metrics at HOST:PORT.")
 @click.option("--control-group", help="Group (name or gid) allowed on the control socket "
               "besides root and the daemon's user.")
+@click.option("--peer-listen", metavar="HOST:PORT",
+              help="Serve and fetch chunks from peers; this node's address (and id).")
+@click.option("--peers", "peer_members", metavar="LIST",
+              help="Static members, comma separated HOST:PORT (this node may be one).")
+@click.option("--peers-dns", metavar="NAME:PORT",
+              help="Members: every A/AAAA record of NAME (a headless Service), re-resolved.")
+@click.option("--cluster-token-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="File with the cluster token (a second line: the next or previous one).")
+@click.option("--peer-replicas", type=int, help="Nodes owning each chunk (default 1).")
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground (systemd, containers).")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Daemon log when in the background (default CACHE_DIR/p2pfs.log).")
@@ -211,12 +220,18 @@ def _report(m: Any, url: str, nbytes: int, seconds: float, as_json: bool) -> Non
 def mount(ctx: click.Context, url: str, mountpoint: Path, cache_dir: Path | None,
           cache_size: str | None, memory_size: str | None, read_timeout: float | None,
           concurrency: int | None, metrics_addr: str | None, control_group: str | None,
-          foreground: bool,
+          peer_listen: str | None, peer_members: str | None, peers_dns: str | None,
+          cluster_token_file: Path | None, peer_replicas: int | None, foreground: bool,
           log_file: Path | None, as_json: bool, ready_fd: int | None) -> None:
     """Mount URL (s3://bucket/prefix) read-only at MOUNTPOINT."""
-    cfg = _config(ctx, cache={"dir": cache_dir, "size": cache_size, "memory_size": memory_size},
-                  fetch={"read_timeout": read_timeout, "concurrency": concurrency},
-                  mount={"metrics_addr": metrics_addr, "control_group": control_group})
+    # complete(): [peers] rules across layers, for the mount only (publish and index may
+    # read the nodes' config file, whose listen address comes from the mount's flag).
+    cfg = complete(_config(
+        ctx, cache={"dir": cache_dir, "size": cache_size, "memory_size": memory_size},
+        fetch={"read_timeout": read_timeout, "concurrency": concurrency},
+        mount={"metrics_addr": metrics_addr, "control_group": control_group},
+        peers={"listen": peer_listen, "members": peer_members, "dns": peers_dns,
+               "token_file": cluster_token_file, "replicas": peer_replicas}))
     mountpoint = Path(os.path.abspath(mountpoint))
     if not foreground:
         _spawn_background(cfg, mountpoint, log_file and Path(os.path.abspath(log_file)), as_json)
@@ -417,6 +432,8 @@ def format_status(r: dict[str, Any]) -> str:
             ("", "hits", "misses", "bytes"),
             ("memory", count(hits, "memory"), "", "-"),
             ("disk", count(hits, "disk"), "", _bytes(by_source.get("disk", 0))),
+            *([("peer", count(hits, "peer"), "", _bytes(by_source.get("peer", 0)))]
+              if "peer" in by_source or "peer" in hits else []),
             ("origin", "", get("misses"), _bytes(by_source.get("origin", 0))),
         ]),
         ("origin", [
@@ -430,6 +447,7 @@ def format_status(r: dict[str, Any]) -> str:
             ("pending", get("writeback_pending")),
             ("dropped", get("writeback_dropped")),
         ]),
+        *([("peers", _peer_rows(r["peers"]))] if isinstance(r.get("peers"), dict) else []),
     ]
     rows = [row for _, rs in sections for row in rs]
     # A column is as wide as its widest cell that is not the last of its row.
@@ -443,6 +461,36 @@ def format_status(r: dict[str, Any]) -> str:
                      for j, (c, w) in enumerate(zip(row, [*widths, 0]))]
             out.append(("  " + "  ".join(cells)).rstrip())
     return "\n".join(out)
+
+
+def _peer_rows(peers: dict[str, Any]) -> list[tuple[str, ...]]:
+    """This node, then one row per member: its state and the bytes moved each way."""
+    members = peers.get("members") if isinstance(peers.get("members"), list) else []
+    rows: list[tuple[str, ...]] = [("self", str(peers.get("self", "-"))),
+                                   ("", "state", "from it", "to it", "requests")]
+    for m in members:
+        if not isinstance(m, dict):
+            continue
+        rows.append((str(m.get("id", "?")), str(m.get("state", "-")),
+                     _bytes_or_dash(m.get("bytes_from")), _bytes_or_dash(m.get("bytes_to")),
+                     _counts(m.get("requests"))))
+    if not members:
+        rows.append(("members", "none"))
+    return rows
+
+
+def _counts(value: Any) -> str:
+    """{"ok": 3, "busy": 1} -> 'ok 3, busy 1' (requests by result)."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in value.items()) or "0"
+    return "-" if value is None else str(value)
+
+
+def _bytes_or_dash(n: Any) -> str:
+    try:
+        return "-" if n is None else _bytes(n)
+    except (TypeError, ValueError):
+        return str(n)
 
 
 def _bytes(n: Any) -> str:

@@ -12,6 +12,7 @@ from the standard AWS chain (environment, ~/.aws), which botocore reads itself.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,8 @@ from .errors import ConfigError
 from .settings import GiB, KiB, MiB, TiB, setting
 
 __all__ = ["Config", "S3Config", "CacheConfig", "FetchConfig", "MountConfig", "PublishConfig",
-           "load_config", "override", "absolute_paths", "parse_size", "KiB", "MiB", "GiB", "TiB"]
+           "PeersConfig", "load_config", "override", "absolute_paths", "complete", "parse_size",
+           "KiB", "MiB", "GiB", "TiB"]
 
 #: Largest chunk a manifest may name (manifest.MAX_CHUNK_SIZE); publish stays within it.
 MAX_CHUNK_SIZE = 64 * MiB
@@ -160,12 +162,105 @@ class PublishConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PeersConfig:
+    """Chunks shared between the nodes of one cluster; off unless `listen` is set."""
+
+    SECTION: ClassVar[str] = "peers"
+    #: This node's peer address HOST:PORT ("10.0.0.7:7946", "[fd00::7]:7946"). It is also
+    #: the node's id on the placement ring, so it must be the address the others list or
+    #: resolve (not 0.0.0.0). None: no peers, the daemon behaves as without this section.
+    listen: str | None = None
+    #: A static member list of HOST:PORT addresses (this node's may be among them).
+    members: tuple[str, ...] = ()
+    #: NAME:PORT whose every A/AAAA record is a member (a Kubernetes headless Service).
+    dns: str | None = None
+    #: Seconds between DNS resolutions of `dns`.
+    refresh_interval: float = setting(10.0, gt=0, le=3600)
+    #: The cluster token: one token per line, the first signs, a second is also accepted
+    #: (rotation); each at least 16 bytes. Required with `listen`.
+    token_file: Path | None = None
+    #: Nodes that own each chunk (rendezvous hashing); more spreads hot chunks further.
+    replicas: int = setting(1, ge=1, le=8)
+    #: Seconds to connect to a peer before moving on to the next rank or the origin.
+    connect_timeout: float = setting(0.25, gt=0, le=60)
+    #: Seconds for one peer request, chunk included; must stay below [fetch] read_timeout
+    #: so a dead peer leaves time for the origin.
+    request_timeout: float = setting(2.0, gt=0, le=3600)
+    #: Peer requests this node serves at once ...
+    max_uploads: int = setting(16, ge=1, le=4096)
+    #: ... and waiting for a slot; beyond that the answer is 503 with Retry-After.
+    upload_queue: int = setting(64, ge=0, le=65536)
+    #: Bytes per second this node serves to peers in all; 0: no cap.
+    upload_rate: int = setting(0, ge=0, le=TiB, size=True)
+    #: Requests to the origin that may be hedges of slow peer requests, as a fraction of
+    #: peer requests (so hedging never doubles origin egress).
+    hedge_fraction: float = setting(0.05, ge=0, le=0.5)
+    #: A peer request slower than this quantile of recent peer latencies is hedged.
+    hedge_quantile: float = setting(0.9, ge=0.5, le=0.999)
+    #: Seconds a peer that sent bad bytes or broke the protocol is banned; doubles per ban
+    #: up to ban_max (>= ban_base).
+    ban_base: float = setting(30.0, gt=0, le=86400)
+    ban_max: float = setting(3600.0, gt=0, le=7 * 86400)
+    #: fail_threshold failures (timeouts, refusals, 503) within fail_window seconds mark a
+    #: peer down for down_for seconds.
+    fail_window: float = setting(10.0, gt=0, le=3600)
+    fail_threshold: int = setting(3, ge=1, le=1000)
+    down_for: float = setting(5.0, gt=0, le=3600)
+    #: Seconds a signed request's timestamp may be off this node's clock.
+    token_window: float = setting(30.0, ge=1, le=3600)
+    #: Seconds SIGTERM waits for peer requests in progress (new ones get 503) before exit.
+    drain_timeout: float = setting(10.0, ge=0, le=3600)
+
+    def __post_init__(self) -> None:
+        settings.check(self, ConfigError)
+        if self.listen is not None:
+            if _is_wildcard(_address(self.listen, "listen")[0]):
+                raise ConfigError(f"[peers] listen = {self.listen!r}: give this node's own address "
+                                  "(it is the node's id on the ring), not a wildcard")
+        for member in self.members:
+            _address(member, "members")
+        if self.dns is not None:
+            _address(self.dns, "dns")
+        if self.connect_timeout > self.request_timeout:
+            raise ConfigError(f"[peers] connect_timeout = {self.connect_timeout!r}: must be <= "
+                              f"request_timeout ({self.request_timeout!r})")
+        if self.ban_max < self.ban_base:
+            raise ConfigError(f"[peers] ban_max = {self.ban_max!r}: must be >= ban_base "
+                              f"({self.ban_base!r})")
+
+    @property
+    def enabled(self) -> bool:
+        return self.listen is not None
+
+
+def _is_wildcard(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:  # a host name
+        return False
+
+
+def _address(text: str, key: str) -> tuple[str, int]:
+    try:
+        return settings.parse_host_port(text, allow_zero=False)
+    except ValueError as exc:
+        raise ConfigError(f"[peers] {key}: {exc}") from None
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     s3: S3Config = field(default_factory=S3Config)
     cache: CacheConfig = field(default_factory=CacheConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
     mount: MountConfig = field(default_factory=MountConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
+    peers: PeersConfig = field(default_factory=PeersConfig)
+
+    def __post_init__(self) -> None:
+        if self.peers.enabled and self.peers.request_timeout >= self.fetch.read_timeout:
+            raise ConfigError(f"[peers] request_timeout = {self.peers.request_timeout!r}: must be "
+                              f"< [fetch] read_timeout ({self.fetch.read_timeout!r}), so a dead "
+                              "peer leaves time to read from the origin")
 
 
 def parse_size(text: str | int) -> int:
@@ -180,7 +275,7 @@ _SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 
 
 def load_config(path: Path | None, base: Config | None = None) -> Config:
-    """Read a TOML file with sections [s3], [cache], [fetch], [mount], [publish]."""
+    """Read a TOML file with sections [s3], [cache], [fetch], [mount], [publish], [peers]."""
     cfg = base or Config()
     doc = settings.read_toml(path, _SECTIONS, error=ConfigError)
     return _layer(cfg, doc, where=f"config file {path}: ")
@@ -198,6 +293,20 @@ def _layer(cfg: Config, sections: dict[str, dict[str, Any]], where: str = "") ->
             base = getattr(cfg, name)
             updates[name] = settings.build(type(base), raw, error=ConfigError, base=base, where=where)
     return dataclasses.replace(cfg, **updates)
+
+
+def complete(cfg: Config) -> Config:
+    """`cfg`, once every layer is applied, checked by the rules whose two halves may come
+    from different layers (the ConfigMap names the token file and the DNS name, a flag
+    this node's address), so no single layer can be refused for them."""
+    peers = cfg.peers
+    if not peers.enabled and (peers.members or peers.dns):
+        raise ConfigError("[peers] members and dns need listen (this node's peer address, "
+                          "--peer-listen)")
+    if peers.enabled and peers.token_file is None:
+        raise ConfigError("[peers] listen needs token_file (the cluster token, "
+                          "--cluster-token-file): peers answer only signed requests")
+    return cfg
 
 
 def absolute_paths(cfg: Config, cwd: str | None = None) -> Config:

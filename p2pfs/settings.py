@@ -4,10 +4,10 @@ A command's settings are frozen, keyword-only dataclasses, one per TOML table. `
 fills one from layers, lowest first: the dataclass defaults, a TOML file's table, the
 environment where a command reads one, command-line flags. A `None` in a layer means "not
 given" and leaves the value below it. Values are coerced by the field's annotation (sizes
-such as "512MiB" for ints, str for Path), and each dataclass checks its ranges in
-`__post_init__` with `check` against the bounds declared by `setting(...)`, so a value
-out of range fails when the settings are built, naming the key and the range, never deep
-inside the code that uses it.
+such as "512MiB" for ints, str for Path, a list or "a,b,c" for tuple[str, ...]), and each
+dataclass checks its ranges in `__post_init__` with `check` against the bounds declared
+by `setting(...)`, so a value out of range fails when the settings are built, naming the
+key and the range, never deep inside the code that uses it.
 
 Each package passes its own ConfigError class (`error=`), so errors stay in its tree.
 """
@@ -177,6 +177,12 @@ def coerce(value: Any, hint: Any) -> Any:
         if isinstance(value, (int, float, str)):
             return float(value)
         raise TypeError("expected a number")
+    if _is_strings(kind):  # a TOML list, or "a,b,c" from a flag or the environment
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise TypeError("expected a list of strings")
+        return tuple(value)
     if kind is Path:
         if isinstance(value, (str, Path)) and str(value):
             return Path(value)
@@ -233,7 +239,13 @@ def _kind(hint: Any) -> tuple[Any, bool]:
     return hint, False
 
 
+def _is_strings(kind: Any) -> bool:
+    return typing.get_origin(kind) is tuple and typing.get_args(kind) == (str, ...)
+
+
 def _is(value: Any, kind: Any) -> bool:
+    if _is_strings(kind):
+        return isinstance(value, tuple) and all(isinstance(v, str) for v in value)
     if kind is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind is int:
@@ -242,6 +254,8 @@ def _is(value: Any, kind: Any) -> bool:
 
 
 def _name(kind: Any) -> str:
+    if _is_strings(kind):
+        return "a list of strings"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
             Path: "a path"}.get(kind, getattr(kind, "__name__", str(kind)))
 
