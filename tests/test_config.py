@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from cli_helpers import mount_config
+
 from p2pfs.config import (CacheConfig, Config, FetchConfig, GiB, MiB, MountConfig,
-                          PublishConfig, S3Config, absolute_paths, load_config, override,
-                          parse_size)
+                          PeersConfig, PublishConfig, S3Config, absolute_paths, complete,
+                          load_config, override, parse_size)
 from p2pfs.errors import ConfigError
 from p2pfs.origin import parse_url
 
@@ -92,6 +94,23 @@ def test_cli_errors_are_one_line(args, msg):
     (MountConfig, {"metrics_addr": "[nope]:9464"}, r"not an IPv6 address"),
     (MountConfig, {"metrics_addr": "a b:80"}, r"not a host name"),
     (PublishConfig, {"chunk_size": GiB}, r"chunk_size = 1073741824: must be between 4KiB and 64MiB"),
+    (PeersConfig, {"replicas": 0}, r"\[peers\] replicas = 0: must be between 1 and 8"),
+    (PeersConfig, {"replicas": 9}, r"replicas = 9: must be between 1 and 8"),
+    (PeersConfig, {"hedge_fraction": 0.6}, r"hedge_fraction = 0.6: must be between 0 and 0.5"),
+    (PeersConfig, {"connect_timeout": 0.0}, r"connect_timeout = 0.0: must be > 0"),
+    (PeersConfig, {"connect_timeout": 3.0}, r"connect_timeout = 3.0: must be <= request_timeout"),
+    (PeersConfig, {"max_uploads": 0}, r"max_uploads = 0: must be between 1 and 4096"),
+    (PeersConfig, {"upload_rate": -1}, r"upload_rate = -1: must be between 0 and 1TiB"),
+    (PeersConfig, {"ban_base": 60.0, "ban_max": 30.0}, r"ban_max = 30.0: must be >= ban_base"),
+    (PeersConfig, {"members": ["a:1"]}, r"members = \['a:1'\]: expected a list of strings"),
+    (PeersConfig, {"members": ("a:1", 2)}, r"expected a list of strings"),
+    (PeersConfig, {"members": ("10.0.0.1",)}, r"\[peers\] members: expected HOST:PORT"),
+    (PeersConfig, {"members": ("::1:7946",)}, r"IPv6 host in brackets"),
+    (PeersConfig, {"members": ("10.0.0.1:0",)}, r"port must be a number from 1 to 65535"),
+    (PeersConfig, {"dns": "p2pfs-peers"}, r"\[peers\] dns: expected HOST:PORT"),
+    (PeersConfig, {"listen": "0.0.0.0:7946"}, r"listen = '0.0.0.0:7946': give this node's own"),
+    (PeersConfig, {"listen": "[::]:7946"}, r"not a wildcard"),
+    (PeersConfig, {"listen": "10.0.0.7:99999"}, r"\[peers\] listen: .*port must be"),
 ])
 def test_settings_are_checked_when_built(cls, kwargs, msg):
     """Regression: FetchConfig(concurrency=0) used to be accepted and fail deep in trio."""
@@ -208,3 +227,104 @@ def test_scaler_verbose_after_the_command_and_listen_checked(tmp_path: Path):
         assert CliRunner().invoke(main, [name, "-vv", "--help"]).exit_code == 0, name
     r = CliRunner().invoke(main, ["keda", "--listen", "127.0.0.1:99999"])
     assert r.exit_code == 2 and "port must be a number from 0 to 65535" in r.output
+
+
+# -- [peers] ------------------------------------------------------------------------------
+def test_peers_are_off_by_default_and_the_defaults_are_the_documented_ones():
+    p = Config().peers
+    assert not p.enabled and (p.listen, p.members, p.dns, p.token_file) == (None, (), None, None)
+    assert (p.replicas, p.connect_timeout, p.request_timeout, p.refresh_interval) == (1, 0.25, 2.0, 10.0)
+    assert (p.max_uploads, p.upload_queue, p.upload_rate) == (16, 64, 0)
+    assert (p.hedge_fraction, p.hedge_quantile, p.ban_base, p.ban_max) == (0.05, 0.9, 30.0, 3600.0)
+    assert (p.fail_window, p.fail_threshold, p.down_for) == (10.0, 3, 5.0)
+    assert (p.token_window, p.drain_timeout) == (30.0, 10.0)
+    assert complete(Config()) == Config()  # no peer option: nothing to complete
+    # Off, a short read_timeout stays allowed (tests and users set 0.5 s today).
+    assert override(Config(), fetch={"read_timeout": 0.5}).fetch.read_timeout == 0.5
+
+
+def test_peers_from_toml(tmp_path: Path):
+    f = tmp_path / "c.toml"
+    f.write_text('[peers]\nlisten = "[fd00::7]:7946"\ntoken_file = "tok"\nupload_rate = "100MiB"\n'
+                 'members = ["[fd00::7]:7946", "10.0.0.8:7946"]\nreplicas = 2\n')
+    cfg = absolute_paths(complete(load_config(f)), cwd="/srv")
+    assert cfg.peers.enabled and cfg.peers.listen == "[fd00::7]:7946"
+    assert cfg.peers.members == ("[fd00::7]:7946", "10.0.0.8:7946")
+    assert cfg.peers.token_file == Path("/srv/tok") and cfg.peers.upload_rate == 100 * MiB
+    f.write_text('[peers]\nmembers = "10.0.0.8:7946"\n')  # one string: one member, no error
+    assert load_config(f).peers.members == ("10.0.0.8:7946",)
+    f.write_text("[peers]\nmembers = [1, 2]\n")
+    with pytest.raises(ConfigError, match=r"members = \[1, 2\] is not a valid value"):
+        load_config(f)
+
+
+def test_a_lower_layer_may_hold_half_of_the_peer_settings(tmp_path: Path):
+    """The Kubernetes case: the ConfigMap names the DNS name and the token, the flag this
+    node's address. Neither layer alone is refused; the finished one is checked."""
+    f = tmp_path / "c.toml"
+    f.write_text('[peers]\ndns = "p2pfs-peers.kube-system.svc:7946"\ntoken_file = "/t"\n')
+    half = load_config(f)
+    assert not half.peers.enabled
+    with pytest.raises(ConfigError, match=r"members and dns need listen"):
+        complete(half)
+    full = complete(override(half, peers={"listen": "10.0.0.7:7946"}))
+    assert full.peers.enabled and full.peers.dns == "p2pfs-peers.kube-system.svc:7946"
+
+
+@pytest.mark.parametrize("peers, msg", [
+    ({"members": "10.0.0.8:7946"}, r"members and dns need listen .*--peer-listen"),
+    ({"dns": "peers.svc:7946"}, r"members and dns need listen"),
+    ({"listen": "10.0.0.7:7946"}, r"listen needs token_file .*--cluster-token-file"),
+])
+def test_incomplete_peer_settings_are_refused(peers, msg):
+    with pytest.raises(ConfigError, match=msg):
+        complete(override(Config(), peers=peers))
+
+
+def test_peer_request_timeout_must_leave_time_for_the_origin():
+    on = {"listen": "10.0.0.7:7946", "token_file": "/t"}
+    with pytest.raises(ConfigError, match=r"\[peers\] request_timeout = 2.0: must be < \[fetch\] "
+                                          r"read_timeout \(2.0\)"):
+        override(Config(), peers=on, fetch={"read_timeout": 2.0})
+    with pytest.raises(ConfigError, match=r"request_timeout = 40.0: must be < \[fetch\] read_timeout"):
+        override(Config(), peers={**on, "request_timeout": 40.0})
+    # Either layer order: a read_timeout lowered later by a flag is caught too.
+    cfg = override(Config(), peers=on, fetch={"read_timeout": 5.0})
+    with pytest.raises(ConfigError, match=r"must be < \[fetch\] read_timeout \(1.0\)"):
+        override(cfg, fetch={"read_timeout": 1.0})
+    assert override(Config(), peers={**on, "request_timeout": 0.5},
+                    fetch={"read_timeout": 1.0}).peers.request_timeout == 0.5
+
+
+def test_mount_flags_land_in_peers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """The issue's two command lines, through the real CLI up to the daemon."""
+    cfg, r = mount_config(monkeypatch, tmp_path, [
+        "s3://models", str(tmp_path / "m"), "--peer-listen", "127.0.0.2:7946",
+        "--peers", "127.0.0.2:7946,127.0.0.3:7946, 127.0.0.4:7946",
+        "--cluster-token-file", "tok", "--peer-replicas", "2"])
+    assert cfg is not None, r.output
+    assert cfg.peers.listen == "127.0.0.2:7946" and cfg.peers.replicas == 2
+    assert cfg.peers.members == ("127.0.0.2:7946", "127.0.0.3:7946", "127.0.0.4:7946")
+    assert cfg.peers.token_file == tmp_path / "tok"  # relative to where p2pfs was started
+    cfg, r = mount_config(monkeypatch, tmp_path, [
+        "s3://models", str(tmp_path / "m"), "--peer-listen", "10.0.0.7:7946",
+        "--peers-dns", "p2pfs-peers.kube-system.svc:7946", "--cluster-token-file", "/etc/p2pfs/token"])
+    assert cfg is not None, r.output
+    assert cfg.peers.dns == "p2pfs-peers.kube-system.svc:7946" and cfg.peers.members == ()
+    cfg, r = mount_config(monkeypatch, tmp_path, ["s3://models", str(tmp_path / "m")])
+    assert cfg is not None and not cfg.peers.enabled, r.output
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--peers", "127.0.0.3:7946"], "members and dns need listen"),
+    (["--peer-listen", "127.0.0.2:7946"], "listen needs token_file"),
+    (["--peer-listen", "127.0.0.2:7946", "--cluster-token-file", "t", "--peer-replicas", "9"],
+     "[peers] replicas = 9: must be between 1 and 8"),
+    (["--peers-dns", "nohost", "--peer-listen", "127.0.0.2:1"], "[peers] dns: expected HOST:PORT"),
+    (["--peer-listen", "127.0.0.2:7946", "--cluster-token-file", "t", "--read-timeout", "1"],
+     "must be < [fetch] read_timeout (1.0)"),
+])
+def test_bad_peer_flags_are_one_line(args, msg):
+    r = _p2pfs("mount", "s3://b/p", "/tmp", *args)
+    assert r.returncode == 1, r.stderr
+    assert msg in r.stderr and r.stderr.startswith("p2pfs: error: ") and r.stderr.count("\n") == 1

@@ -158,3 +158,24 @@ def test_status_table_of_a_sparse_answer():
     """An older or newer daemon may leave keys out: the table shows '-', never raises."""
     out = format_status({"ok": True, "hits": "odd", "errors": None})
     assert "mountpoint  -" in out and "errors\n  none" in out
+
+
+def test_status_table_shows_the_peers():
+    """Each member with its state and the bytes from and to it; no block without peers,
+    and a sparse or odd peers answer never raises."""
+    out = format_status({"ok": True, "bytes_by_source": {"origin": 5, "peer": 3 << 20},
+                         "peers": {"self": "127.0.0.2:7946", "members": [
+                             {"id": "127.0.0.3:7946", "state": "up", "bytes_from": 2 << 20,
+                              "bytes_to": 1024, "requests": {"ok": 3, "busy": 1}},
+                             {"id": "[fd00::4]:7946", "state": "banned"}, "odd"]}})
+    lines = out.splitlines()
+    peers = lines[lines.index("peers") + 1:]
+    row = {ln.split()[0]: ln.split()[1:] for ln in peers}
+    assert row["self"] == ["127.0.0.2:7946"]
+    assert row["127.0.0.3:7946"] == ["up", "2.0", "MiB", "1.0", "KiB", "ok", "3,", "busy", "1"]
+    assert row["[fd00::4]:7946"] == ["banned", "-", "-", "-"]
+    assert ["3.0", "MiB"] == [ln.split() for ln in lines if ln.startswith("  peer ")][0][-2:]
+    assert "{" not in out and "'" not in out
+    assert "peers" not in format_status({"ok": True}).splitlines()
+    odd = format_status({"ok": True, "peers": {"members": "odd"}}).splitlines()
+    assert odd[odd.index("peers") + 3].split() == ["members", "none"]
