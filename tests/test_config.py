@@ -328,3 +328,29 @@ def test_bad_peer_flags_are_one_line(args, msg):
     r = _p2pfs("mount", "s3://b/p", "/tmp", *args)
     assert r.returncode == 1, r.stderr
     assert msg in r.stderr and r.stderr.startswith("p2pfs: error: ") and r.stderr.count("\n") == 1
+
+
+def test_readme_lists_every_setting_with_its_default():
+    """The README's configuration block is the reference: every key of every section, each
+    with the dataclass's default ("" and [] stand for None and the empty list)."""
+    import re
+    import tomllib
+    import typing
+
+    from p2pfs.settings import coerce
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"### Configuration.*?```toml\n(.*?)```", readme, re.S).group(1)
+    doc = tomllib.loads(block)
+    cfg = Config()
+    assert set(doc) == {f for f in vars(cfg)}
+    for section, values in doc.items():
+        sub = getattr(cfg, section)
+        hints = typing.get_type_hints(type(sub))
+        assert set(values) == set(vars(sub)), section
+        for key, value in values.items():
+            default = getattr(sub, key)
+            if value in ("", []):
+                assert default in (None, (), ""), (section, key)
+            else:
+                assert coerce(value, hints[key]) == default, (section, key, value, default)
