@@ -17,7 +17,7 @@ import pyfuse3
 import trio
 import trio_asyncio
 
-from .chunkstore import ChunkStore
+from .store import ChunkStore
 from .config import Config, absolute_paths
 from .control import ControlLimits, ControlServer
 from .discover import ManifestCache, discover_cached
@@ -100,9 +100,9 @@ async def run_daemon(cfg: Config, url: str, mountpoint: Path, *,
     keep_freed_memory(cfg.fetch.max_request)
     metrics = Metrics()
     try:
-        with contextlib.ExitStack() as stack:
+        async with contextlib.AsyncExitStack() as stack:
             addr = cfg.mount.metrics_host_port
-            bound = stack.enter_context(serve_metrics(metrics, *addr)) if addr else None
+            bound = await stack.enter_async_context(serve_metrics(metrics, *addr)) if addr else None
             async with trio_asyncio.open_loop():
                 async with open_origin(loc, cfg.s3) as origin:
                     await _serve(cfg, loc, origin, mountpoint, on_ready, notify_socket,

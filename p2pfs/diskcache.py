@@ -158,6 +158,12 @@ class DiskCache:
         with self._lock:
             return digest in self._lru
 
+    def may_hold(self, digest: str) -> bool:
+        """A hint without the lock, for the trio thread (a write may hold the lock across
+        its I/O): False means absent at this moment; True may still miss on reading, which
+        `read_into` answers with False."""
+        return digest in self._entries
+
     def stats(self) -> DiskCacheStats:
         with self._lock:
             return DiskCacheStats(

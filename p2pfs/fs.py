@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import pyfuse3
 
-from .chunkstore import ChunkStore
+from .store import ChunkStore
 from .config import FetchConfig
 from .errors import FetchTimeout, IntegrityError, OriginUnavailable, P2PFSError, RecentlyFailed
 from .metrics import Metrics

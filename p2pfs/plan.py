@@ -6,9 +6,11 @@ Pure functions over manifest entries; no I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 from .manifest import ChunkRef, Entry
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,30 +43,37 @@ def chunk_span(entry: Entry, offset: int, size: int) -> range:
     return range(entry.chunk_index(offset), entry.chunk_index(end - 1) + 1)
 
 
+def adjacent(a: ChunkLoc, b: ChunkLoc) -> bool:
+    """Whether `b` is stored right after `a` in the same blob (one ranged GET reads both)."""
+    return a.key == b.key and a.ref.blob == b.ref.blob and b.ref.offset == a.ref.offset + a.ref.length
+
+
+def coalesce_items(items: Sequence[T], max_request: int, loc: Callable[[T], ChunkLoc],
+                   together: Callable[[T, T], bool] = lambda a, b: True) -> list[list[T]]:
+    """The one coalescing planner: group items whose chunks lie back to back in one blob
+    (and for which `together(previous, item)` holds, e.g. adjacent in a destination) into
+    runs of at most `max_request` stored bytes; a single chunk bigger than that still gets
+    its own run. Order is kept."""
+    runs: list[list[T]] = []
+    for item in items:
+        if runs:
+            run = runs[-1]
+            first, last, this = loc(run[0]).ref, loc(run[-1]), loc(item)
+            if (adjacent(last, this) and together(run[-1], item)
+                    and this.ref.offset + this.ref.length - first.offset <= max_request):
+                run.append(item)
+                continue
+        runs.append([item])
+    return runs
+
+
 def coalesce(locs: Sequence[ChunkLoc], max_request: int) -> list[Request]:
-    """Group chunks that lie back to back in one blob into requests of at most `max_request`
-    bytes (a single chunk bigger than that still gets its own request). Order is kept."""
+    """Chunks grouped into ranged GETs of at most `max_request` bytes (coalesce_items)."""
     out: list[Request] = []
-    run: list[ChunkLoc] = []
-
-    def flush() -> None:
-        if run:
-            first = run[0].ref
-            length = run[-1].ref.offset + run[-1].ref.length - first.offset
-            out.append(Request(run[0].key, first.offset, length, tuple(run)))
-            run.clear()
-
-    for loc in locs:
-        if run:
-            last = run[-1]
-            adjacent = loc.key == last.key and loc.ref.blob == last.ref.blob and (
-                loc.ref.offset == last.ref.offset + last.ref.length
-            )
-            fits = loc.ref.offset + loc.ref.length - run[0].ref.offset <= max_request
-            if not (adjacent and fits):
-                flush()
-        run.append(loc)
-    flush()
+    for run in coalesce_items(locs, max_request, lambda x: x):
+        first = run[0].ref
+        length = run[-1].ref.offset + run[-1].ref.length - first.offset
+        out.append(Request(run[0].key, first.offset, length, tuple(run)))
     return out
 
 

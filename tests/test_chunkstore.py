@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from p2pfs.chunkstore import ChunkStore
+from p2pfs.store import ChunkStore
 from p2pfs.config import CacheConfig, FetchConfig
 from p2pfs.diskcache import DiskCache
 from p2pfs.errors import (FetchTimeout, IntegrityError, InternalError, ObjectTruncated, OriginError,
@@ -73,8 +73,7 @@ def make_store(tmp_path: Path, origin, **fetch) -> ChunkStore:
 
 def forget_memory(store: ChunkStore) -> None:
     """Empty the store's memory tier, so the next read goes to disk or the origin."""
-    store._mem.clear()
-    store._mem_lru = type(store._mem_lru)(store._mem_lru.budget)
+    store.memory.clear()
 
 
 async def with_store(store: ChunkStore, fn) -> None:
@@ -172,7 +171,7 @@ async def test_bad_bytes_from_origin_are_never_served(tmp_path):
     async def body():
         with pytest.raises(IntegrityError, match="sha256 mismatch"):
             await store.get(locs[:1])
-        assert locs[0].digest not in store.disk and locs[0].digest not in store._mem
+        assert locs[0].digest not in store.disk and locs[0].digest not in store.memory
 
     await with_store(store, body)
     assert store.metrics.errors["integrity"] == 1
@@ -436,6 +435,9 @@ async def test_a_bug_of_ours_is_an_internal_error_not_the_stores(tmp_path, caplo
         async def get_range(self, key, offset, length, *, timeout=None):
             raise RuntimeError("a bug")
 
+        async def get_range_into(self, key, offset, dest, *, timeout=None):
+            raise RuntimeError("a bug")
+
     store = make_store(tmp_path, Buggy(tmp_path / "origin"))
 
     async def body():
@@ -443,7 +445,7 @@ async def test_a_bug_of_ours_is_an_internal_error_not_the_stores(tmp_path, caplo
             await store.get(locs[:1])
         assert not isinstance(exc.value, OriginError)
 
-    with caplog.at_level("ERROR", logger="p2pfs.chunkstore"):
+    with caplog.at_level("ERROR", logger="p2pfs.store"):
         await with_store(store, body)
     assert store.metrics.errors["internal"] == 1
     assert any(r.exc_info and "a bug" in str(r.exc_info[1]) for r in caplog.records)

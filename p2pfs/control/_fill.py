@@ -25,7 +25,7 @@ from . import _wire
 from ._fds import map_fill_memory
 
 if TYPE_CHECKING:
-    from ..chunkstore import ChunkStore
+    from ..store import ChunkStore
     from ._server import Connection
 
 log = logging.getLogger("p2pfs.control")

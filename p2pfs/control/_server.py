@@ -29,7 +29,7 @@ from ._fds import FdCloser, ancillary_space, unpack_fds
 from ._fill import serve_fill
 
 if TYPE_CHECKING:
-    from ..chunkstore import ChunkStore
+    from ..store import ChunkStore
 
 log = logging.getLogger("p2pfs.control")
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; Python lacks the name
