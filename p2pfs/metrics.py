@@ -3,31 +3,22 @@
 Owned by the daemon and passed explicitly to the components that count things. Updates
 happen on the trio thread (plain ints, `metrics.errors["eio"] += 1`, `.observe(s)`), so
 counting needs no lock. Exposition is `prometheus_client`'s: `Metrics` is a custom
-collector that turns a snapshot into metric families at scrape time, and `serve` runs the
-library's WSGI server on a thread. A scrape on that thread only reads: ints and copies of
-dicts and lists made by single C-level operations, which the GIL keeps whole, so a scrape
-sees each counter at some moment, never a torn value.
+collector that turns a snapshot into metric families at scrape time, and `serve` answers
+scrapes with the peer tier's small h11 server (p2pfs.peer._server, no chunk route) on the
+trio thread too, so a scrape sees every counter between two updates, never mid-way.
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
-import logging
-import socket
-import threading
 from collections import Counter
-from typing import Any, Callable, Iterator
-from wsgiref.simple_server import WSGIRequestHandler, make_server
+from typing import Any, AsyncIterator, Callable, Iterator
 
-from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
+import trio
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, Metric)
-from prometheus_client.exposition import ThreadingWSGIServer
-
-from .errors import ConfigError
-
-log = logging.getLogger("p2pfs.metrics")
 
 # Fetch latency buckets, seconds (upper bounds).
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -155,43 +146,20 @@ class Metrics:
         return generate_latest(self.registry).decode()
 
 
-class _Handler(WSGIRequestHandler):
-    timeout = SCRAPE_TIMEOUT  # a scraper that sends nothing does not keep its thread
+@contextlib.asynccontextmanager
+async def serve(metrics: Metrics, host: str, port: int) -> AsyncIterator[tuple[str, int]]:
+    """Serve `metrics` over HTTP at host:port (GET /metrics, and /healthz) for the duration
+    of the block; yields the address bound (port 0: a free one).
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
-        log.debug("metrics: " + format, *args)
+    Binds before yielding, so a bad host or a port in use is a ConfigError here ("cannot
+    serve metrics at ..."), before the caller mounts anything."""
+    from .peer._server import PeerServer, PeerServerLimits
 
-
-@contextlib.contextmanager
-def serve(metrics: Metrics, host: str, port: int) -> Iterator[tuple[str, int]]:
-    """Serve `metrics` over HTTP at host:port (any path; Prometheus scrapes /metrics) on a
-    thread, for the duration of the block; yields the address bound (port 0: a free one).
-
-    Binds before returning, so a bad host or a port in use is a ConfigError here, before
-    the caller mounts anything."""
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                    flags=socket.AI_PASSIVE)[0][0]
-
-        class Server(ThreadingWSGIServer):
-            address_family = family
-
-        httpd = make_server(host, port, make_wsgi_app(metrics.registry), Server, _Handler)
-    except OSError as exc:
-        raise ConfigError(f"cannot serve metrics at {_addr(host, port)}: "
-                          f"{exc.strerror or exc}") from None
-    bound = httpd.server_address[1]
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1},
-                              name="p2pfs-metrics", daemon=True)
-    thread.start()
-    log.info("serving metrics at http://%s/metrics", _addr(host, bound))
-    try:
-        yield host, bound
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join()
-
-
-def _addr(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    server = PeerServer(host, port, registry=metrics.registry, name="metrics", ready=True,
+                        limits=PeerServerLimits(head_timeout=SCRAPE_TIMEOUT,
+                                                max_connections=64))
+    bound = await server.bind()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        yield bound
+        nursery.cancel_scope.cancel()

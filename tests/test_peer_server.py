@@ -509,3 +509,23 @@ async def test_connections_come_from_the_nodes_own_address():
         thread.join(3)
         lsock.close()
     assert seen == [CLIENT_NODE.partition(":")[0]]
+
+
+async def test_metrics_serve_binds_first_and_stops_with_its_block():
+    from p2pfs import metrics as metrics_mod
+
+    m = Metrics()
+    m.read_bytes = 123
+    async with metrics_mod.serve(m, SERVER_HOST, 0) as (host, port):
+        status, _, body = await raw(f"{host}:{port}", b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 200 and b"p2pfs_read_bytes_total 123.0" in body
+        with pytest.raises(ConfigError, match=f"cannot serve metrics at {host}:{port}: "
+                                              "Address already in use"):
+            async with metrics_mod.serve(m, host, port):
+                pass
+    with pytest.raises(OSError):  # closed with the block
+        raw_exchange(f"{host}:{port}", b"GET /metrics HTTP/1.1\r\n\r\n")
+    if socket.has_ipv6:
+        async with metrics_mod.serve(m, "::1", 0) as (host, port):
+            request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+            assert (await raw(f"{host}:{port}", request))[0] == 200
