@@ -440,6 +440,33 @@ async def test_a_stalled_peer_ends_within_the_timeout():
         assert time.monotonic() - t0 < 1.2
 
 
+async def test_a_trickling_peer_cannot_stretch_the_deadline():
+    _, loc = chunk(1000)
+    lsock = socket.create_server(("127.0.0.53", 0))
+    stop = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = lsock.accept()
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n":
+                if stop.wait(0.1):
+                    return
+                conn.sendall(bytes([byte]))
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(PeerUnavailable, match="no complete answer"):
+            await fetch(client(), f"127.0.0.53:{lsock.getsockname()[1]}", loc, timeout=0.6)
+        assert time.monotonic() - t0 < 1.1
+    finally:
+        stop.set()
+        thread.join(3)
+        lsock.close()
+
+
 @pytest.mark.parametrize("reply", [
     b"garbage\r\n\r\n",
     b"HTTP/1.1 200 OK\r\ncontent-length: 999\r\nx-p2pfs-source: disk\r\n\r\n" + b"x" * 999,

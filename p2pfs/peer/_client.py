@@ -156,6 +156,7 @@ class PeerClient:
                 if len(head) > MAX_HEAD:
                     raise PeerProtocolError(f"peer {peer}: answer head over {MAX_HEAD} bytes",
                                             peer=peer)
+                _set_timeouts(sock, max(0.001, deadline - time.monotonic()))
                 data = sock.recv(65536)
                 if not data:
                     if head:
@@ -194,8 +195,10 @@ class PeerClient:
         n = len(rest)
         view[:n] = rest
         while n < size:
-            if time.monotonic() > deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise TimeoutError
+            _set_timeouts(sock, left)  # a trickle cannot stretch the request past its deadline
             k = sock.recv_into(view[n:], size - n, socket.MSG_WAITALL)
             if not k:
                 raise PeerProtocolError(f"peer {peer}: body cut short at {n} of {size} bytes",
