@@ -18,7 +18,7 @@ import trio
 import trio_asyncio
 
 from .store import ChunkStore
-from .config import Config, absolute_paths
+from .config import Config, absolute_paths, complete
 from .control import ControlLimits, ControlServer
 from .discover import ManifestCache, discover_cached
 from .diskcache import DiskCache
@@ -81,7 +81,7 @@ async def run_daemon(cfg: Config, url: str, mountpoint: Path, *,
     Everything that can fail on a setting (the metrics address included) fails before the
     mount is made, so a bad one leaves no mount behind."""
     mountpoint = Path(os.path.abspath(mountpoint))
-    cfg = absolute_paths(cfg)  # clients in other directories get these paths
+    cfg = complete(absolute_paths(cfg))  # clients in other directories get these paths
     loc = parse_url(url)
     if not mountpoint.is_dir():
         if is_stale(mountpoint):
@@ -103,22 +103,32 @@ async def run_daemon(cfg: Config, url: str, mountpoint: Path, *,
         async with contextlib.AsyncExitStack() as stack:
             addr = cfg.mount.metrics_host_port
             bound = await stack.enter_async_context(serve_metrics(metrics, *addr)) if addr else None
+            peers = None
+            if cfg.peers.enabled:
+                from .peer import PeerNode  # only a peer node pays for the import
+                peers = PeerNode(cfg.peers, origin_url=str(loc), metrics=metrics,
+                                 read_timeout=cfg.fetch.read_timeout)
+                await peers.server.bind()  # a bad address fails here, before the mount
             async with trio_asyncio.open_loop():
                 async with open_origin(loc, cfg.s3) as origin:
                     await _serve(cfg, loc, origin, mountpoint, on_ready, notify_socket,
-                                 metrics, bound)
+                                 metrics, bound, peers)
     finally:
         os.close(lock_fd)
 
 
 async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket,
-                 metrics: Metrics, metrics_addr: tuple[str, int] | None) -> None:
+                 metrics: Metrics, metrics_addr: tuple[str, int] | None, peers) -> None:
     t0 = time.monotonic()
     models, problems = await discover_cached(origin, loc, ManifestCache(cfg.cache.dir))
     disk = DiskCache(cfg.cache.dir, cfg.cache.size)
     await trio.to_thread.run_sync(disk.scan)
     metrics_url = f"http://{_host(metrics_addr[0])}:{metrics_addr[1]}/metrics" if metrics_addr else None
-    store = ChunkStore(origin, disk, fetch=cfg.fetch, cache=cfg.cache, metrics=metrics)
+    store = ChunkStore(origin, disk, fetch=cfg.fetch, cache=cfg.cache, metrics=metrics,
+                       peers=peers.reader_tier if peers else None,
+                       owner_peers=peers.owner_tier if peers else None)
+    if peers:
+        peers.attach(store)
     tree, conflicts = build_tree_skipping(models)
     for problem in conflicts:
         log.error("%s", problem)
@@ -148,6 +158,7 @@ async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket,
             "model_problems": problems, "cache_dir": str(cfg.cache.dir), "tuning": tuning,
             "metrics_url": metrics_url,
             **metrics.snapshot(),
+            **({"peers": peers.status()} if peers else {}),
         }
 
     options = {f"fsname=p2pfs:{loc}", "subtype=p2pfs", "ro", "default_permissions", "noatime"}
@@ -165,7 +176,9 @@ async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket,
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
             await nursery.start(control.serve)
-            nursery.start_soon(_watch_signals)
+            if peers:
+                await nursery.start(peers.run)
+            nursery.start_soon(_watch_signals, peers, cfg.peers.drain_timeout)
 
             async def fuse_main() -> None:
                 try:
@@ -182,6 +195,9 @@ async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket,
                     "tuning": tuning, "control": str(control_path), "metrics_url": metrics_url,
                     "seconds": round(time.monotonic() - t0, 3)}
             log.info("mounted %s at %s: %d model(s), tuning %s", loc, mountpoint, len(models), tuning)
+            if peers:
+                peers.set_ready(True)  # serve peers only once the mount is up
+                info["peer"] = peers.node_id
             on_ready(info)
             sd_notify(notify_socket, f"READY=1\nSTATUS=serving {loc} at {mountpoint}")
     finally:
@@ -194,9 +210,16 @@ def _host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-async def _watch_signals() -> None:
+async def _watch_signals(peers, drain_timeout: float) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for sig in signals:
+            if peers:
+                # Leave the ring first: new peer requests get 503 (the others move on to
+                # the next rank), answers under way finish, then the mount goes.
+                log.info("signal %s: draining peer requests (up to %gs)",
+                         signal.Signals(sig).name, drain_timeout)
+                peers.drain()
+                await peers.wait_drained(drain_timeout)
             log.info("signal %s: unmounting", signal.Signals(sig).name)
             pyfuse3.terminate()
             return

@@ -75,6 +75,9 @@ class Metrics:
         self.prefetched_chunks = 0
         self.fill_requests = 0  # control-socket `fill` requests answered (ok or not)
         self.fill_bytes = 0     # bytes written into clients' memory by `fill`
+        self.peer_served_bytes = 0  # chunk bytes this node served to peers
+        # More metric families, collected at scrape time (the peer node adds its own).
+        self.families: list[Callable[[], list[Metric]]] = []
         # Gauges read at collection time (set by the daemon).
         self.gauges: dict[str, Callable[[], float]] = {}
         self.registry = CollectorRegistry(auto_describe=False)
@@ -105,6 +108,7 @@ class Metrics:
             "prefetched_chunks": self.prefetched_chunks,
             "fill_requests": self.fill_requests,
             "fill_bytes": self.fill_bytes,
+            "peer_served_bytes": self.peer_served_bytes,
             **{k: g() for k, g in dict(self.gauges).items()},
         }
 
@@ -124,9 +128,10 @@ class Metrics:
         yield counter("read_bytes", "Bytes returned to readers.", self.read_bytes)
         yield by("chunk_hits", "Chunk lookups served from a cache tier.", "tier",
                  {t: hits.get(t, 0) for t in ("memory", "disk")})
-        yield counter("chunk_misses", "Chunk lookups that went to the origin.", self.misses)
+        yield counter("chunk_misses", "Chunk lookups that memory and disk could not serve "
+                      "(served by peers or the origin).", self.misses)
         yield by("bytes", "Chunk bytes loaded, by source (memory hits load nothing).", "source",
-                 {s: by_source.get(s, 0) for s in ("disk", "origin")})
+                 {s: by_source.get(s, 0) for s in ("memory", "disk", "peer", "origin")})
         yield counter("origin_requests", "Ranged GETs sent to the origin.", self.origin_requests)
         yield by("errors", "Errors, by kind.", "kind", dict(self.errors))
         yield counter("writeback", "Chunks written back to the disk cache.", self.writeback_done)
@@ -136,10 +141,13 @@ class Metrics:
                       "Control-socket fill requests (file ranges written into a client's memory).",
                       self.fill_requests)
         yield counter("fill_bytes", "Bytes written into clients' memory by fill.", self.fill_bytes)
+        yield counter("peer_served_bytes", "Chunk bytes served to peers.", self.peer_served_bytes)
         yield self.fetch_latency.family("p2pfs_fetch_seconds", "Latency of origin requests.")
         yield self.read_latency.family("p2pfs_read_seconds", "Latency of FUSE reads.")
         for name, g in sorted(dict(self.gauges).items()):
             yield GaugeMetricFamily(f"p2pfs_{name}", name.replace("_", " ") + ".", value=g())
+        for families in list(self.families):
+            yield from families()
 
     def render(self) -> str:
         """Prometheus text exposition format 0.0.4."""

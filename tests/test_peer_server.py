@@ -485,7 +485,8 @@ async def test_an_answer_that_breaks_the_protocol(reply):
         assert exc.value.peer == addr
 
 
-async def test_a_body_cut_short_is_a_protocol_error():
+async def test_a_body_cut_short_lowers_health_but_is_no_ban():
+    """A peer that dies mid-answer sent nothing wrong: PeerUnavailable, not a ban."""
     _, loc = chunk(1000)
     head = b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\nx-p2pfs-source: disk\r\n\r\n"
     lsock = socket.create_server(("127.0.0.53", 0))
@@ -499,7 +500,7 @@ async def test_a_body_cut_short_is_a_protocol_error():
     thread = threading.Thread(target=serve_once, daemon=True)
     thread.start()
     try:
-        with pytest.raises(PeerProtocolError, match="cut short at 500"):
+        with pytest.raises(PeerUnavailable, match="cut short at 500"):
             await fetch(client(), f"127.0.0.53:{lsock.getsockname()[1]}", loc)
     finally:
         thread.join(3)

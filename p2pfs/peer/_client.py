@@ -18,6 +18,7 @@ is retried once on a fresh one (GETs are idempotent).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -54,6 +55,30 @@ class _Conn:
             pass
 
 
+class Abort:
+    """Ends one request early from another thread or task: `abort()` shuts its socket, so
+    the receive returns at once and the request raises. A hedge that won uses it, so that
+    it can write into the destination alone."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self.aborted = False
+
+    def abort(self) -> None:
+        with self._lock:
+            self.aborted = True
+            if self._sock is not None:
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RDWR)
+
+    def _attach(self, sock: socket.socket | None) -> bool:
+        """Watch `sock` (None: stop watching); False if already aborted."""
+        with self._lock:
+            self._sock = sock
+            return not (self.aborted and sock is not None)
+
+
 class PeerClient:
     """Fetches chunks from peers as node `node_id`, signing with `token`.
 
@@ -79,17 +104,18 @@ class PeerClient:
         self.connects = 0  # connections opened, ever (keep-alive reuse shows here)
 
     async def fetch_into(self, peer: str, loc: Locator, dest: memoryview, *, timeout: float,
-                         cached_only: bool = False) -> str:
+                         cached_only: bool = False, abort: Abort | None = None) -> str:
         """Receive chunk `loc` from `peer` into dest[:loc.size]; returns where the peer had
-        it from (memory, disk, peer, origin). The sha256 is the caller's to check."""
+        it from (memory, disk, peer, origin). The sha256 is the caller's to check.
+        `abort`: lets the caller end the request early (it then raises a PeerError)."""
         view = memoryview(dest).cast("B")
         if len(view) < loc.size or view.readonly:
             raise ValueError(f"dest must be a writable buffer of at least {loc.size} bytes")
         return await trio.to_thread.run_sync(self._fetch_sync, peer, loc, view[:loc.size],
-                                             timeout, cached_only, limiter=self._limiter)
+                                             timeout, cached_only, abort, limiter=self._limiter)
 
     def _fetch_sync(self, peer: str, loc: Locator, view: memoryview, timeout: float,
-                    cached_only: bool) -> str:
+                    cached_only: bool, abort: Abort | None = None) -> str:
         deadline = time.monotonic() + timeout
         target = request_target(loc, cached_only=cached_only)
         lines = [f"GET {target} HTTP/1.1", f"Host: {peer}", "User-Agent: p2pfs",
@@ -103,8 +129,18 @@ class PeerClient:
             try:
                 if conn is None:
                     conn = self._connect(peer, deadline)
+                if abort is not None and not abort._attach(conn.sock):
+                    conn.close()
+                    raise PeerUnavailable(f"peer {peer}: request aborted", peer=peer)
                 _set_timeouts(conn.sock, max(0.001, deadline - time.monotonic()))
-                outcome, keep = self._exchange(conn, request, view, peer, deadline)
+                try:
+                    outcome, keep = self._exchange(conn, request, view, peer, deadline)
+                finally:
+                    if abort is not None:
+                        abort._attach(None)
+                        keep_ok = not abort.aborted
+                if abort is not None and not keep_ok:
+                    keep = False
             except _Stale:
                 conn.close()
                 if reused and attempt == 0:
@@ -200,9 +236,9 @@ class PeerClient:
                 raise TimeoutError
             _set_timeouts(sock, left)  # a trickle cannot stretch the request past its deadline
             k = sock.recv_into(view[n:], size - n, socket.MSG_WAITALL)
-            if not k:
-                raise PeerProtocolError(f"peer {peer}: body cut short at {n} of {size} bytes",
-                                        peer=peer)
+            if not k:  # it died or closed mid-answer: health, not a ban (nothing wrong was sent)
+                raise PeerUnavailable(f"peer {peer}: body cut short at {n} of {size} bytes",
+                                      peer=peer)
             n += k
         return source, resp.keep_alive
 

@@ -124,6 +124,11 @@ class PeerHealth:
     def usable(self, peer: str, now: float) -> bool:
         return self.state(peer, now) == "up"
 
+    @property
+    def samples(self) -> int:
+        """How many latencies the quantile is taken over."""
+        return len(self._latencies)
+
     def latency_quantile(self, q: float) -> float | None:
         """The q-quantile (nearest rank) of recent successful latencies, None before any."""
         if not 0.0 <= q <= 1.0:

@@ -109,19 +109,16 @@ class ChunkStore:
     async def serve_peer(self, loc: ChunkLoc, *, cached_only: bool = False,
                          timeout: float | None = None) -> tuple[Buffer, str]:
         """A chunk for a peer that asked us (its owner, or rank 2 with `cached_only`), and
-        where it came from. With `cached_only`, only memory, disk or a flight already
-        under way serve it (PeerMiss otherwise): rank 2 is asked before the origin, and
-        must not fetch from it in its turn."""
+        where it came from. With `cached_only`, only memory or disk serve it (PeerMiss
+        otherwise): rank 2 is asked before the origin, and must not fetch in its turn."""
         if not cached_only:
             ((data, source),) = await self._read([loc], timeout, self.owner_tiers)
             return data, source
         data = self._mem_hit(loc)
         if data is not None:
             return data, "memory"
-        f = self.flights.join(loc.digest)
-        if f is not None:
-            await self._wait(f, self.cfg.read_timeout if timeout is None else timeout, loc)
-            return f.data, f.source  # type: ignore[return-value]
+        # Never wait on a flight here: ours may be waiting on the very node asking (it is
+        # the owner we asked, now asking us as its rank 2), which would deadlock both.
         if self.disk.may_hold(loc.digest):
             buf = aligned_empty(loc.ref.size)
             ok = await trio.to_thread.run_sync(self.disk.read_into, loc.digest, buf)
