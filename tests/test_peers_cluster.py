@@ -37,10 +37,14 @@ READ_TIMEOUT = 20.0
 STALL_BOUND_S = 6.0
 #: Every whole-model read ends within this (a cold read here takes a few seconds).
 READ_BOUND_S = 90.0
-#: The store's pace (bytes/s) when a fault must land in the middle of a read: the cold
-#: read then takes ~3 s (kill) or ~8 s (a join, which waits for a daemon's start).
+#: The store's pace (bytes/s) where the store must be the bottleneck, as in the cloud, or
+#: a fault must land in the middle of a read: the cold read then takes ~3 s (kill), or
+#: ~5 s of BIG_MODEL_SIZE (slow store; a join, which waits for a daemon's start). Not
+#: slower: the chunks in flight share the pace, and each must still arrive well within
+#: READ_TIMEOUT with peers off.
 KILL_RATE = 32 * MiB
-JOIN_RATE = 12 * MiB
+SLOW_RATE = 48 * MiB
+BIG_MODEL_SIZE = 256 * MiB + 4321
 
 HAVE_PEERS = HAVE_FUSE and mount_has_peer_flags()
 needs_peers = pytest.mark.skipif(not HAVE_PEERS, reason="p2pfs mount has no --peer-listen yet "
@@ -48,15 +52,25 @@ needs_peers = pytest.mark.skipif(not HAVE_PEERS, reason="p2pfs mount has no --pe
 pytestmark = [pytest.mark.fuse, pytest.mark.s3, needs_fuse]
 
 
-@pytest.fixture(scope="module")
-def model(seaweed, tmp_path_factory) -> dict:
+def publish_model(seaweed, tmp_path_factory, size: int) -> dict:
     src = tmp_path_factory.mktemp("peers-src") / "m"
     src.mkdir()
-    data = os.urandom(MODEL_SIZE)
+    data = os.urandom(size)
     (src / "model.bin").write_bytes(data)
     url = f"s3://models/peers-{uuid.uuid4().hex[:8]}"
     p2pfs_cmd("publish", "--chunk-size", CHUNK, str(src), f"{url}/m", endpoint=seaweed.endpoint)
     return {"url": url, "rel": "m/model.bin", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+@pytest.fixture(scope="module")
+def model(seaweed, tmp_path_factory) -> dict:
+    return publish_model(seaweed, tmp_path_factory, MODEL_SIZE)
+
+
+@pytest.fixture(scope="module")
+def big_model(seaweed, tmp_path_factory) -> dict:
+    """Long enough to read that a daemon can start in the middle of it."""
+    return publish_model(seaweed, tmp_path_factory, BIG_MODEL_SIZE)
 
 
 @pytest.fixture
@@ -92,14 +106,16 @@ def assert_read_ok(reads, model, what: str, *, stall_bound: float | None = STALL
             f"{what}: one read(2) of {r.path} waited {r.max_gap:.1f}s (bound {stall_bound}s)"
 
 
-def cold_read_everywhere(model, relay, tmp_path, n: int, *, peers: bool) -> tuple[int, dict]:
+def cold_read_everywhere(model, relay, tmp_path, n: int, *, peers: bool,
+                         stall_bound: float | None = STALL_BOUND_S) -> tuple[int, dict]:
     """Start n fresh nodes, read the model on all at once, check every byte; the store's
     egress for the reads and our bytes by source summed over the nodes."""
     with cluster(model, relay, tmp_path, n, peers=peers) as c:
         c.start()
         relay.reset()
         reads = read_all_nodes([c.path(i, model["rel"]) for i in range(n)], timeout=READ_BOUND_S)
-        assert_read_ok(reads, model, f"{n} nodes, peers {'on' if peers else 'off'}")
+        assert_read_ok(reads, model, f"{n} nodes, peers {'on' if peers else 'off'}",
+                       stall_bound=stall_bound)
         return relay.egress, bytes_by_source(c.statuses())
 
 
@@ -120,6 +136,18 @@ def test_four_nodes_cold_read_cost_one_origin_copy(model, relay, tmp_path):
         f"store sent {egress / model['size']:.2f}x the model to 4 nodes with peers on"
     assert ours.get("peer", 0) >= 2 * model["size"], f"bytes by source: {ours}"
     assert ours.get("origin", 0) <= 1.05 * model["size"], f"bytes by source: {ours}"
+
+
+@needs_peers
+def test_four_nodes_behind_a_slow_store_cost_one_origin_copy(big_model, relay_at, tmp_path):
+    """The store is the bottleneck: an owner's origin fetch may then take longer than one
+    peer request's deadline, and a requester that gives up on the owner and fetches the
+    chunk itself multiplies origin egress (the fallback storm)."""
+    model = big_model
+    egress, ours = cold_read_everywhere(model, relay_at(SLOW_RATE), tmp_path, 4, peers=True,
+                                        stall_bound=None)
+    assert egress <= 1.05 * model["size"], \
+        f"store sent {egress / model['size']:.2f}x the model to 4 nodes behind a slow store"
 
 
 def _mid_read(relay, model, fraction: float = 0.3, timeout: float = 30.0) -> None:
@@ -172,10 +200,10 @@ def test_peer_stopped_reads_complete_by_fallback(model, relay, tmp_path):
 
 
 @needs_peers
-def test_node_joining_while_others_read(model, relay_at, tmp_path):
+def test_node_joining_while_others_read(big_model, relay_at, tmp_path):
     """Five members from the start, four running; the fifth starts mid-read, then reads
     too. Every read is right; the join costs the store at most a fraction more."""
-    joiner, paced_relay = 4, relay_at(JOIN_RATE)
+    model, joiner, paced_relay = big_model, 4, relay_at(SLOW_RATE)
     with cluster(model, paced_relay, tmp_path, 5, peers=True) as c:
         c.start(range(4))
         paced_relay.reset()
