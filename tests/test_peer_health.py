@@ -177,3 +177,20 @@ def test_bad_parameters():
     with pytest.raises(ValueError):
         HedgeBudget(burst=1.0, initial=2.0)
     assert math.isfinite(PeerHealth().ban(P, 0.0, "x"))
+
+
+def test_a_peer_on_probation_goes_down_at_its_first_failure_for_twice_as_long():
+    h = PeerHealth(fail_window=10.0, fail_threshold=3, down_for=5.0)
+    for t in (0.0, 0.1, 0.2):
+        h.failure("p", t)
+    assert h.state("p", 4.9) == "down" and h.state("p", 5.3) == "up"
+    h.failure("p", 6.0)  # probation: one failure is enough, and the period doubles
+    assert h.state("p", 15.9) == "down" and h.state("p", 16.1) == "up"
+    h.failure("p", 17.0)
+    assert h.state("p", 36.9) == "down"
+    for k in range(10):  # capped at 16x down_for
+        h.failure("p", 1000.0 * (k + 1))
+    assert h.state("p", 10000.0 + 80.1) == "up"
+    h.success("p", 20000.0, 0.01)  # a success ends probation
+    h.failure("p", 20001.0)
+    assert h.state("p", 20001.1) == "up"

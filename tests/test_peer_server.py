@@ -213,6 +213,8 @@ async def test_malformed_and_oversized_requests(nursery):
 # ----------------------------------------------------------------------------- admission, drain
 
 async def test_admission_queue_full_is_503_retry_after(nursery):
+    """max_uploads + upload_queue requests in progress (here both waiting in the handler,
+    which holds no send slot); the next one is refused at once."""
     limits = PeerServerLimits(max_uploads=1, upload_queue=1, retry_after=7)
     server, owner, addr = await start(nursery, limits=limits)
     data, loc = owner.add(1000)
@@ -227,31 +229,42 @@ async def test_admission_queue_full_is_503_retry_after(nursery):
         n.start_soon(one)
         n.start_soon(one)
         with trio.fail_after(3):
-            while (server.stats().active, server.stats().queued) != (1, 1):
+            while (server.stats().active, server.stats().queued) != (0, 2):
                 await trio.sleep(0.01)
         with pytest.raises(PeerBusy) as exc:
             await fetch(c, addr, loc)
-        assert exc.value.retry_after == 7.0 and owner.calls == 1
+        assert exc.value.retry_after == 7.0 and owner.calls == 2
         owner.gate.set()
     assert results == [data, data]
     assert server.stats().requests == {"busy": 1, "ok": 2}
 
 
-async def test_a_request_waits_in_the_queue_at_most_queue_timeout(nursery):
-    limits = PeerServerLimits(max_uploads=1, upload_queue=4, queue_timeout=0.2)
+async def test_a_request_waits_for_a_send_slot_at_most_queue_timeout(nursery):
+    """One answer is being sent (to a client that reads nothing, under a rate cap); the
+    next request's handler is done at once but waits for the only send slot, and is
+    refused after queue_timeout."""
+    limits = PeerServerLimits(max_uploads=1, upload_queue=4, queue_timeout=0.2,
+                              upload_rate=256 * 1024)
     server, owner, addr = await start(nursery, limits=limits)
-    _, loc = owner.add(1000)
-    owner.gate = trio.Event()
-    async with trio.open_nursery() as n:  # waits for the first request to finish
-        n.start_soon(fetch, client(), addr, loc)
+    _, big = owner.add(8 << 20, seed=1)
+    _, small = owner.add(1000)
+    target = wire.request_target(big, cached_only=False)
+    host, _, port = addr.rpartition(":")
+    hog = socket.create_connection((host, int(port)))
+    try:
+        hog.sendall(raw_get(addr, target))
         with trio.fail_after(3):
             while server.stats().active != 1:
                 await trio.sleep(0.01)
         t0 = time.monotonic()
         with pytest.raises(PeerBusy):
-            await fetch(client(), addr, loc)
+            await fetch(client(), addr, small)
         assert 0.15 < time.monotonic() - t0 < 1.5
-        owner.gate.set()
+    finally:
+        hog.close()
+    with trio.fail_after(15):
+        while server.stats().active:
+            await trio.sleep(0.05)
 
 
 async def test_drain_refuses_and_fails_healthz(nursery):
@@ -269,7 +282,7 @@ async def test_drain_refuses_and_fails_healthz(nursery):
     async with trio.open_nursery() as n:
         n.start_soon(first)
         with trio.fail_after(3):
-            while server.stats().active != 1:
+            while server.stats().queued != 1:  # in the handler
                 await trio.sleep(0.01)
         server.drain()
         status, _, body = await raw(addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -557,3 +570,34 @@ async def test_metrics_serve_binds_first_and_stops_with_its_block():
         async with metrics_mod.serve(m, "::1", 0) as (host, port):
             request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
             assert (await raw(f"{host}:{port}", request))[0] == 200
+
+
+async def test_an_owner_fetching_slowly_keeps_its_requester_with_102s():
+    """An owner whose own fetch takes longer than the requester's stall timeout sends
+    102 Processing meanwhile: the request succeeds instead of falling back (a storm)."""
+    async with trio.open_nursery() as nursery:
+        _, owner, addr = await start(nursery, limits=PeerServerLimits(progress_interval=0.1))
+        data, loc = owner.add(1000)
+        owner.gate = trio.Event()
+        nursery.start_soon(_open_gate_after, owner, 1.0)
+        buf = bytearray(loc.size)
+        t0 = trio.current_time()
+        await client().fetch_into(addr, loc, memoryview(buf), timeout=0.4, total=5.0)
+        assert bytes(buf) == data and trio.current_time() - t0 >= 0.9
+        # Without progress the same wait is a stall: PeerUnavailable at the stall timeout.
+        owner.gate = trio.Event()
+        nursery.start_soon(_open_gate_after, owner, 1.5)
+        _, quiet, quiet_addr = await start(nursery, limits=PeerServerLimits(progress_interval=0))
+        quiet.add(1000)
+        quiet.gate = trio.Event()
+        t0 = trio.current_time()
+        with pytest.raises(PeerUnavailable):
+            await client().fetch_into(quiet_addr, loc, memoryview(buf), timeout=0.4, total=5.0)
+        assert trio.current_time() - t0 < 1.0
+        quiet.gate.set()
+        nursery.cancel_scope.cancel()
+
+
+async def _open_gate_after(owner, seconds: float) -> None:
+    await trio.sleep(seconds)
+    owner.gate.set()

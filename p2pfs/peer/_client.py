@@ -4,15 +4,18 @@ received straight into the caller's buffer.
 Like the origin's range client (p2pfs/origin/_http.py, whose head parser and kernel
 timeouts this reuses), each request runs in a worker thread on a blocking socket: the body
 arrives with `recv_into(..., MSG_WAITALL)` in a few system calls with the GIL released.
-SO_RCVTIMEO/SO_SNDTIMEO are set to the time left before the request's deadline on every
-call, so a peer that stops answering (SIGSTOPped, a dead link) ends the request within
-`timeout`; the trio task waits for its thread, so no thread ever writes into `dest` after
-`fetch_into` returned or raised.
+SO_RCVTIMEO/SO_SNDTIMEO are set on every call to the smaller of `timeout` (the longest
+wait for progress: a byte of the answer, or an owner's `102 Processing` sent while it
+fetches the chunk itself) and the time left before the request's deadline (`total`), so a
+peer that stops answering (SIGSTOPped, a dead link) ends the request within `timeout`,
+while a live owner behind a slow origin keeps its requesters waiting instead of sending
+them to the next rank (a fallback storm); the trio task waits for its thread, so no
+thread ever writes into `dest` after `fetch_into` returned or raised.
 
 Every failure is a PeerError with `.peer` set (see `_wire.error_for` for statuses):
 PeerUnavailable for connect refused / timed out / reset / no answer in time;
-PeerProtocolError for an answer that breaks the protocol (garbage, a wrong length, a body
-cut short), which bans the peer. A reused keep-alive connection the peer closed while idle
+PeerProtocolError for an answer that breaks the protocol (garbage, a wrong length), which
+bans the peer; a body cut short (the peer died mid-answer) is PeerUnavailable. A reused keep-alive connection the peer closed while idle
 is retried once on a fresh one (GETs are idempotent).
 """
 
@@ -104,19 +107,25 @@ class PeerClient:
         self.connects = 0  # connections opened, ever (keep-alive reuse shows here)
 
     async def fetch_into(self, peer: str, loc: Locator, dest: memoryview, *, timeout: float,
-                         cached_only: bool = False, abort: Abort | None = None) -> str:
+                         cached_only: bool = False, abort: Abort | None = None,
+                         total: float | None = None) -> str:
         """Receive chunk `loc` from `peer` into dest[:loc.size]; returns where the peer had
         it from (memory, disk, peer, origin). The sha256 is the caller's to check.
-        `abort`: lets the caller end the request early (it then raises a PeerError)."""
+        `abort`: lets the caller end the request early (it then raises a PeerError).
+        `timeout`: the longest wait for progress (a byte of the answer, or the owner's
+        `102 Processing` while it fetches the chunk itself); `total`: the longest the whole
+        request may take (default `timeout`)."""
         view = memoryview(dest).cast("B")
         if len(view) < loc.size or view.readonly:
             raise ValueError(f"dest must be a writable buffer of at least {loc.size} bytes")
         return await trio.to_thread.run_sync(self._fetch_sync, peer, loc, view[:loc.size],
-                                             timeout, cached_only, abort, limiter=self._limiter)
+                                             timeout, cached_only, abort, total,
+                                             limiter=self._limiter)
 
     def _fetch_sync(self, peer: str, loc: Locator, view: memoryview, timeout: float,
-                    cached_only: bool, abort: Abort | None = None) -> str:
-        deadline = time.monotonic() + timeout
+                    cached_only: bool, abort: Abort | None = None,
+                    total: float | None = None) -> str:
+        deadline = time.monotonic() + max(timeout, total or 0.0)
         target = request_target(loc, cached_only=cached_only)
         lines = [f"GET {target} HTTP/1.1", f"Host: {peer}", "User-Agent: p2pfs",
                  *(f"{k}: {v}" for k, v in auth_headers(
@@ -132,9 +141,9 @@ class PeerClient:
                 if abort is not None and not abort._attach(conn.sock):
                     conn.close()
                     raise PeerUnavailable(f"peer {peer}: request aborted", peer=peer)
-                _set_timeouts(conn.sock, max(0.001, deadline - time.monotonic()))
+                _set_timeouts(conn.sock, max(0.001, min(timeout, deadline - time.monotonic())))
                 try:
-                    outcome, keep = self._exchange(conn, request, view, peer, deadline)
+                    outcome, keep = self._exchange(conn, request, view, peer, deadline, timeout)
                 finally:
                     if abort is not None:
                         abort._attach(None)
@@ -182,32 +191,41 @@ class PeerClient:
         return _Conn(sock)
 
     def _exchange(self, conn: _Conn, request: bytes, view: memoryview, peer: str,
-                  deadline: float) -> tuple[str | PeerError, bool]:
-        """(source or the PeerError the answer means, whether the connection is reusable)."""
+                  deadline: float, stall: float) -> tuple[str | PeerError, bool]:
+        """(source or the PeerError the answer means, whether the connection is reusable).
+        Each receive waits at most `stall` seconds, the whole exchange until `deadline`;
+        `1xx` heads (the owner's 102 Processing while it fetches) are progress, skipped."""
         sock = conn.sock
-        head = b""
+        head, answered = b"", False
         try:
             sock.sendall(request)
-            while (end := head.find(b"\r\n\r\n")) < 0:
-                if len(head) > MAX_HEAD:
-                    raise PeerProtocolError(f"peer {peer}: answer head over {MAX_HEAD} bytes",
-                                            peer=peer)
-                _set_timeouts(sock, max(0.001, deadline - time.monotonic()))
-                data = sock.recv(65536)
-                if not data:
-                    if head:
-                        raise PeerProtocolError(f"peer {peer}: closed mid-head", peer=peer)
-                    raise _Stale
-                head += data
+            while True:
+                while (end := head.find(b"\r\n\r\n")) < 0:
+                    if len(head) > MAX_HEAD:
+                        raise PeerProtocolError(f"peer {peer}: answer head over {MAX_HEAD} bytes",
+                                                peer=peer)
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError
+                    _set_timeouts(sock, max(0.001, min(stall, left)))
+                    data = sock.recv(65536)
+                    if not data:
+                        if head or answered:
+                            raise PeerProtocolError(f"peer {peer}: closed mid-head", peer=peer)
+                        raise _Stale
+                    head += data
+                try:
+                    resp = parse_head(head[:end])
+                except OriginUnavailable as exc:
+                    raise PeerProtocolError(f"peer {peer}: {exc}", peer=peer) from None
+                head, answered = head[end + 4:], True
+                if not 100 <= resp.status < 200:
+                    break
         except (BrokenPipeError, ConnectionResetError):
-            if head:
+            if head or answered:
                 raise
             raise _Stale from None
-        try:
-            resp = parse_head(head[:end])
-        except OriginUnavailable as exc:
-            raise PeerProtocolError(f"peer {peer}: {exc}", peer=peer) from None
-        rest = head[end + 4:]
+        rest = head
         clen = resp.content_length
         if "transfer-encoding" in resp.headers or clen is None:
             raise PeerProtocolError(f"peer {peer}: answer without a Content-Length", peer=peer)
@@ -234,7 +252,8 @@ class PeerClient:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError
-            _set_timeouts(sock, left)  # a trickle cannot stretch the request past its deadline
+            # Each receive waits for progress at most `stall`; a trickle still ends at the deadline.
+            _set_timeouts(sock, max(0.001, min(stall, left)))
             k = sock.recv_into(view[n:], size - n, socket.MSG_WAITALL)
             if not k:  # it died or closed mid-answer: health, not a ban (nothing wrong was sent)
                 raise PeerUnavailable(f"peer {peer}: body cut short at {n} of {size} bytes",

@@ -4,7 +4,10 @@ Two ways out of the ring, for two kinds of fault:
 
 - *down* (health): timeouts, refusals and 503s. `fail_threshold` failures in a row (no
   success between them) within `fail_window` seconds take a peer out for `down_for`
-  seconds; then it is asked again. This covers a peer that died before DNS noticed.
+  seconds; then it is asked again, on probation: until its next success one failure
+  takes it out again, each time for twice as long (up to 16x `down_for`). This covers a
+  peer that died before DNS noticed, and one that accepts connections but never answers
+  (SIGSTOPped), which would otherwise cost a stall timeout every `down_for` seconds.
 - *banned*: bytes that failed sha256, or answers that break the protocol. A ban lasts
   `ban_base` seconds and doubles with each new ban, up to `ban_max`; a peer that stayed
   clean for `ban_max` seconds after its last ban starts again from `ban_base`. A ban while
@@ -32,6 +35,7 @@ class _Peer:
     down_until: float = -math.inf
     banned_until: float = -math.inf
     bans: int = 0
+    downs: int = 0  # down periods since the last success (probation: doubles the next)
     failures: int = 0
     successes: int = 0
     last_error: str = ""
@@ -79,6 +83,7 @@ class PeerHealth:
         p = self._get(peer, now)
         p.successes += 1
         p.streak.clear()
+        p.downs = 0
         self._latencies.append(latency)
         self._sorted = None
 
@@ -93,8 +98,12 @@ class PeerHealth:
         p.streak.append(now)
         while p.streak and now - p.streak[0] > self.fail_window:
             p.streak.popleft()
-        if len(p.streak) >= self.fail_threshold:
-            p.down_until = now + self.down_for
+        # On probation (down before, no success since) one failure is enough, and each
+        # down period doubles, up to 16x down_for: a SIGSTOPped peer that accepts
+        # connections costs a stall per period, so the periods must grow.
+        if len(p.streak) >= (1 if p.downs else self.fail_threshold):
+            p.down_until = now + self.down_for * 2 ** min(p.downs, 4)
+            p.downs += 1
             p.streak.clear()
 
     def ban(self, peer: str, now: float, reason: str) -> float:

@@ -101,9 +101,13 @@ class PeerNode:
     async def _handle(self, req: ChunkRequest) -> tuple[Any, str]:
         assert self._store is not None
         self._check_served(req.locator.origin, req.locator.key)
+        t0 = trio.current_time()
         data, source = await self._store.serve_peer(req.locator.to_loc(),
                                                     cached_only=req.cached_only,
                                                     timeout=self._read_timeout)
+        if trio.current_time() - t0 > 1.0:
+            log.debug("served %s to %s from %s after %.2fs", req.locator.sha256[:12], req.node,
+                      source, trio.current_time() - t0)
         self.stats.bytes_to[req.node] += req.locator.size
         self.metrics.peer_served_bytes += req.locator.size
         return data, source

@@ -8,10 +8,14 @@
 Bounds, so no client can hold the server: a request head is at most `max_head` bytes and
 must arrive within `head_timeout` of its first byte; an idle keep-alive connection is
 closed after `idle_timeout`; every piece of an answer must be taken within `send_timeout`;
-at most `max_connections` connections are open. Admission: `max_uploads` chunk answers are
-prepared and sent at once, `upload_queue` more wait (each at most `queue_timeout`); a
-request beyond that, or one that waited too long, gets 503 with Retry-After, and so does
-every chunk request once draining. `upload_rate` caps the bytes/s of all chunk answers
+at most `max_connections` connections are open. Admission: `max_uploads +
+upload_queue` chunk requests are in progress at once; the handler (which may wait for the
+owner's own fetch, sending `102 Processing` meanwhile) holds no upload slot, only sending
+does: `max_uploads` answers are sent at once, and one that waited `queue_timeout` for a
+send slot is refused. A request beyond the bound, or one refused so, gets 503 with
+Retry-After, and so does every chunk request once draining. Admitting requests while they
+wait for a flight matters: if they held the send slots, a cold owner's slots would all be
+waiting on its origin, and its requesters, refused, would each fetch the chunk themselves. `upload_rate` caps the bytes/s of all chunk answers
 together (a token bucket; 0 = no cap).
 
 A request without a valid MAC gets 401 with an empty body and the connection is closed:
@@ -60,6 +64,7 @@ class PeerServerLimits:
     idle_timeout: float = 60.0    # keep-alive connection without a request
     send_timeout: float = 10.0    # to take one piece (1 MiB) of an answer
     retry_after: int = 1          # seconds, in a 503's Retry-After
+    progress_interval: float = 0.5  # seconds between 102 Processing while a handler works; 0: none
 
     def __post_init__(self) -> None:
         for name in ("max_uploads", "max_connections", "max_head", "retry_after"):
@@ -314,36 +319,22 @@ class PeerServer:
             await self._refuse(conn, stream, exc.status, exc)
             return
         lim = self.limits
-        if self._uploads.available_tokens == 0 and self._queued >= lim.upload_queue:
+        if self._active + self._queued >= lim.max_uploads + lim.upload_queue:
             self._results["busy"] += 1
             await self._busy(conn, stream, b"upload queue full\n")
             return
-        admitted = False
-        self._queued += 1
-        try:
-            with trio.move_on_after(lim.queue_timeout):
-                await self._uploads.acquire()
-                admitted = True
-                self._active += 1  # before leaving the queue: never counted as drained
-        finally:
-            self._queued -= 1
-            self._check_drained()
-        if not admitted:
-            self._results["busy"] += 1
-            await self._busy(conn, stream, b"waited too long in the upload queue\n")
-            return
+        self._queued += 1  # preparing (the handler) or waiting for a send slot
         try:
             await self._answer(conn, stream, req)
         finally:
-            self._active -= 1
-            self._uploads.release()
+            self._queued -= 1
             self._check_drained()
 
     async def _answer(self, conn: h11.Connection, stream: trio.SocketStream,
                       req: ChunkRequest) -> None:
         assert self.handler is not None
         try:
-            buf, source = await self.handler(req)
+            buf, source = await self._handle_with_progress(conn, stream, req)
         except PeerMiss as exc:
             await self._refuse(conn, stream, 404, exc)
             return
@@ -363,6 +354,26 @@ class PeerServer:
                       source, req.locator.size)
             await self._refuse(conn, stream, 500, "internal error")
             return
+        lim = self.limits
+        admitted = False
+        with trio.move_on_after(lim.queue_timeout):
+            await self._uploads.acquire()
+            admitted = True
+        if not admitted:
+            self._results["busy"] += 1
+            await self._busy(conn, stream, b"waited too long for a send slot\n")
+            return
+        self._queued -= 1
+        self._active += 1
+        try:
+            await self._send_chunk(conn, stream, view, source)
+        finally:
+            self._active -= 1
+            self._queued += 1  # the caller's count ends it
+            self._uploads.release()
+
+    async def _send_chunk(self, conn: h11.Connection, stream: trio.SocketStream,
+                          view: memoryview, source: str) -> None:
         self._results["ok"] += 1
         lim = self.limits
         data = conn.send(h11.Response(status_code=200, reason=b"OK", headers=[
@@ -383,6 +394,41 @@ class PeerServer:
                     await stream.send_all(part)
             self._bytes_sent += len(piece)
         conn.send(h11.EndOfMessage())  # no bytes with a Content-Length
+
+    async def _handle_with_progress(self, conn: h11.Connection, stream: trio.SocketStream,
+                                    req: ChunkRequest) -> tuple[object, str]:
+        """Run the handler, sending `102 Processing` every `progress_interval` while it
+        works (the owner fetching from the origin): the requester's stall timeout then
+        tells a dead peer (silent) from a busy one (a head a while), without a deadline
+        long enough for the slowest origin."""
+        assert self.handler is not None
+        every = self.limits.progress_interval
+
+        async def progress() -> None:
+            while True:
+                await trio.sleep(every)
+                data = conn.send(h11.InformationalResponse(status_code=102, reason=b"Processing",
+                                                           headers=[]))
+                with trio.CancelScope(shield=True):  # never half a head on the wire
+                    with trio.move_on_after(self.limits.send_timeout) as sent:
+                        await stream.send_all(data)
+                if sent.cancelled_caught:
+                    return  # the requester stopped reading; the answer's send will tell
+
+        if not every:
+            return await self.handler(req)
+        outcome: list = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(progress)
+            try:
+                outcome.append(await self.handler(req))
+            except Exception as exc:  # raised below, outside the nursery (no group)
+                outcome.append(exc)
+            finally:
+                nursery.cancel_scope.cancel()
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        return outcome[0]
 
     async def _refuse(self, conn: h11.Connection, stream: trio.SocketStream, status: int,
                       why: object) -> None:

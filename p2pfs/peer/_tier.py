@@ -44,6 +44,9 @@ log = logging.getLogger("p2pfs.peer")
 
 #: Hedge no peer request before this many seconds, whatever the latencies say.
 HEDGE_FLOOR = 0.02
+#: Seconds a cached-only ask (rank 2, before the origin) may take: it is answered from
+#: memory or disk, so a longer wait means a peer that is stopped or overloaded.
+CACHED_ONLY_TIMEOUT = 1.0
 #: Latency samples needed before hedging on them.
 HEDGE_MIN_SAMPLES = 20
 
@@ -87,6 +90,7 @@ class PeerStats:
 
 class PeerTier:
     name = "peer"
+    per_chunk = True  # chunks have different owners: none waits for another's
 
     def __init__(self, *, node_id: str, origin_url: str, members: Membership, client: PeerClient,
                  health: PeerHealth, hedge: HedgeBudget, stats: PeerStats, metrics: Metrics,
@@ -126,7 +130,7 @@ class PeerTier:
             for peer, cached_only in ask_plan(slot.loc.digest, members, self_id=self.node_id,
                                               replicas=self.replicas, serving=self.serving,
                                               usable=lambda p: self.health.usable(p, now)):
-                left = min(deadline - trio.current_time(), self.request_timeout)
+                left = deadline - trio.current_time()
                 if left <= 0:
                     return
                 if await self._ask(peer, slot, cached_only, left, deadline):
@@ -141,9 +145,17 @@ class PeerTier:
                     nursery.start_soon(one, i, slot)
         return out
 
-    async def _ask(self, peer: str, slot: Slot, cached_only: bool, timeout: float,
+    async def _ask(self, peer: str, slot: Slot, cached_only: bool, left: float,
                    deadline: float) -> bool:
-        """One request to `peer`; True once verified bytes are in `slot.dest`."""
+        """One request to `peer`; True once verified bytes are in `slot.dest`. It may go
+        `request_timeout` without progress, and in all two thirds of what is left of the
+        read deadline (an owner behind a slow origin keeps sending 102s), so the origin
+        always has the last third."""
+        timeout = min(left, self.request_timeout)
+        if cached_only:  # "do you hold it": memory or disk at once, or a 404
+            timeout = total = min(timeout, CACHED_ONLY_TIMEOUT)
+        else:
+            total = max(timeout, left * 2 / 3)
         locator = Locator.from_loc(self.origin_url, slot.loc)
         self.hedge.on_request()
         t0 = trio.current_time()
@@ -151,10 +163,12 @@ class PeerTier:
         try:
             if cached_only or self.origin_tier is None or self._nursery is None:
                 await self.client.fetch_into(peer, locator, slot.dest, timeout=timeout,
-                                             cached_only=cached_only)
+                                             cached_only=cached_only, total=total)
             else:
-                hedged = await self._race(peer, locator, slot, timeout, deadline)
+                hedged = await self._race(peer, locator, slot, timeout, total, deadline)
         except PeerError as exc:
+            log.debug("peer %s: %s after %.2fs (%s)", peer, type(exc).__name__,
+                      trio.current_time() - t0, exc)
             self._count_failure(peer, exc)
             return False
         if hedged is not None:  # the origin won: its verified bytes go in now, alone
@@ -178,7 +192,7 @@ class PeerTier:
         return True
 
     async def _race(self, peer: str, locator: Locator, slot: Slot, timeout: float,
-                    deadline: float) -> Slot | None:
+                    total: float, deadline: float) -> Slot | None:
         """Ask `peer`, hedging to the origin if it is slow. None: the peer's bytes are in
         `slot.dest` (unchecked); a Slot: the origin's verified bytes, in that slot's own
         buffer (the peer's request has ended, nothing writes into `slot.dest`)."""
@@ -186,7 +200,7 @@ class PeerTier:
         won: list[Slot] = []
         peer_done = trio.Event()
         hedge_done = trio.Event()
-        delay = self._hedge_delay(timeout)
+        delay = self._hedge_delay(total)
 
         async def hedge() -> None:
             try:
@@ -209,7 +223,8 @@ class PeerTier:
         else:
             hedge_done.set()
         try:
-            await self.client.fetch_into(peer, locator, slot.dest, timeout=timeout, abort=abort)
+            await self.client.fetch_into(peer, locator, slot.dest, timeout=timeout, abort=abort,
+                                         total=total)
         except PeerError:
             if won:
                 return won[0]

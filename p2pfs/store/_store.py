@@ -319,27 +319,8 @@ class ChunkStore:
         """Land every slot through `tiers` in order; end every slot's flight whatever
         happens. `writes`: where a fill's disk writes go (None: awaited here for a fill's
         slots; store buffers go to the write-back queue)."""
-        deadline = trio.current_time() + self.cfg.read_timeout
-        pending = slots
         try:
-            for tier in tiers:
-                if not pending:
-                    break
-                outcomes = await tier.read_into(pending, deadline)
-                landed, rest = [], []
-                for slot, out in zip(pending, outcomes):
-                    if out is True:
-                        landed.append(slot)
-                    elif out is False:
-                        rest.append(slot)
-                    else:
-                        self._fail(slot, out)
-                if tier is self.disk_tier:
-                    self.metrics.misses += len(rest)
-                await self._land(landed, tier.name, writes)
-                pending = rest
-            for slot in pending:
-                self._fail(slot, InternalError(f"no tier served {slot.loc.digest[:12]}"))
+            await self._through(slots, tiers, writes, trio.current_time() + self.cfg.read_timeout)
         except BaseException as exc:
             leaf = first_failure(exc) if isinstance(exc, BaseExceptionGroup) else exc
             if leaf is None or isinstance(leaf, trio.Cancelled):
@@ -359,6 +340,37 @@ class ChunkStore:
                 raise  # cancellation: the flights' readers have their answer
         # Errors are the flights' to report: a load in the store's nursery must never
         # take the daemon down, and a fill reads its slots' flights.
+
+    async def _through(self, slots: list[Slot], tiers: Sequence[Tier],
+                       writes: trio.Nursery | None, deadline: float) -> None:
+        pending = slots
+        for i, tier in enumerate(tiers):
+            if not pending:
+                return
+            if getattr(tier, "per_chunk", False) and len(pending) > 1:
+                # From here on each chunk goes alone: one chunk's slow peer must not hold
+                # back the others, and two owners must never wait on each other's batch
+                # (A's batch waits for a chunk from B while B's batch, holding the flight
+                # A's chunk needs, waits for one from A).
+                async with trio.open_nursery() as nursery:
+                    for slot in pending:
+                        nursery.start_soon(self._through, [slot], tiers[i:], writes, deadline)
+                return
+            outcomes = await tier.read_into(pending, deadline)
+            landed, rest = [], []
+            for slot, out in zip(pending, outcomes):
+                if out is True:
+                    landed.append(slot)
+                elif out is False:
+                    rest.append(slot)
+                else:
+                    self._fail(slot, out)
+            if tier is self.disk_tier:
+                self.metrics.misses += len(rest)
+            await self._land(landed, tier.name, writes)
+            pending = rest
+        for slot in pending:
+            self._fail(slot, InternalError(f"no tier served {slot.loc.digest[:12]}"))
 
     async def _land(self, landed: list[Slot], source: str, writes: trio.Nursery | None) -> None:
         """End the flights of slots whose destinations now hold verified bytes."""

@@ -56,6 +56,8 @@ class Slot:
 
 class Tier(Protocol):
     name: str
+    #: True: slots leave this tier one by one (each goes on to the next tier alone).
+    per_chunk: bool
 
     async def read_into(self, slots: Sequence[Slot], deadline: float) -> list[Outcome]: ...
 
@@ -64,6 +66,7 @@ class DiskTier:
     """The local disk cache: files named by sha256 and xxh3, checked on read."""
 
     name = "disk"
+    per_chunk = False
 
     def __init__(self, disk: DiskCache, metrics: Metrics, *, parallel: int = 8) -> None:
         self.disk = disk
@@ -97,6 +100,7 @@ class OriginTier:
     raw and their destinations back to back, else into a staging buffer and placed."""
 
     name = "origin"
+    per_chunk = False
 
     def __init__(self, origin: Origin, cfg: FetchConfig, metrics: Metrics) -> None:
         self.origin = origin
