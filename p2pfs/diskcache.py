@@ -192,9 +192,13 @@ class DiskCache:
 
     def read_into(self, digest: str, dest: memoryview) -> bool:
         """Read the chunk into `dest` (exactly its size, e.g. a caller's shared memory);
-        False if absent, of another size than `dest`, vanished, unreadable or corrupt."""
+        False if absent, vanished, unreadable or corrupt (a file of another size than
+        `dest` is corrupt: dropped and counted, like one whose bytes fail xxh3)."""
         found = self._locate(digest)
-        if found is None or found.size != len(dest):
+        if found is None:
+            return False
+        if found.size != len(dest):  # a digest names one size: the file is damaged
+            self._drop(digest, found, "corrupt", f"{found.size} bytes, the chunk has {len(dest)}")
             return False
         return self._load(digest, found, dest)
 
