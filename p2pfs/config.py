@@ -183,8 +183,10 @@ class PeersConfig:
     replicas: int = setting(1, ge=1, le=8)
     #: Seconds to connect to a peer before moving on to the next rank or the origin.
     connect_timeout: float = setting(0.25, gt=0, le=60)
-    #: Seconds for one peer request, chunk included; must stay below [fetch] read_timeout
-    #: so a dead peer leaves time for the origin.
+    #: Seconds a peer request may go without progress (a byte of the answer, or the
+    #: owner's `102 Processing` while it fetches the chunk itself) before the next rank or
+    #: the origin is asked; below [fetch] read_timeout. The whole request gets at most two
+    #: thirds of what is left of the read deadline, so the origin always has the last third.
     request_timeout: float = setting(2.0, gt=0, le=3600)
     #: Peer requests this node serves at once ...
     max_uploads: int = setting(16, ge=1, le=4096)
