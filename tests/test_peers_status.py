@@ -83,3 +83,38 @@ def test_sigterm_drains_and_the_others_read_on(model, seaweed, tmp_path):
         assert st["bytes_by_source"].get("origin", 0) >= model["size"] * 0.99
         gone = next(m for m in st["peers"]["members"] if not m["self"])
         assert gone["last_error"]  # it was asked, refused, and the read went on
+
+
+def test_a_real_daemon_answers_401_and_nothing_else_without_a_valid_token(model, seaweed, tmp_path):
+    """No token, a stale timestamp or another cluster's token: 401 with an empty body;
+    the right token gets the chunk (so the refusals are the token's doing)."""
+    import http.client
+
+    from p2pfs.peer import _wire as wire
+
+    with Cluster(model["url"], seaweed.endpoint, tmp_path / "c", 1, peers=True) as c:
+        c.start()
+        token = c.token_file.read_text().split()[0].encode()
+        loc = wire.Locator(model["url"], "x/blob", 0, 0, 1, 1, "none", "0" * 64)
+        target = wire.request_target(loc, cached_only=True)
+        host, _, port = c.addrs[0].rpartition(":")
+
+        def ask(headers: list[tuple[str, str]]) -> tuple[int, bytes]:
+            conn = http.client.HTTPConnection(host, int(port), timeout=5)
+            try:
+                conn.request("GET", target, headers=dict(headers))
+                r = conn.getresponse()
+                return r.status, r.read()
+            finally:
+                conn.close()
+
+        node = "127.0.0.99:1"
+        now = int(time.time())
+        assert ask([]) == (401, b"")
+        assert ask(wire.auth_headers(token, method="GET", target=target, locator=loc, node=node,
+                                     ts=now - 3600)) == (401, b"")
+        assert ask(wire.auth_headers(b"another-cluster-token!", method="GET", target=target,
+                                     locator=loc, node=node, ts=now)) == (401, b"")
+        status, _ = ask(wire.auth_headers(token, method="GET", target=target, locator=loc,
+                                          node=node, ts=now))
+        assert status in (403, 404)  # authenticated: then refused on its merits
