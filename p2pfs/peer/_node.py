@@ -78,13 +78,16 @@ class PeerNode:
     async def run(self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
         """Resolve members, own the hedges' nursery and serve peers until cancelled.
         Reports the bound address; requests are refused (503) until `set_ready(True)`."""
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.members.run)
-            await nursery.start(self.reader_tier.run)
-            bound = await nursery.start(self.server.serve)
-            log.info("peer %s serving on %s:%d; members %s", self.node_id, *bound,
-                     ", ".join(self.members.members()))
-            task_status.started(bound)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.members.run)
+                await nursery.start(self.reader_tier.run)
+                bound = await nursery.start(self.server.serve)
+                log.info("peer %s serving on %s:%d; members %s", self.node_id, *bound,
+                         ", ".join(self.members.members()))
+                task_status.started(bound)
+        finally:
+            self.client.close()  # idle keep-alive connections; requests under way have ended
 
     def set_ready(self, ready: bool) -> None:
         self.server.set_ready(ready)
