@@ -200,3 +200,20 @@ async def test_a_stalled_peer_request_is_hedged_to_the_origin_within_the_budget(
         fake.release.set()
         nursery.cancel_scope.cancel()
 
+
+
+async def test_a_chunk_the_protocol_cannot_name_skips_peers_and_still_reads(tmp_path):
+    """A blob key beyond the protocol's bound (1024 bytes) cannot be asked for: the read
+    goes to the origin instead of failing."""
+    data, _ = blob(tmp_path)
+    long_key = "d/" * 550 + "k"  # 1101 bytes, in short path components
+    (tmp_path / "origin" / long_key).parent.mkdir(parents=True)
+    (tmp_path / "origin" / long_key).write_bytes(data)
+    loc = ChunkLoc(long_key, ChunkRef(0, 0, CHUNK, CHUNK, "none", hashlib.sha256(data[:CHUNK]).hexdigest()))
+    fake = Fake(data, [], "good")
+    async with trio.open_nursery() as nursery:
+        store, tier, _ = await setup(nursery, tmp_path, fake)
+        (got,) = await store.get([loc])
+        assert bytes(got) == data[:CHUNK] and fake.calls == 0
+        assert tier.stats.requests["not_shareable"] == 1
+        nursery.cancel_scope.cancel()

@@ -38,7 +38,7 @@ from ._client import Abort, PeerClient
 from ._health import HedgeBudget, PeerHealth
 from ._members import Membership
 from ._ring import rank
-from ._wire import Locator
+from ._wire import Locator, RequestError
 
 log = logging.getLogger("p2pfs.peer")
 
@@ -156,7 +156,11 @@ class PeerTier:
             timeout = total = min(timeout, CACHED_ONLY_TIMEOUT)
         else:
             total = max(timeout, left * 2 / 3)
-        locator = Locator.from_loc(self.origin_url, slot.loc)
+        try:
+            locator = Locator.from_loc(self.origin_url, slot.loc)
+        except RequestError:  # a key or origin beyond the protocol's bounds: origin only
+            self.stats.requests["not_shareable"] += 1
+            return False
         self.hedge.on_request()
         t0 = trio.current_time()
         hedged: Slot | None = None
