@@ -54,6 +54,16 @@ class PolicyConfig:
     burst_headroom: float = 3.0
     #: Seconds a burst's height is remembered for the headroom.
     burst_memory_s: float = 3600.0
+    #: Headroom before (and between) remembered bursts: slots for at least this multiple
+    #: of the stable demand, at most burst_headroom (2.8: one replica's 8 slots per 2.86
+    #: of demand, what Knative's 70% utilization target keeps at the same target). The
+    #: first burst of a trace finds no burst height remembered. 0 turns it off.
+    base_headroom: float = 2.8
+    #: A replica still starting is cancelled only once the count that wants it has been
+    #: lower for this many seconds (Knative's panic window), and it is kept only for what
+    #: is wanted now (panic window, forecast, headroom), not for a stable window that
+    #: still remembers a burst that is over. 0: cancel at once, keep for the stable want.
+    order_hold_s: float = 6.0
     #: Seconds a lower desired count must persist before it is applied (max over the window).
     scale_down_delay_s: float = 0.0
     #: At most ceil(rate * ready) serving replicas after one decision.
@@ -106,8 +116,8 @@ class PolicyConfig:
             raise ConfigError("backlog_drain_s must be > 0 (or None)")
         if self.panic_threshold < 1:
             raise ConfigError("panic_threshold must be >= 1")
-        if self.burst_headroom < 0 or self.wait_cost < 0:
-            raise ConfigError("burst_headroom and wait_cost must be >= 0")
+        if min(self.burst_headroom, self.base_headroom, self.wait_cost, self.order_hold_s) < 0:
+            raise ConfigError("burst_headroom, base_headroom, wait_cost, order_hold_s must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)

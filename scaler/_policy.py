@@ -144,6 +144,9 @@ class ConcurrencyPolicy:
         self._steps = WindowMax(c.standby_decay_s)    # standby: scale steps that waited
         self._load = WindowAverage(c.panic_window_s)  # standby: load vs ready slots
         self._slots = WindowAverage(c.panic_window_s)
+        hold = c.order_hold_s or c.tick_s
+        self._wanted = WindowMax(hold)      # the count wanted, for holding orders
+        self._wanted_now = WindowMax(hold)  # ... without the stable window's memory
         self.lead = Lead(c.cold_start_s)
         self._queued = 0.0
         self._capacity = 0.0
@@ -262,6 +265,8 @@ class ConcurrencyPolicy:
         desired = min(desired, math.ceil(c.max_scale_up_rate * ready))
 
         headroom = self.headroom(now, stable)
+        desired = self._hold_orders(now, fleet, desired, max(want_panic, need, headroom),
+                                    bool(growing))
         if headroom > desired:
             desired, mode = headroom, "headroom"
         if self._delay is not None:
@@ -288,6 +293,30 @@ class ConcurrencyPolicy:
             self.lead.cancelled(min(fleet.starting, fleet.serving - desired))
         self.mode = mode
         return Decision(serving=desired, standby=self._standby(now, fleet, desired), mode=mode)
+
+    def _hold_orders(self, now: float, fleet: Fleet, desired: int, wanted_now: int,
+                     growing: bool) -> int:
+        """The count for replicas still starting: no flip-flop, no orders for a past burst.
+
+        A starting replica is cancelled only once the count that wants it has been lower
+        for order_hold_s: the noise of a panic window or a 2 s arrival rate otherwise
+        cancels an order and places it again a moment later, and the new one starts its
+        cold start over. And, unless the queue still grows, it is kept only for what is
+        wanted now (the panic window's count, the forecast, the headroom, each over the
+        same order_hold_s), not for a stable window that still remembers a burst that is
+        over: it would arrive to serve nothing.
+        """
+        if self.config.order_hold_s <= 0:
+            return desired
+        self._wanted.record(now, desired)
+        self._wanted_now.record(now, wanted_now)
+        if not fleet.starting:
+            return desired
+        if desired < fleet.serving:
+            desired = max(desired, min(fleet.serving, int(self._wanted.current(now, desired))))
+        if desired > fleet.ready and not growing:
+            desired = min(desired, max(fleet.ready, int(self._wanted_now.current(now, wanted_now))))
+        return desired
 
     def burst_need(self, now: float, fleet: Fleet) -> tuple[int, bool | None]:
         """(replicas, queue growing) while requests wait or arrive faster than the ready
@@ -326,10 +355,11 @@ class ConcurrencyPolicy:
 
     def headroom(self, now: float, stable: float) -> int:
         """Replicas whose slots hold X x the stable demand, X the tallest burst (peak over
-        pre-burst demand) of the last burst_memory_s, at most burst_headroom; 0 when no
-        burst outran the slots lately (the target's own slack is the headroom then)."""
+        pre-burst demand) of the last burst_memory_s or base_headroom if more, at most
+        burst_headroom. base_headroom covers the first burst, which finds no height
+        remembered, and keeps Knative's standing slack (its 70% target) between bursts."""
         c = self.config
-        height = self._heights.current(now, 0.0)
+        height = max(self._heights.current(now, 0.0), c.base_headroom)
         if height <= 0 or stable <= 0 or c.burst_headroom <= 0:
             return 0
         return math.ceil(_clean(min(c.burst_headroom, height) * stable / self.slots_per_replica()))

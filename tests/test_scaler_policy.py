@@ -13,9 +13,10 @@ from scaler import ConcurrencyPolicy, ConfigError, Fleet, PolicyConfig, Sample
 from scaler._policy import Lead
 from scaler._window import WindowAverage, WindowMax, WindowRatio
 
-# Target 10 with 20 slots a replica (capacity 20 x ready): round numbers, 2x slack.
+# Target 10 with 20 slots a replica (capacity 20 x ready): round numbers, 2x slack. No
+# base headroom, so each rule shows alone (the base headroom has its own test).
 CFG = PolicyConfig(target_concurrency=10, stable_window_s=60, panic_window_s=6, tick_s=1,
-                   sample_s=1, max_replicas=100, cold_start_s=60)
+                   sample_s=1, max_replicas=100, cold_start_s=60, base_headroom=0)
 _r = dataclasses.replace
 
 
@@ -87,10 +88,16 @@ def test_orders_stand_while_the_queue_grows_and_go_once_it_drains_in_time():
     _overloaded(p, 64, rate=44, queued=104)
     assert p.decide(64, Fleet(ready=1, starting=6)).serving == 7
     # The burst is over: 10 req/s against 40 served, 30 queued drain in one second, long
-    # before the starting replicas (ordered 2 s ago, 58 s to go) could help.
+    # before the starting replicas (ordered 2 s ago, 58 s to go) could help. They go once
+    # the want has been lower for order_hold_s (6 s), not on the first quiet sample.
     _overloaded(p, 65, rate=10, queued=40)
     _overloaded(p, 66, rate=10, queued=30)
-    assert p.decide(66, Fleet(ready=1, starting=6)).serving < 7
+    assert p.decide(66, Fleet(ready=1, starting=6)).serving == 7
+    for t in range(67, 71):
+        p.record(t, Sample(concurrency=5, capacity=20, arrival_rate=10, service_s=0.5,
+                           completed=10))
+        p.decide(t, Fleet(ready=1, starting=6))
+    assert p.decide(70, Fleet(ready=1, starting=6)).serving < 7
 
 
 def test_a_panic_holds_for_a_panic_window_so_orders_do_not_churn():
@@ -153,6 +160,92 @@ def test_headroom_after_a_burst_holds_slots_for_its_height_then_decays():
     _overloaded(off, 62, rate=200, queued=150)
     off.decide(62, Fleet(ready=1))
     assert settle(off, 63, 400, ready=12).serving == 1
+
+
+def _settle(p: ConcurrencyPolicy, start: int, end: int, ready: int, demand: float = 10):
+    """Load back to `demand`; the fleet follows each decision at once."""
+    d = None
+    for t in range(start, end + 1):
+        feed(p, t, t, demand, ready=ready)
+        d = p.decide(t, Fleet(ready=ready))
+        ready = d.serving
+    return d
+
+
+@pytest.mark.parametrize("rate, want", [(40, 1), (80, 2), (120, 3), (200, 3), (400, 3)])
+def test_headroom_follows_the_burst_height_up_to_the_cap(rate, want):
+    # Demand 10 before the burst; a burst of rate x 0.5 s is rate / 20 times it. Slots
+    # for height x 10 (cap 6) at 20 a replica: height 2 -> 1, 4 -> 2, 6 -> 3, 10 -> 3.
+    p = ConcurrencyPolicy(_r(CFG, burst_headroom=6, burst_memory_s=600))
+    feed(p, 1, 60, 10)
+    p.decide(60, Fleet(ready=1))
+    _overloaded(p, 61, rate=rate, queued=30)
+    _overloaded(p, 62, rate=rate, queued=60)
+    assert p.decide(62, Fleet(ready=1)).mode == "burst"
+    d = _settle(p, 63, 300, ready=p.decide(62, Fleet(ready=1)).serving)
+    assert d.serving == want
+
+
+def test_base_headroom_keeps_slack_before_any_burst():
+    # Demand 20 at target 10: 2 replicas; base headroom 2.8 keeps slots for 56 -> 3.
+    p = ConcurrencyPolicy(_r(CFG, base_headroom=2.8))
+    feed(p, 1, 60, 20, ready=2)
+    assert (p.decide(60, Fleet(ready=2)).serving, p.mode) == (3, "headroom")
+    # Never more than the burst cap, whatever the base says.
+    capped = ConcurrencyPolicy(_r(CFG, base_headroom=5, burst_headroom=2))
+    feed(capped, 1, 60, 20, ready=2)
+    assert capped.decide(60, Fleet(ready=2)).serving == 2
+    off = ConcurrencyPolicy(CFG)  # base_headroom 0
+    feed(off, 1, 60, 20, ready=2)
+    assert (off.decide(60, Fleet(ready=2)).serving, off.mode) == (2, "stable")
+
+
+def _noisy_overload(hold: float) -> list[int]:
+    """One ready replica (40 req/s served) under an arrival rate that crosses it and
+    back: 48 req/s with a queue every third second, 36 with one request queued else."""
+    p = ConcurrencyPolicy(_r(CFG, order_hold_s=hold, backlog_drain_s=30, rate_window_s=1))
+    feed(p, 1, 60, 5)
+    p.decide(60, Fleet(ready=1))
+    out, starting = [], 0
+    for t in range(61, 75):
+        rate, queued = (48, 10) if t % 3 == 0 else (36, 1)
+        _overloaded(p, t, rate=rate, queued=queued)
+        serving = p.decide(t, Fleet(ready=1, starting=starting)).serving
+        starting = serving - 1
+        out.append(serving)
+    return out
+
+
+def test_orders_do_not_flip_flop_within_the_hold():
+    held = _noisy_overload(6)
+    # Once ordered, the replicas stand: no cancel and re-place on the noise.
+    assert max(held) > 1
+    assert all(b >= a for a, b in zip(held, held[1:]))
+    # Without the hold the same input cancels an order and places it again, which
+    # restarts its cold start (what the hold is for).
+    bare = _noisy_overload(0)
+    assert any(b < a for a, b in zip(bare, bare[1:]))
+    assert any(b > a for a, b in zip(bare[bare.index(max(bare)):], bare[bare.index(max(bare)) + 1:]))
+
+
+def test_starting_replicas_are_not_kept_for_a_burst_that_is_over():
+    def after_burst(hold: float) -> int:
+        p = ConcurrencyPolicy(_r(CFG, order_hold_s=hold, burst_headroom=0))
+        feed(p, 1, 60, 5)
+        p.decide(60, Fleet(ready=1))
+        for t in range(61, 81):  # 20 s at 200 req/s x 0.5 s: ten times the slots
+            _overloaded(p, t, rate=200, queued=50 * (t - 60))
+            p.decide(t, Fleet(ready=1, starting=p.decide(t, Fleet(ready=1)).serving - 1))
+        d = None
+        for t in range(81, 95):  # over: back to 5, the queue gone
+            feed(p, t, t, 5)
+            d = p.decide(t, Fleet(ready=1, starting=9))
+        return d.serving
+
+    # The stable window still averages the burst in (a third of its minute at 100):
+    # kept for it, the nine starting replicas would arrive to serve nothing.
+    assert after_burst(0) >= 4
+    assert after_burst(6) == 1
 
 
 def test_keepalive_grows_with_the_arrival_rate_then_zero():
