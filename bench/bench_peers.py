@@ -237,13 +237,16 @@ class Runner:
             c.stop()
         shutil.rmtree(base, ignore_errors=True)  # kept on failure: the daemons' logs
         by_node = [dict(s.get("bytes_by_source") or {}) for s in statuses]
+        peer_st = [s.get("peers") or {} for s in statuses]
         res = {"label": label, "nodes": n, "peers": peers,
                "slowest_s": max(r.t1 for r in reads) - t_go,
                "node_s": [round(r.t1 - t_go, 3) for r in reads],
                "origin_bytes": origin, "origin_htb_bytes": htb,
-               "bytes_by_source": bytes_by_source(statuses), "bytes_by_source_per_node": by_node}
+               "bytes_by_source": bytes_by_source(statuses), "bytes_by_source_per_node": by_node,
+               "hedges": sum(p.get("hedges", 0) for p in peer_st),
+               "hedge_wins": sum(p.get("hedge_wins", 0) for p in peer_st)}
         log(f"  {label:12s} slowest {res['slowest_s']:7.2f} s  origin {origin / self.size:5.2f}x "
-            f"(htb {htb / self.size:5.2f}x)  by source "
+            f"(htb {htb / self.size:5.2f}x)  hedges {res['hedges']}  by source "
             + ", ".join(f"{k} {v / MiB:.0f} MiB" for k, v in sorted(res["bytes_by_source"].items())))
         return res
 
@@ -269,6 +272,7 @@ def summarize(runs: list[dict], size: int) -> dict[str, dict]:
             "origin_bytes": statistics.median(r["origin_bytes"] for r in rs),
             "origin_x_model": statistics.median(r["origin_bytes"] for r in rs) / size,
             "origin_htb_x_model": statistics.median(r["origin_htb_bytes"] for r in rs) / size,
+            "hedges": statistics.median(r["hedges"] for r in rs),
             "bytes_by_source": {k: statistics.median(r["bytes_by_source"].get(k, 0) for r in rs)
                                 for k in keys},
         }
@@ -310,14 +314,15 @@ def markdown(args, argv, size, med, rows, runs, elapsed, note: str) -> str:
         f"to {args.store_gbit:g} Gbit/s (htb on a private namespace's lo), everything else 100 "
         f"Gbit/s; medians of {args.repeat}. {note}", "",
         "| run | nodes | peers | slowest node s | x alone | origin x model (relay / htb) | "
-        "bytes by source, all nodes (MiB) |",
-        "|---|---:|---|---:|---:|---:|---|",
+        "hedges | bytes by source, all nodes (MiB) |",
+        "|---|---:|---|---:|---:|---:|---:|---|",
     ]
     for label, m in med.items():
         src = ", ".join(f"{k} {v / MiB:.0f}" for k, v in m["bytes_by_source"].items() if v)
         lines.append(f"| {label} | {m['nodes']} | {'on' if m['peers'] else 'off'} | "
                      f"{m['slowest_s']:.2f} | {m['slowest_s'] / alone:.2f} | "
-                     f"{m['origin_x_model']:.3f} / {m['origin_htb_x_model']:.3f} | {src} |")
+                     f"{m['origin_x_model']:.3f} / {m['origin_htb_x_model']:.3f} | "
+                     f"{m['hedges']:g} | {src} |")
     lines += ["", "| target | value | |", "|---|---:|---|"]
     for r in rows:
         verdict = {True: "met", False: "**not met**", None: "not run"}[r["met"]]
