@@ -197,7 +197,7 @@ class PeersConfig:
     #: Requests to the origin that may be hedges of slow peer requests, as a fraction of
     #: peer requests (so hedging never doubles origin egress).
     hedge_fraction: float = setting(0.05, ge=0, le=0.5)
-    #: A peer request slower than this quantile of recent peer latencies is hedged.
+    #: A peer request slower than 3x this quantile of recent peer latencies is hedged.
     hedge_quantile: float = setting(0.9, ge=0.5, le=0.999)
     #: Seconds a peer that sent bad bytes or broke the protocol is banned; doubles per ban
     #: up to ban_max (>= ban_base).

@@ -22,7 +22,7 @@ from .store import ChunkStore
 from .config import FetchConfig
 from .errors import FetchTimeout, IntegrityError, OriginUnavailable, P2PFSError, RecentlyFailed
 from .metrics import Metrics
-from .plan import chunk_span, slice_reply
+from .plan import chunk_span, overlaps, slice_reply
 from .tree import ROOT_INODE, Node, Tree
 
 log = logging.getLogger("p2pfs.fs")
@@ -199,7 +199,7 @@ class Operations(pyfuse3.Operations):
         t0 = time.monotonic()
         self._readahead(h, off, size)
         try:
-            chunks = await self.store.get(h.node.locs(span))
+            chunks = await self.store.get(h.node.locs(span), used=overlaps(entry, span, off, size))
         except P2PFSError as exc:
             raise self._eio(exc, f"read {h.node.model or '/'} inode {h.node.inode} @{off}+{size}")
         data = slice_reply(entry, span, chunks, off, size)

@@ -88,6 +88,14 @@ def split_response(req: Request, data: bytes | memoryview) -> list[memoryview]:
     ]
 
 
+def overlaps(entry: Entry, span: range, offset: int, size: int) -> list[int]:
+    """How many bytes of [offset, offset+size) each chunk of `span` holds (what a reply
+    uses of it, for counting bytes by source)."""
+    end = min(offset + size, entry.size)
+    return [max(0, min(end, entry.starts[i] + entry.chunks[i].size) - max(offset, entry.starts[i]))
+            for i in span]
+
+
 def slice_reply(entry: Entry, span: range, chunks: Sequence[bytes], offset: int,
                 size: int) -> bytes | memoryview:
     """Assemble the bytes [offset, offset+size) of `entry` from the chunks in `span`.

@@ -7,7 +7,7 @@ import hashlib
 from hypothesis import given, settings, strategies as st
 
 from p2pfs.manifest import ChunkRef, Entry, with_starts
-from p2pfs.plan import ChunkLoc, chunk_span, coalesce, slice_reply, split_response
+from p2pfs.plan import ChunkLoc, chunk_span, coalesce, overlaps, slice_reply, split_response
 
 
 def entry_for(data: bytes, chunk: int) -> Entry:
@@ -56,3 +56,15 @@ def test_reads_assembled_from_chunks_equal_the_source(data, chunk, draw):
         body = data[req.offset:req.offset + req.length]
         assert [bytes(p) for p in split_response(req, body)] == [
             data[l.ref.offset:l.ref.offset + l.ref.length] for l in req.locs]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 64), st.integers(0, 320), st.integers(0, 400))
+def test_overlaps_add_up_to_the_reply(size, chunk, offset, length):
+    """What each chunk contributes to a reply, summed, is the reply's length."""
+    data = bytes(range(256)) * 2
+    e = entry_for(data[:size], chunk)
+    span = chunk_span(e, offset, length)
+    parts = overlaps(e, span, offset, length)
+    assert all(0 < p <= chunk for p in parts)
+    assert sum(parts) == max(0, min(offset + length, size) - offset) if span else parts == []

@@ -51,7 +51,9 @@ class PeerNode:
                                  connect_timeout=cfg.connect_timeout)
         self.health = PeerHealth(fail_window=cfg.fail_window, fail_threshold=cfg.fail_threshold,
                                  down_for=cfg.down_for, ban_base=cfg.ban_base, ban_max=cfg.ban_max)
-        self.hedge = HedgeBudget(fraction=cfg.hedge_fraction)
+        # A small burst: every node of a cluster hedges on its own budget, so the cluster's
+        # extra origin bytes are up to N x fraction of a model; the burst adds N x burst chunks.
+        self.hedge = HedgeBudget(fraction=cfg.hedge_fraction, burst=2.0)
         self.stats = PeerStats()
         common = dict(node_id=self.node_id, origin_url=origin_url, members=self.members,
                       client=self.client, health=self.health, hedge=self.hedge,

@@ -101,10 +101,13 @@ class ChunkStore:
         return len(self._wb_pending)
 
     # -- reading into store buffers -------------------------------------------------------
-    async def get(self, locs: Sequence[ChunkLoc], *, timeout: float | None = None) -> list[Buffer]:
+    async def get(self, locs: Sequence[ChunkLoc], *, timeout: float | None = None,
+                  used: Sequence[int] | None = None) -> list[Buffer]:
         """The verified bytes of each chunk, in order. Raises FetchTimeout past `timeout`
-        (default: the configured read_timeout), or the error that failed a chunk."""
-        return [data for data, _ in await self._read(locs, timeout, self.tiers)]
+        (default: the configured read_timeout), or the error that failed a chunk. `used`:
+        how many bytes of each chunk the caller serves (memory hits count those, not the
+        whole chunk, in bytes by source)."""
+        return [data for data, _ in await self._read(locs, timeout, self.tiers, used)]
 
     async def serve_peer(self, loc: ChunkLoc, *, cached_only: bool = False,
                          timeout: float | None = None) -> tuple[Buffer, str]:
@@ -136,10 +139,11 @@ class ChunkStore:
             self._start([(loc, f) for loc, f, o in zip(missing, flights, owned) if o], self.tiers)
 
     async def _read(self, locs: Sequence[ChunkLoc], timeout: float | None,
-                    tiers: list[Tier]) -> list[tuple[Buffer, str]]:
+                    tiers: list[Tier], used: Sequence[int] | None = None
+                    ) -> list[tuple[Buffer, str]]:
         out: list[tuple[Buffer, str] | None] = []
-        for loc in locs:
-            data = self._mem_hit(loc)
+        for i, loc in enumerate(locs):
+            data = self._mem_hit(loc, None if used is None else used[i])
             out.append(None if data is None else (data, "memory"))
         missing = [loc for loc, d in zip(locs, out) if d is None]
         if not missing:
@@ -419,11 +423,11 @@ class ChunkStore:
             # moment later) to cost the kernel's retry a second deadline.
             self._failed.record(slot.loc.digest, error, trio.current_time())
 
-    def _mem_hit(self, loc: ChunkLoc) -> Buffer | None:
+    def _mem_hit(self, loc: ChunkLoc, used: int | None = None) -> Buffer | None:
         data = self.memory.get(loc.digest)
         if data is not None:
             self.metrics.hits["memory"] += 1
-            self.metrics.bytes_by_source["memory"] += len(data)
+            self.metrics.bytes_by_source["memory"] += len(data) if used is None else used
         return data
 
     # -- write-back -----------------------------------------------------------------------
