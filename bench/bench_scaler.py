@@ -124,8 +124,8 @@ def main() -> None:
              "and `scaler.family`; method in docs/SCALER.md). Simulated, same model for every "
              f"policy: provision 60 s + startup 30 s, {MAX_CONC} slots per replica, per-replica "
              f"target {TARGET:g}, queue deadline 600 s, max 100 replicas. Ours is judged with its "
-             "defaults (`PolicyConfig()`: burst headroom 3, backlog drain 30 s, keep-alive priced "
-             "from the arrival rate, no standby); standby settings for reference.", ""]
+             "defaults (`PolicyConfig()`: burst headroom 3, base headroom 2.5, orders held 6 s, "
+             "backlog drain 30 s, keep-alive priced from the arrival rate, no standby); standby settings for reference.", ""]
     for name in ("bursty", "diurnal"):
         trace = load(TRACES / f"{name}.csv.gz")
         jobs = [(MAIN, "concurrency", OURS[MAIN])] + [(p, p, DEFAULT) for p in POLICIES[1:]]

@@ -39,6 +39,11 @@ DEFAULT = PolicyConfig()
 _r = dataclasses.replace
 SENSITIVITY = {  # label -> our config; one parameter off its default at a time
     "defaults": DEFAULT,
+    "previous defaults (base_headroom 0, order_hold_s 0)": _r(DEFAULT, base_headroom=0,
+                                                              order_hold_s=0),
+    "base_headroom 0 (off)": _r(DEFAULT, base_headroom=0),
+    "base_headroom 2.8": _r(DEFAULT, base_headroom=2.8),
+    "order_hold_s 0 (off)": _r(DEFAULT, order_hold_s=0),
     "backlog_drain_s 15": _r(DEFAULT, backlog_drain_s=15),
     "backlog_drain_s 60": _r(DEFAULT, backlog_drain_s=60),
     "burst_headroom 0 (off)": _r(DEFAULT, burst_headroom=0),

@@ -55,10 +55,11 @@ class PolicyConfig:
     #: Seconds a burst's height is remembered for the headroom.
     burst_memory_s: float = 3600.0
     #: Headroom before (and between) remembered bursts: slots for at least this multiple
-    #: of the stable demand, at most burst_headroom (2.8: one replica's 8 slots per 2.86
-    #: of demand, what Knative's 70% utilization target keeps at the same target). The
-    #: first burst of a trace finds no burst height remembered. 0 turns it off.
-    base_headroom: float = 2.8
+    #: of the stable demand, at most burst_headroom (2.5: one replica's 8 slots per 3.2
+    #: of demand; Knative's 70% utilization target keeps 2.8). The first burst of a trace
+    #: finds no burst height remembered. 0 turns it off (docs/SCALER.md, "Policy
+    #: parameters": 2.8 wins as often on the family and costs more than the HPA on diurnal).
+    base_headroom: float = 2.5
     #: A replica still starting is cancelled only once the count that wants it has been
     #: lower for this many seconds (Knative's panic window), and it is kept only for what
     #: is wanted now (panic window, forecast, headroom), not for a stable window that

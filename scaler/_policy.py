@@ -13,15 +13,16 @@ A decision is the largest of four wants, then limited:
               and drain the backlog forecast for when new replicas can be ready, within
               backlog_drain_s (`ConcurrencyPolicy.burst_need`)
     headroom  slots for X x the stable demand, X the height of the recent bursts (demand
-              while requests waited over the demand before) up to burst_headroom, for
-              burst_memory_s
+              while requests waited over the demand before) or base_headroom if more, up
+              to burst_headroom, for burst_memory_s
 
 Demand is the concurrency without the queue's wait: a queued request counts as the work
 the arrival rate brings (rate x service time), not as the time it waits. Scale-down is at
 most a halving per decision, never below the ready replicas while requests wait, never
-cancels an order while the queue still grows; the last replica goes after the grace
-period and a keep-alive that grows with the arrival rate (`keepalive_s`). Standby
-replicas (off by default) follow the recent scale step, as before.
+cancels an order while the queue still grows or before the want has been lower for
+order_hold_s, and keeps no order for a burst that is over (`_hold_orders`); the last
+replica goes after the grace period and a keep-alive that grows with the arrival rate
+(`keepalive_s`). Standby replicas (off by default) follow the recent scale step.
 """
 
 from __future__ import annotations
