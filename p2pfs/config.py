@@ -188,9 +188,10 @@ class PeersConfig:
     #: the origin is asked; below [fetch] read_timeout. The whole request gets at most two
     #: thirds of what is left of the read deadline, so the origin always has the last third.
     request_timeout: float = setting(2.0, gt=0, le=3600)
-    #: Peer requests this node serves at once ...
+    #: Chunk answers this node sends to peers at once ...
     max_uploads: int = setting(16, ge=1, le=4096)
-    #: ... and waiting for a slot; beyond that the answer is 503 with Retry-After.
+    #: ... and more requests in progress (waiting for the data, or for a send slot);
+    #: beyond that the answer is 503 with Retry-After.
     upload_queue: int = setting(64, ge=0, le=65536)
     #: Bytes per second this node serves to peers in all; 0: no cap.
     upload_rate: int = setting(0, ge=0, le=TiB, size=True)
