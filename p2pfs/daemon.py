@@ -1,5 +1,6 @@
-"""The mount daemon: wires origin, disk cache, chunk store, FUSE, control socket and
-metrics together, mounts, signals readiness, and always unmounts on the way out."""
+"""The mount daemon: wires origin, disk cache, chunk store, peers (with `[peers]`),
+FUSE, control socket and metrics together, mounts, signals readiness, and always
+unmounts on the way out."""
 
 from __future__ import annotations
 
