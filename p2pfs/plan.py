@@ -77,17 +77,6 @@ def coalesce(locs: Sequence[ChunkLoc], max_request: int) -> list[Request]:
     return out
 
 
-def split_response(req: Request, data: bytes | memoryview) -> list[memoryview]:
-    """Cut the body of `req` into the stored bytes of each of its chunks."""
-    if len(data) != req.length:
-        raise ValueError(f"expected {req.length} bytes for {req.key}@{req.offset}, got {len(data)}")
-    view = memoryview(data)
-    return [
-        view[loc.ref.offset - req.offset : loc.ref.offset - req.offset + loc.ref.length]
-        for loc in req.locs
-    ]
-
-
 def overlaps(entry: Entry, span: range, offset: int, size: int) -> list[int]:
     """How many bytes of [offset, offset+size) each chunk of `span` holds (what a reply
     uses of it, for counting bytes by source)."""

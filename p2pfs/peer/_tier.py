@@ -21,7 +21,6 @@ answers are wrong is banned, one that is slow or refuses only loses health.
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -143,12 +142,8 @@ class PeerTier:
                     out[i] = True
                     return
 
-        if len(slots) == 1:
-            await one(0, slots[0])
-        else:
-            async with trio.open_nursery() as nursery:
-                for i, slot in enumerate(slots):
-                    nursery.start_soon(one, i, slot)
+        for i, slot in enumerate(slots):  # one at a time: per_chunk, the store sends one
+            await one(i, slot)
         return out
 
     async def _ask(self, peer: str, slot: Slot, cached_only: bool, left: float,
@@ -282,8 +277,3 @@ class PeerTier:
 def _check_and_hash(slot: Slot, source: str) -> str:
     check_plain(slot.loc, slot.dest, source)
     return xxhash.xxh3_64_hexdigest(slot.dest)
-
-
-def wall_clock() -> float:
-    """The clock token timestamps use (shared by every node; trio's clock is not)."""
-    return time.time()

@@ -12,7 +12,7 @@ The peer tier (p2pfs.peer) plugs in behind the same Tier interface.
 from ._flights import Flight, FlightTable
 from ._store import ChunkStore, first_failure
 from ._tiers import DiskTier, OriginTier, Slot, Tier
-from ._verify import check_plain, place_verified, verify_chunk
+from ._verify import check_plain, place_verified
 
 __all__ = ["ChunkStore", "DiskTier", "Flight", "FlightTable", "OriginTier", "Slot", "Tier",
-           "check_plain", "first_failure", "place_verified", "verify_chunk"]
+           "check_plain", "first_failure", "place_verified"]

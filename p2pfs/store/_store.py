@@ -289,10 +289,10 @@ class ChunkStore:
             for req in coalesce(locs, self.cfg.max_request):
                 await window.acquire()
                 nursery.start_soon(one, req.locs)
-        for digest in {loc.digest for loc in locs}:
+        digests = {loc.digest for loc in locs}
+        for digest in digests:
             if (pending := self._wb_pending.get(digest)) is not None:
                 await pending.wait()
-        digests = {loc.digest for loc in locs}
         lost = sum(1 for d in digests if d not in self.disk)
         if lost:
             stats = self.disk.stats()

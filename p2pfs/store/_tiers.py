@@ -126,15 +126,11 @@ class OriginTier:
         length = last.ref.offset + last.ref.length - first.ref.offset
         direct = (all(s.loc.ref.compression == "none" for s in slots)
                   and all(b.follows(a) for a, b in zip(slots, slots[1:])))
+        stored = (slots[0].buf[slots[0].pos:slots[0].pos + length] if direct
+                  else aligned_empty(length))
         try:
-            if direct:
-                stored: memoryview = slots[0].buf[slots[0].pos:slots[0].pos + length]
-                await self.call(lambda left: self.origin.get_range_into(
-                    first.key, first.ref.offset, stored, timeout=left), deadline)
-            else:
-                stored = aligned_empty(length)
-                await self.call(lambda left: self.origin.get_range_into(
-                    first.key, first.ref.offset, stored, timeout=left), deadline)
+            await self.call(lambda left: self.origin.get_range_into(
+                first.key, first.ref.offset, stored, timeout=left), deadline)
         except P2PFSError as exc:
             for i, _ in run:
                 out[i] = exc

@@ -39,14 +39,6 @@ def check_plain(loc: ChunkLoc, data: Buffer, source: str = "origin") -> None:
                              source=source)
 
 
-def verify_chunk(loc: ChunkLoc, stored: Buffer, source: str = "origin") -> Buffer:
-    """Decompress (if needed) and check one chunk as stored in its blob; the plain bytes
-    (a raw chunk is returned as given: slices of a larger response stay views)."""
-    data = _inflate(loc, stored, source) if loc.ref.compression == "zstd" else stored
-    check_plain(loc, data, source)
-    return data
-
-
 def place_verified(loc: ChunkLoc, stored: Buffer, dest: memoryview, source: str = "origin") -> str:
     """Put the plain, checked bytes of a chunk stored as `stored` into `dest` (which may be
     `stored` itself: a raw chunk received in place) and return their xxh3, the name the
