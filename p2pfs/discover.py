@@ -46,7 +46,7 @@ async def discover(origin: Origin, loc: Location) -> tuple[list[tuple[str, Manif
     upload does not take every other model away; if none is usable that is an error."""
     try:
         m = await load_manifest(origin, loc.prefix, url=str(loc))
-        return [("", m, loc.prefix)], []
+        return [("", m, m.blob_prefix(loc.prefix))], []
     except ManifestNotFound:
         pass
     objs = await origin.list(loc.prefix)
@@ -75,7 +75,7 @@ async def discover(origin: Origin, loc: Location) -> tuple[list[tuple[str, Manif
             log.error("skipping model %s: unexpected %s: %s (please report)", model_prefix,
                       type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
             return
-        found.append((model_prefix[len(loc.prefix):].rstrip("/"), m, model_prefix))
+        found.append((model_prefix[len(loc.prefix):].rstrip("/"), m, m.blob_prefix(model_prefix)))
 
     limiter = trio.CapacityLimiter(16)
 

@@ -21,6 +21,12 @@ from .errors import ManifestError
 
 FORMAT_NAME = "p2pfs-manifest"
 FORMAT_VERSION = 1
+#: Version 2 is version 1 plus `blob_root` (blob keys relative to a prefix other than the
+#: manifest's own): a v1 reader must refuse it rather than look for blobs in the wrong place.
+FORMAT_VERSIONS = (1, 2)
+#: Where blob keys are relative to: "." the manifest's prefix (models), ".." its parent
+#: (image layers: packs shared by every layer under one layers prefix).
+BLOB_ROOTS = (".", "..")
 #: Where a manifest lives, relative to the prefix it describes.
 MANIFEST_KEY = ".p2pfs/manifest.json"
 #: A manifest bigger than this is refused before it is downloaded (its size comes from the
@@ -103,6 +109,21 @@ class Manifest:
     entries: tuple[Entry, ...]
     kind: str = "model"
     annotations: Mapping[str, str] = field(default_factory=dict)
+    blob_root: str = "."
+
+    @property
+    def version(self) -> int:
+        return 1 if self.blob_root == "." else 2
+
+    def blob_prefix(self, prefix: str) -> str:
+        """The object key prefix this manifest's blob keys are relative to, for a manifest
+        stored under `prefix` ("" or ending in "/")."""
+        if self.blob_root == ".":
+            return prefix
+        if not prefix:
+            raise ManifestError("a manifest with blob_root '..' must be under a prefix")
+        parent = posixpath.dirname(prefix.rstrip("/"))
+        return parent + "/" if parent else ""
 
     def encode(self) -> bytes:
         """Canonical bytes: what is stored and what the digest is taken over."""
@@ -146,15 +167,18 @@ def _to_json(m: Manifest) -> dict[str, Any]:
         if e.xattrs:
             d["xattrs"] = {k: base64.b64encode(v).decode() for k, v in e.xattrs.items()}
         entries.append(d)
-    return {
+    doc: dict[str, Any] = {
         "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
+        "version": m.version,
         "kind": m.kind,
         "chunk_size": m.chunk_size,
         "blobs": list(m.blobs),
         "entries": entries,
         "annotations": dict(m.annotations),
     }
+    if m.blob_root != ".":
+        doc["blob_root"] = m.blob_root
+    return doc
 
 
 def digest_of(data: bytes) -> str:
@@ -236,7 +260,13 @@ def _from_json(doc: Any) -> Manifest:
     _need(isinstance(doc, dict), "top level must be an object")
     _need(doc.get("format") == FORMAT_NAME, f"'format' must be {FORMAT_NAME!r}")
     version = doc.get("version")
-    _need(version == FORMAT_VERSION, f"unsupported version {_brief(version)} (this p2pfs reads {FORMAT_VERSION})")
+    _need(version in FORMAT_VERSIONS and not isinstance(version, bool),
+          f"unsupported version {_brief(version)} (this p2pfs reads {', '.join(map(str, FORMAT_VERSIONS))})")
+    blob_root = doc.get("blob_root", ".")
+    _need(blob_root in BLOB_ROOTS, f"'blob_root' must be one of {BLOB_ROOTS}, got {_brief(blob_root)}")
+    _need((version == 1) == (blob_root == "."),
+          f"version {version} with blob_root {blob_root!r}: version 2 is exactly the manifests "
+          "whose blob_root is not '.'")
     chunk_size = _int(doc, "chunk_size", minimum=1, maximum=MAX_CHUNK_SIZE)
     blobs = doc.get("blobs", [])
     _need(isinstance(blobs, list), "'blobs' must be a list")
@@ -278,6 +308,7 @@ def _from_json(doc: Any) -> Manifest:
         entries=tuple(entries),
         kind=kind,
         annotations=dict(annotations),
+        blob_root=blob_root,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -54,7 +55,10 @@ def mutate(fn):
     (b"", "not valid JSON"),
     (b"\xff\xfe", "not valid JSON"),
     (b"[]", "top level must be an object"),
-    (mutate(lambda d: d.update(version=2)), "unsupported version 2"),
+    (mutate(lambda d: d.update(version=3)), "unsupported version 3"),
+    (mutate(lambda d: d.update(version=2)), "version 2 is exactly"),
+    (mutate(lambda d: d.update(blob_root="..")), "version 2 is exactly"),
+    (mutate(lambda d: d.update(version=2, blob_root="../..")), "'blob_root'"),
     (mutate(lambda d: d.update(format="other")), "'format'"),
     (mutate(lambda d: d.update(chunk_size=0)), "chunk_size"),
     (mutate(lambda d: d["entries"][2].update(size=11)), "cover 10 bytes but size is 11"),
@@ -186,3 +190,16 @@ def test_models_that_conflict_are_skipped_one_by_one():
     assert sorted(tree.models) == ["a", "c"]
     assert len(problems) == 1 and "a/b" in problems[0]
     assert tree.lookup_path("c/f") is not None and tree.lookup_path("a/b").entry.type == "file"
+
+
+def test_blob_root_parent_is_version_2_and_resolves_to_the_parent_prefix():
+    m = dataclasses.replace(small_manifest(), kind="layer", blob_root="..")
+    data = m.encode()
+    assert json.loads(data)["version"] == 2
+    back = parse(data)
+    assert back.blob_root == ".." and back == m
+    assert back.blob_prefix("layers/ab12/") == "layers/"
+    assert back.blob_prefix("ab12/") == ""
+    with pytest.raises(ManifestError, match="under a prefix"):
+        back.blob_prefix("")
+    assert small_manifest().version == 1 and small_manifest().blob_prefix("m/") == "m/"
