@@ -527,3 +527,8 @@ def prefetch(paths: tuple[Path, ...], as_json: bool) -> None:
             click.echo(f"{p}: {res.get('done', 0) / 1e6:.1f} MB local in {res.get('seconds')}s")
 
 
+
+
+@main.group(cls=_Group)
+def image() -> None:
+    """Container image layers: convert them so containers start lazily from p2pfs."""
