@@ -19,6 +19,8 @@
     ├── CacheFull                a prefetch asked for more than the disk cache can keep
     ├── ProtocolError            a control-socket request we cannot serve as sent (the
     │                            client's mistake: answered, never logged as ours)
+    ├── LayerError               an image layer blob that cannot be converted (a malformed or
+    │                            hostile tar, an unknown media type, a digest that differs)
     └── PeerError                a peer could not give us a chunk (never shown to readers:
         │                        the next rank or the origin is asked instead)
         ├── PeerUnavailable      refused, timed out, reset, draining: lowers its health
@@ -95,6 +97,10 @@ class CacheFull(P2PFSError):
 
 class ProtocolError(P2PFSError):
     """A control-socket client broke the protocol (p2pfs.control._wire)."""
+
+
+class LayerError(P2PFSError):
+    """An image layer that p2pfs refuses to convert (p2pfs.image): nothing is published."""
 
 
 class PeerError(P2PFSError):
