@@ -21,6 +21,11 @@
     │                            client's mistake: answered, never logged as ours)
     ├── LayerError               an image layer blob that cannot be converted (a malformed or
     │                            hostile tar, an unknown media type, a digest that differs)
+    ├── RegistryError            a container registry refused or failed us (p2pfs.image), or
+    │   │                        an image it serves that p2pfs cannot convert
+    │   ├── RegistryUnavailable  unreachable, timed out, 5xx, a broken stream: maybe later
+    │   ├── RegistryNotFound     no such repository, tag, manifest or blob
+    │   └── RegistryAuthError    credentials missing or rejected
     └── PeerError                a peer could not give us a chunk (never shown to readers:
         │                        the next rank or the origin is asked instead)
         ├── PeerUnavailable      refused, timed out, reset, draining: lowers its health
@@ -101,6 +106,22 @@ class ProtocolError(P2PFSError):
 
 class LayerError(P2PFSError):
     """An image layer that p2pfs refuses to convert (p2pfs.image): nothing is published."""
+
+
+class RegistryError(P2PFSError):
+    """A registry's refusal or failure, or an image p2pfs cannot convert (p2pfs.image)."""
+
+
+class RegistryUnavailable(RegistryError):
+    pass
+
+
+class RegistryNotFound(RegistryError):
+    pass
+
+
+class RegistryAuthError(RegistryError):
+    pass
 
 
 class PeerError(P2PFSError):
