@@ -349,6 +349,27 @@ def status(mountpoint: Path, as_json: bool, timeout: float) -> None:
         click.echo(format_status(reply))
 
 
+@main.command()
+@click.argument("mountpoint", type=click.Path(exists=True, path_type=Path))
+@click.argument("paths", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
+              show_default=True, help="Seconds to wait for the daemon's answer.")
+@_errors
+def refresh(mountpoint: Path, paths: tuple[str, ...], as_json: bool, timeout: float) -> None:
+    """Show models or image layers published since MOUNTPOINT was mounted, without
+    remounting: those at PATHS (directories under the mount), or all new ones."""
+    from .control import refresh as do_refresh
+
+    reply = do_refresh(mountpoint, list(paths) if paths else None, timeout=timeout)
+    if as_json:
+        click.echo(json.dumps(reply))
+        return
+    click.echo(f"{len(reply['added'])} added, {reply['models']} mounted"
+               + "".join(f"\n  + {p}" for p in reply["added"])
+               + "".join(f"\n  ! {p}" for p in reply["problems"]))
+
+
 #: Largest status reply read (a mount of many models lists each one).
 MAX_REPLY = 16 << 20
 

@@ -21,7 +21,7 @@ import trio_asyncio
 from .store import ChunkStore
 from .config import Config, absolute_paths, complete
 from .control import ControlLimits, ControlServer
-from .discover import ManifestCache, discover_cached
+from .discover import ManifestCache, discover_cached, find_models
 from .diskcache import DiskCache
 from .errors import ConfigError
 from .fs import Operations
@@ -29,7 +29,7 @@ from .metrics import Metrics
 from .metrics import serve as serve_metrics
 from ._perms import ROOT_MODE, private_dir, private_open
 from .origin import open_origin, parse_url
-from .tree import build_tree_skipping
+from .tree import TreeConflict, build_tree_skipping
 from .tune import is_stale, mount_entry, tune_mount, unmount
 
 log = logging.getLogger("p2pfs.daemon")
@@ -162,6 +162,36 @@ async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket,
             **({"peers": peers.status()} if peers else {}),
         }
 
+    manifests = ManifestCache(cfg.cache.dir)
+    mounted = list(models)
+
+    async def refresh(paths: tuple[str, ...] | None) -> dict[str, Any]:
+        """Attach models (image layers) published since the mount, without remounting."""
+        t = time.monotonic()
+        found, found_problems = await find_models(origin, loc, dict(tree.models), paths)
+        added, refused, touched = [], [], set()
+        for d, m, prefix in found:
+            if d in tree.models:
+                refused.append(f"{d}: manifest is now {m.digest}, mounted {tree.models[d]}; "
+                               "remount to see the new version")
+                continue
+            try:
+                touched |= tree.attach(d, m, prefix)
+            except TreeConflict as exc:
+                refused.append(f"{d} not attached: {exc}")
+                continue
+            added.append(d)
+            mounted.append((d, m, prefix))
+        for problem in refused:
+            log.error("refresh: %s", problem)
+        if added:
+            log.info("refresh: attached %d model(s): %s", len(added), ", ".join(added[:10]))
+            await trio.to_thread.run_sync(manifests.save, loc, mounted)
+            for inode in touched:  # names were added: the kernel's directory attrs are stale
+                await trio.to_thread.run_sync(_invalidate, inode)
+        return {"added": added, "problems": [*found_problems, *refused],
+                "models": len(tree.models), "seconds": round(time.monotonic() - t, 3)}
+
     options = {f"fsname=p2pfs:{loc}", "subtype=p2pfs", "ro", "default_permissions", "noatime"}
     if cfg.mount.allow_other:
         options.add("allow_other")
@@ -171,7 +201,8 @@ async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket,
                                 max_connections=cfg.mount.control_max_connections,
                                 idle_timeout=cfg.mount.control_idle_timeout,
                                 send_timeout=cfg.mount.control_idle_timeout,
-                                fill_idle_timeout=cfg.mount.control_fill_idle_timeout))
+                                fill_idle_timeout=cfg.mount.control_fill_idle_timeout),
+                            refresh=refresh)
     pyfuse3.init(ops, str(mountpoint), options)
     try:
         async with trio.open_nursery() as nursery:
@@ -205,6 +236,13 @@ async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket,
         sd_notify(notify_socket, "STOPPING=1")
         pyfuse3.close(unmount=True)
         log.info("unmounted %s", mountpoint)
+
+
+def _invalidate(inode: int) -> None:
+    try:
+        pyfuse3.invalidate_inode(inode, attr_only=True)
+    except OSError:  # ENOENT: the kernel does not hold the inode; nothing to drop
+        pass
 
 
 def _host(host: str) -> str:

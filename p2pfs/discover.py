@@ -92,6 +92,39 @@ async def discover(origin: Origin, loc: Location) -> tuple[list[tuple[str, Manif
     return found, problems
 
 
+async def find_models(origin: Origin, loc: Location, known: dict[str, str],
+                      paths: tuple[str, ...] | None) -> tuple[list[tuple[str, Manifest, str]], list[str]]:
+    """Models at `paths` under `loc` (each a directory that may now hold a manifest), or
+    all models under `loc` when `paths` is None, leaving out those already in `known`
+    (mount dir -> digest) with the same digest. One HEAD and one GET per named path, so a
+    snapshotter asking for one new layer does not pay for listing the whole prefix."""
+    if paths is None:
+        models, problems = await discover(origin, loc)
+    else:
+        models, problems = [], []
+        limiter = trio.CapacityLimiter(16)
+
+        async def one(path: str) -> None:
+            prefix = loc.prefix + path + "/"
+            async with limiter:
+                try:
+                    m = await load_manifest(origin, prefix, url=f"{loc}/{path}")
+                except (ManifestNotFound, ObjectNotFound):
+                    problems.append(f"{path}: no manifest at {prefix}{MANIFEST_KEY}")
+                    return
+                except ManifestError as exc:
+                    problems.append(str(exc))
+                    return
+            models.append((path, m, m.blob_prefix(prefix)))
+
+        async with trio.open_nursery() as nursery:
+            for path in dict.fromkeys(paths):
+                if path not in known:
+                    nursery.start_soon(one, path)
+        models.sort(key=lambda t: t[0])
+    return [m for m in models if known.get(m[0]) != m[1].digest], problems
+
+
 class ManifestCache:
     """The manifests a mount last used, kept in the cache dir so that a daemon restarted
     while the object store is unreachable still mounts and serves what is cached.

@@ -47,6 +47,11 @@ class Node:
 class Tree:
     nodes: dict[int, Node] = field(default_factory=dict)
     models: dict[str, str] = field(default_factory=dict)  # mount path -> manifest digest
+    next_inode: int = ROOT_INODE + 1
+
+    def __post_init__(self) -> None:
+        if ROOT_INODE not in self.nodes:
+            self.nodes[ROOT_INODE] = Node(ROOT_INODE, stat.S_IFDIR | 0o755, children={})
 
     def lookup_path(self, path: str) -> Node | None:
         node = self.nodes[ROOT_INODE]
@@ -55,6 +60,20 @@ class Tree:
                 return None
             node = self.nodes[node.children[part.encode()]]
         return node
+
+    def attach(self, mount_dir: str, manifest: Manifest, blob_prefix: str) -> set[int]:
+        """Add one model at `mount_dir` to a live tree; returns the inodes of the existing
+        directories that gained entries (the kernel's cached attributes of those are stale).
+
+        All or nothing: a conflict raises TreeConflict before anything changes, so a
+        mount that is serving keeps serving what it had. Inodes are never reused or
+        renumbered (the kernel and open files hold them). Pure and synchronous: no await
+        can interleave with a half-attached model."""
+        if mount_dir in self.models:
+            raise TreeConflict(f"{mount_dir or '/'!r} is mounted already")
+        plan = _Attach(self)
+        plan.model(mount_dir, manifest, blob_prefix)
+        return plan.commit(mount_dir, manifest.digest)
 
 
 class TreeConflict(ValueError):
@@ -84,65 +103,120 @@ def build_tree_skipping(models: list[tuple[str, Manifest, str]]) -> tuple[Tree, 
 def build_tree(models: list[tuple[str, Manifest, str]]) -> Tree:
     """`models`: (mount-relative directory, manifest, object key prefix of its blobs)."""
     tree = Tree()
-    tree.nodes[ROOT_INODE] = Node(ROOT_INODE, stat.S_IFDIR | 0o755, children={})
-    next_inode = ROOT_INODE + 1
+    for mount_dir, manifest, blob_prefix in sorted(models, key=lambda m: m[0]):
+        tree.attach(mount_dir, manifest, blob_prefix)
+    return tree
 
-    def ensure_dir(path: str) -> Node:
-        nonlocal next_inode
-        node = tree.nodes[ROOT_INODE]
+
+class _Attach:
+    """The nodes one model adds to a tree, built aside and committed in one step."""
+
+    def __init__(self, tree: Tree) -> None:
+        self.tree = tree
+        self.new: dict[int, Node] = {}
+        self.links: list[tuple[int, bytes, int]] = []  # (parent inode, name, child inode)
+        self.pending: dict[int, dict[bytes, int]] = {}  # names added to existing dirs
+        self.base_entry: tuple[int, Node] | None = None
+        self.next_inode = tree.next_inode
+        self.nlink_extra: dict[int, int] = {}  # hard links to existing-in-plan files
+
+    def _get(self, inode: int) -> Node:
+        return self.new.get(inode) or self.tree.nodes[inode]
+
+    def _child(self, parent: Node, name: bytes) -> int | None:
+        if parent.inode in self.new:
+            assert parent.children is not None
+            return parent.children.get(name)
+        assert parent.children is not None
+        return self.pending.get(parent.inode, {}).get(name, parent.children.get(name))
+
+    def _add(self, parent: Node, name: bytes, node: Node) -> None:
+        if self._child(parent, name) is not None:
+            raise TreeConflict(f"{name.decode(errors='replace')!r} in directory inode "
+                               f"{parent.inode} is claimed twice")
+        if parent.inode in self.new:
+            assert parent.children is not None
+            parent.children[name] = node.inode
+        else:
+            self.pending.setdefault(parent.inode, {})[name] = node.inode
+        if node.inode not in self.new and node.inode not in self.tree.nodes:
+            self.new[node.inode] = node
+
+    def _inode(self) -> int:
+        self.next_inode += 1
+        return self.next_inode - 1
+
+    def ensure_dir(self, path: str) -> Node:
+        node = self._get(ROOT_INODE)
         for part in (p for p in path.split("/") if p):
             assert node.children is not None
-            child = node.children.get(part.encode())
+            child = self._child(node, part.encode())
             if child is None:
-                new = Node(next_inode, stat.S_IFDIR | 0o755, children={}, parent=node.inode)
-                tree.nodes[next_inode] = new
-                node.children[part.encode()] = next_inode
-                next_inode += 1
+                new = Node(self._inode(), stat.S_IFDIR | 0o755, children={}, parent=node.inode)
+                self._add(node, part.encode(), new)
                 node = new
             else:
-                node = tree.nodes[child]
+                node = self._get(child)
                 if node.children is None:
                     raise TreeConflict(f"{path!r} is both a file and a directory")
         return node
 
-    for mount_dir, manifest, blob_prefix in sorted(models, key=lambda m: m[0]):
-        tree.models[mount_dir] = manifest.digest
+    def model(self, mount_dir: str, manifest: Manifest, blob_prefix: str) -> None:
         by_path: dict[str, int] = {}
-        base = ensure_dir(mount_dir)
+        base = self.ensure_dir(mount_dir)
         by_path[""] = base.inode
         # Parents before children: sort by depth, then path.
         for e in sorted(manifest.entries, key=lambda e: (e.path.count("/"), e.path)):
             if e.path == "":
                 if base.entry is not None:
                     raise TreeConflict(f"{mount_dir!r} is the root of two models")
-                base.entry = e
-                base.st_mode = e.st_mode
-                base.blob_prefix, base.blobs, base.model = blob_prefix, manifest.blobs, mount_dir
+                if base.inode in self.new:
+                    base.entry, base.st_mode = e, e.st_mode
+                    base.blob_prefix, base.blobs, base.model = blob_prefix, manifest.blobs, mount_dir
+                else:  # an existing synthesized directory becomes this model's root
+                    self.base_entry = (base.inode, Node(
+                        base.inode, e.st_mode, entry=e, blob_prefix=blob_prefix,
+                        blobs=manifest.blobs, children={}, parent=base.parent, model=mount_dir))
                 continue
             parent_path = posixpath.dirname(e.path)
-            parent = tree.nodes[by_path[parent_path]] if parent_path in by_path else ensure_dir(
+            parent = self._get(by_path[parent_path]) if parent_path in by_path else self.ensure_dir(
                 posixpath.join(mount_dir, parent_path))
             by_path.setdefault(parent_path, parent.inode)
-            name = posixpath.basename(e.path).encode()
             if parent.children is None:
                 raise TreeConflict(f"{posixpath.join(mount_dir, e.path)!r}: parent is not a directory")
             if e.type == "hardlink":
                 continue  # second pass, once targets exist
-            node = Node(next_inode, e.st_mode, entry=e, blob_prefix=blob_prefix,
+            node = Node(self._inode(), e.st_mode, entry=e, blob_prefix=blob_prefix,
                         blobs=manifest.blobs, parent=parent.inode, model=mount_dir,
                         children={} if e.type == "dir" else None)
-            tree.nodes[next_inode] = node
-            parent.children[name] = next_inode
-            by_path[e.path] = next_inode
-            next_inode += 1
+            self._add(parent, posixpath.basename(e.path).encode(), node)
+            by_path[e.path] = node.inode
         for e in manifest.entries:
             if e.type == "hardlink":
-                target = tree.nodes[by_path[e.target]]
-                parent = tree.nodes[by_path[posixpath.dirname(e.path)]]
-                assert parent.children is not None
-                parent.children[posixpath.basename(e.path).encode()] = target.inode
-                target.nlink += 1
-    for node in tree.nodes.values():
-        if node.children is not None:
-            node.nlink = 2 + sum(1 for c in node.children.values() if tree.nodes[c].is_dir)
-    return tree
+                target = self._get(by_path[e.target])
+                parent = self._get(by_path[posixpath.dirname(e.path)])
+                self._add(parent, posixpath.basename(e.path).encode(), target)
+                self.nlink_extra[target.inode] = self.nlink_extra.get(target.inode, 0) + 1
+
+    def commit(self, mount_dir: str, digest: str) -> set[int]:
+        tree = self.tree
+        touched = set(self.pending)
+        if self.base_entry is not None:
+            inode, node = self.base_entry
+            node.children = tree.nodes[inode].children
+            tree.nodes[inode] = node
+            touched.add(inode)
+        tree.nodes.update(self.new)
+        for inode, names in self.pending.items():
+            children = tree.nodes[inode].children
+            assert children is not None
+            children.update(names)
+        for inode, extra in self.nlink_extra.items():
+            tree.nodes[inode].nlink += extra
+        tree.next_inode = self.next_inode
+        tree.models[mount_dir] = digest
+        for inode in (*self.new, *touched):
+            node = tree.nodes[inode]
+            if node.children is not None:
+                node.nlink = 2 + sum(1 for c in node.children.values() if tree.nodes[c].is_dir)
+        return touched

@@ -1,4 +1,4 @@
-"""The control socket: status, metrics, prefetch and fill requests from clients (the CLI,
+"""The control socket: status, metrics, prefetch, refresh and fill requests from clients (the CLI,
 gpuload, shell tools).
 
 A unix stream socket whose path the mount root exposes as the xattr `user.p2pfs.control`.
@@ -8,7 +8,7 @@ file bytes into. Wire format, limits and error codes: docs/FORMAT.md ("Control s
 
     _wire.py    pure: framing, request parsing and validation, limits, error codes, who
                 may connect; no I/O
-    client.py   blocking client (find_mount, request, prefetch); imports no trio, so any
+    client.py   blocking client (find_mount, request, prefetch, refresh); imports no trio, so any
                 program or thread can use it (p2pfs.fill.FillClient is the fill client)
     _server.py  ControlServer: accept, SO_PEERCRED, connection and idle limits, dispatch
     _fill.py    the daemon's side of a fill session
@@ -23,10 +23,11 @@ from __future__ import annotations
 from typing import Any
 
 from ._wire import ControlLimits
-from .client import CONTROL_XATTR, control_socket, find_mount, mount_relative, prefetch, request
+from .client import (CONTROL_XATTR, control_socket, find_mount, mount_relative, prefetch, refresh,
+                     request)
 
 __all__ = ["CONTROL_XATTR", "ControlLimits", "ControlServer", "control_socket", "find_mount",
-           "mount_relative", "prefetch", "request"]
+           "mount_relative", "prefetch", "refresh", "request"]
 
 
 def __getattr__(name: str) -> Any:

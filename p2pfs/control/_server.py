@@ -17,7 +17,7 @@ import socket
 import struct
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import trio
 
@@ -140,8 +140,11 @@ def peer_of(sock: trio.socket.SocketType, *, with_groups: bool) -> _wire.Peer:
 class ControlServer:
     def __init__(self, path: Path, *, tree: Tree, store: "ChunkStore",
                  status: Callable[[], dict[str, Any]], metrics_text: Callable[[], str],
-                 limits: _wire.ControlLimits | None = None, group: str | None = None) -> None:
+                 limits: _wire.ControlLimits | None = None, group: str | None = None,
+                 refresh: Callable[[tuple[str, ...] | None], Awaitable[dict[str, Any]]] | None = None
+                 ) -> None:
         self.path = Path(path)
+        self.refresh = refresh
         self.tree = tree
         self.store = store
         self.status = status
@@ -262,6 +265,11 @@ class ControlServer:
             await conn.send({"ok": True, **self.status()})
         elif op == "metrics":
             await conn.send({"ok": True, "text": self.metrics_text()})
+        elif op == "refresh":
+            paths = _wire.parse_refresh(req)
+            if self.refresh is None:
+                raise ProtocolError("this daemon cannot refresh its tree")
+            await conn.send({"ok": True, **await self.refresh(paths)})
         else:
             await self._prefetch(conn, _wire.parse_prefetch(req))
 

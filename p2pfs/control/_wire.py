@@ -14,7 +14,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from ..errors import ProtocolError
+from ..errors import ManifestError, ProtocolError
+from ..manifest import check_path
 
 MAX_REQUEST = 64 * 1024   # bytes of one request line
 MAX_FDS_PER_MESSAGE = 1   # descriptors the daemon takes with one message (the most any op takes)
@@ -28,7 +29,9 @@ FAILED = "failed"                        # the op was valid but failed (store, c
 INTERNAL = "internal"                    # a bug of ours (logged with a traceback)
 
 #: The file descriptors each op takes with its first line.
-OP_FDS = {"status": 0, "metrics": 0, "prefetch": 0, "fill": 1}
+OP_FDS = {"status": 0, "metrics": 0, "prefetch": 0, "fill": 1, "refresh": 0}
+#: Most paths one refresh request may name.
+MAX_REFRESH_PATHS = 1024
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -153,6 +156,29 @@ def parse_prefetch(req: dict[str, Any]) -> PrefetchRequest:
     length = req.get("length")
     return PrefetchRequest(path_of(req), offset,
                            None if length is None else _int(length, "length"))
+
+
+def parse_refresh(req: dict[str, Any]) -> tuple[str, ...] | None:
+    """The mount-relative directories a refresh names (each where one model's manifest
+    may now be), or None: look at the whole prefix again."""
+    paths = req.get("paths")
+    if paths is None:
+        return None
+    if not isinstance(paths, list) or len(paths) > MAX_REFRESH_PATHS:
+        raise ProtocolError(f"paths must be a list of at most {MAX_REFRESH_PATHS} strings")
+    out = []
+    for p in paths:
+        if not isinstance(p, str):
+            raise ProtocolError(f"each path must be a string, got {p!r}")
+        p = p.strip("/")
+        try:
+            check_path(p)
+        except ManifestError as exc:
+            raise ProtocolError(str(exc)) from None
+        if not p:
+            raise ProtocolError("refresh paths name directories under the mount, not its root")
+        out.append(p)
+    return tuple(out)
 
 
 class FillRequest(NamedTuple):

@@ -113,3 +113,20 @@ def prefetch(path: str | os.PathLike[str], *, offset: int = 0, length: int | Non
     if not last.get("ok"):
         raise P2PFSError(f"prefetch of {path} failed: {last.get('error', 'no answer')}")
     return last
+
+
+def refresh(mountpoint: str | os.PathLike[str], paths: list[str] | None = None, *,
+            timeout: float | None = 60.0) -> dict[str, Any]:
+    """Ask the daemon serving `mountpoint` to attach models (image layers) published
+    since it mounted: those at `paths` (mount-relative directories), or every new one
+    under its prefix. Returns {"added": [...], "problems": [...], ...}; raises P2PFSError
+    if the daemon refuses or fails."""
+    req: dict[str, Any] = {"op": "refresh"}
+    if paths is not None:
+        req["paths"] = list(paths)
+    last: dict[str, Any] = {}
+    for msg in request(mountpoint, req, timeout=timeout):
+        last = msg
+    if not last.get("ok"):
+        raise P2PFSError(f"refresh of {mountpoint} failed: {last.get('error', 'no answer')}")
+    return last
