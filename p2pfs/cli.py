@@ -100,11 +100,13 @@ def _global_options() -> list[click.Option]:
 _GLOBAL = tuple(o.name for o in _global_options())
 
 
-class _Command(click.Command):
-    """A command that also takes the global options, after its own name."""
+class _TakesGlobals:
+    """Mixin: a command (or subgroup) that also takes the global options after its name."""
+
+    params: list[click.Parameter]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         self.params.extend(_global_options())
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -114,11 +116,19 @@ class _Command(click.Command):
             if value:  # given after the command: it wins over one given before
                 opts[name] = value
         _setup_logging(bool(opts.get("verbose")))
-        return super().invoke(ctx)
+        return super().invoke(ctx)  # type: ignore[misc]
+
+
+class _Command(_TakesGlobals, click.Command):
+    """A command that also takes the global options, after its own name."""
 
 
 class _Group(click.Group):
     command_class = _Command
+
+
+class _SubGroup(_TakesGlobals, _Group):
+    """A group under `main` (`p2pfs image ...`): global options after its name too."""
 
 
 @click.group(cls=_Group, params=_global_options())
@@ -550,6 +560,6 @@ def prefetch(paths: tuple[Path, ...], as_json: bool) -> None:
 
 
 
-@main.group(cls=_Group)
+@main.group(cls=_SubGroup)
 def image() -> None:
     """Container image layers: convert them so containers start lazily from p2pfs."""

@@ -135,6 +135,10 @@ class MountConfig:
     #: Seconds a fill session may sit with no request in flight before the daemon closes
     #: it (p2pfs.fill.FillClient opens a new one when needed).
     control_fill_idle_timeout: float = setting(120.0, gt=0, le=86400)
+    #: Image layers: seconds after a layer's first read during which its reads are
+    #: recorded as its start-up list (stored next to its manifest; later nodes prefetch
+    #: it on first touch). 0 turns both recording and start-up prefetch off.
+    startup_window: float = setting(10.0, ge=0, le=3600)
 
     def __post_init__(self) -> None:
         settings.check(self, ConfigError)

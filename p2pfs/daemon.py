@@ -18,6 +18,7 @@ import pyfuse3
 import trio
 import trio_asyncio
 
+from .startup import StartupPrefetch, layer_prefixes
 from .store import ChunkStore
 from .config import Config, absolute_paths, complete
 from .control import ControlLimits, ControlServer
@@ -135,8 +136,14 @@ async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket,
         log.error("%s", problem)
     problems = [*problems, *conflicts]
     control_path = cfg.cache.dir / "control.sock"
+    startup = None
+    if cfg.mount.startup_window > 0:
+        startup = StartupPrefetch(origin=origin, store=store, tree=tree,
+                                  window=cfg.mount.startup_window)
+        startup.layers.update(layer_prefixes(loc.prefix, models))
     ops = Operations(tree, store, fetch=cfg.fetch, metrics=metrics,
-                     attr_timeout=cfg.mount.attr_timeout, control_path=str(control_path))
+                     attr_timeout=cfg.mount.attr_timeout, control_path=str(control_path),
+                     startup=startup)
     tuning: dict[str, Any] = {}
     metrics.gauges.update({
         "cache_used_bytes": lambda: disk.stats().used_bytes,
@@ -160,6 +167,7 @@ async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket,
             "metrics_url": metrics_url,
             **metrics.snapshot(),
             **({"peers": peers.status()} if peers else {}),
+            **({"startup": dict(startup.stats)} if startup else {}),
         }
 
     manifests = ManifestCache(cfg.cache.dir)
@@ -182,6 +190,8 @@ async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket,
                 continue
             added.append(d)
             mounted.append((d, m, prefix))
+            if startup is not None:
+                startup.layers.update(layer_prefixes(loc.prefix, [(d, m, prefix)]))
         for problem in refused:
             log.error("refresh: %s", problem)
         if added:
@@ -208,6 +218,8 @@ async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket,
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run)
             await nursery.start(control.serve)
+            if startup:
+                await nursery.start(startup.run)
             if peers:
                 await nursery.start(peers.run)
             nursery.start_soon(_watch_signals, peers, cfg.peers.drain_timeout)

@@ -41,8 +41,9 @@ class _Open:
 
 class Operations(pyfuse3.Operations):
     def __init__(self, tree: Tree, store: ChunkStore, *, fetch: FetchConfig, metrics: Metrics,
-                 attr_timeout: float, control_path: str = "") -> None:
+                 attr_timeout: float, control_path: str = "", startup=None) -> None:
         super().__init__()
+        self.startup = startup  # StartupPrefetch: image layers' start-up lists
         self.tree = tree
         self.store = store
         self.fetch = fetch
@@ -182,6 +183,8 @@ class Operations(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         self._open[fh] = _Open(node)
+        if self.startup is not None:
+            self.startup.touch(node)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
     async def release(self, fh: int) -> None:
@@ -197,6 +200,8 @@ class Operations(pyfuse3.Operations):
         if not span:
             return b""
         t0 = time.monotonic()
+        if self.startup is not None:
+            self.startup.record(h.node, span)
         self._readahead(h, off, size)
         try:
             chunks = await self.store.get(h.node.locs(span), used=overlaps(entry, span, off, size))

@@ -194,8 +194,13 @@ def test_global_options_after_every_command():
     from p2pfs.cli import main
 
     assert set(main.commands) >= {"publish", "index", "mount", "status", "prefetch", "unmount"}
-    for name in main.commands:
-        r = CliRunner().invoke(main, [name, "--config", "/x.toml", "--endpoint-url", "http://e",
+    import click
+
+    names = [[n] for n in main.commands]
+    names += [[n, sub] for n, cmd in main.commands.items() if isinstance(cmd, click.Group)
+              for sub in cmd.commands]
+    for name in names:
+        r = CliRunner().invoke(main, [*name, "--config", "/x.toml", "--endpoint-url", "http://e",
                                       "-v", "--help"])
         assert r.exit_code == 0, (name, r.output)
         assert "--endpoint-url" in r.output

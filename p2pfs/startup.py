@@ -1,0 +1,221 @@
+"""Start-up prefetch for image layers: record which chunks a layer's first container reads
+during its first seconds, store the list next to the layer's manifest, and on every later
+node fetch that list in the background as soon as the layer is first touched.
+
+    Recorder    pure: per layer, the (file, chunk) pairs read in the window after the
+                layer's first access, in first-read order, bounded; takes `now`
+    encode/parse_list  the stored list (docs/FORMAT.md, "Start-up prefetch lists")
+    StartupPrefetch    the daemon's shell: on a layer's first access, load its list and
+                warm it (never blocking the reader), or record one and upload it when the
+                window closes
+
+Why on first access rather than on the snapshotter's Prepare: the daemon sees the first
+read of every layer whoever prepared it, needs no extra call, and a container that never
+starts costs nothing. The list is advisory: an entry that names no chunk of the mounted
+manifest is skipped, and nothing read from it is served without the usual verification.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import trio
+
+from .errors import ObjectNotFound, P2PFSError
+from .plan import ChunkLoc
+from .tree import Node, Tree
+
+log = logging.getLogger("p2pfs.startup")
+
+FORMAT_NAME = "p2pfs-startup"
+FORMAT_VERSION = 1
+#: Where a layer's list lives, next to its manifest.
+LIST_KEY = ".p2pfs/startup.json"
+#: Most chunks one list names (a start-up touching more is cut at this many).
+MAX_CHUNKS = 65536
+#: Largest list read back (a hostile one is refused before it is parsed).
+MAX_LIST_BYTES = 8 << 20
+
+
+@dataclass
+class _Recording:
+    started: float
+    seen: set[tuple[str, int]] = field(default_factory=set)
+    order: list[tuple[str, int]] = field(default_factory=list)
+
+
+class Recorder:
+    """The reads of each layer in the `window` seconds after its first access."""
+
+    def __init__(self, window: float, max_chunks: int = MAX_CHUNKS) -> None:
+        self.window = window
+        self.max_chunks = max_chunks
+        self._open: dict[str, _Recording] = {}
+
+    def start(self, layer: str, now: float) -> None:
+        self._open.setdefault(layer, _Recording(now))
+
+    def discard(self, layer: str) -> None:
+        self._open.pop(layer, None)
+
+    def record(self, layer: str, path: str, chunks: range, now: float) -> None:
+        rec = self._open.get(layer)
+        if rec is None or now - rec.started > self.window:
+            return
+        for i in chunks:
+            if len(rec.order) >= self.max_chunks:
+                return
+            if (path, i) not in rec.seen:
+                rec.seen.add((path, i))
+                rec.order.append((path, i))
+
+    def due(self, now: float) -> list[tuple[str, list[tuple[str, int]]]]:
+        """Recordings whose window has closed (removed from the recorder)."""
+        done = [layer for layer, rec in self._open.items() if now - rec.started > self.window]
+        return [(layer, self._open.pop(layer).order) for layer in done]
+
+
+def encode(manifest_digest: str, window: float, order: Sequence[tuple[str, int]]) -> bytes:
+    """Files in first-read order, each with its chunk indexes in first-read order."""
+    files: dict[str, list[int]] = {}
+    for path, i in order:
+        files.setdefault(path, []).append(i)
+    return json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION,
+                       "manifest": manifest_digest, "window_s": window,
+                       "files": [[p, idx] for p, idx in files.items()]},
+                      separators=(",", ":")).encode()
+
+
+def parse_list(data: bytes, tree: Tree, layer: str) -> list[ChunkLoc]:
+    """The chunks a stored list names that the mounted layer really has, in order.
+    Anything malformed is a P2PFSError; entries that name nothing are skipped."""
+    if len(data) > MAX_LIST_BYTES:
+        raise P2PFSError(f"start-up list of {layer}: {len(data)} bytes is over {MAX_LIST_BYTES}")
+    try:
+        doc = json.loads(data)
+        ok = (isinstance(doc, dict) and doc.get("format") == FORMAT_NAME
+              and doc.get("version") == FORMAT_VERSION and isinstance(doc.get("files"), list))
+    except (ValueError, RecursionError):
+        ok = False
+    if not ok:
+        raise P2PFSError(f"start-up list of {layer}: not a {FORMAT_NAME} v{FORMAT_VERSION} document")
+    locs: list[ChunkLoc] = []
+    for item in doc["files"][:MAX_CHUNKS]:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+                and isinstance(item[1], list)):
+            continue
+        node = tree.lookup_path(f"{layer}/{item[0]}") if item[0] else None
+        if node is None or node.entry is None or node.entry.type != "file":
+            continue
+        n = len(node.entry.chunks)
+        idx = [i for i in item[1] if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n]
+        locs.extend(node.locs(idx))  # type: ignore[arg-type]
+        if len(locs) >= MAX_CHUNKS:
+            break
+    return locs[:MAX_CHUNKS]
+
+
+class StartupPrefetch:
+    """The daemon's side. `layers`: mount dir -> (object key prefix of the layer, manifest
+    digest) for every mounted model of kind "layer"; the daemon adds to it on refresh."""
+
+    def __init__(self, *, origin: Any, store: Any, tree: Tree, window: float,
+                 clock=trio.current_time) -> None:
+        self.origin = origin
+        self.store = store
+        self.tree = tree
+        self.layers: dict[str, tuple[str, str]] = {}
+        self.recorder = Recorder(window)
+        self._clock = clock
+        self._touched: set[str] = set()
+        self._send, self._recv = trio.open_memory_channel[str](256)
+        self.stats = {"lists_loaded": 0, "lists_recorded": 0, "chunks_prefetched": 0,
+                      "list_errors": 0}
+
+    # -- called from FUSE handlers: synchronous, never blocks ----------------------------
+    def touch(self, node: Node) -> None:
+        layer = node.model
+        if layer in self._touched or layer not in self.layers:
+            return
+        try:
+            self._send.send_nowait(layer)
+        except trio.WouldBlock:
+            return  # a burst of first touches: this layer is tried again on its next read
+        self._touched.add(layer)
+        self.recorder.start(layer, self._clock())
+
+    def record(self, node: Node, chunks: range) -> None:
+        if node.model in self.layers and node.entry is not None:
+            self.recorder.record(node.model, node.entry.path, chunks, self._clock())
+
+    # -- the service ----------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._flush_loop)
+            task_status.started()
+            async for layer in self._recv:
+                nursery.start_soon(self._first_access, layer)
+
+    async def _first_access(self, layer: str) -> None:
+        prefix, _ = self.layers[layer]
+        key = prefix + LIST_KEY
+        try:
+            with trio.fail_after(10):
+                data = await self.origin.get(key)
+        except ObjectNotFound:
+            log.info("layer %s: no start-up list yet; recording its first %gs of reads",
+                     layer, self.recorder.window)
+            return
+        except (P2PFSError, trio.TooSlowError) as exc:
+            self.stats["list_errors"] += 1
+            self.recorder.discard(layer)  # do not overwrite a list we could not read
+            log.warning("layer %s: start-up list unreadable (%s); starting without it", layer, exc)
+            return
+        self.recorder.discard(layer)
+        try:
+            locs = parse_list(bytes(data), self.tree, layer)
+        except P2PFSError as exc:
+            self.stats["list_errors"] += 1
+            log.warning("%s; starting without it", exc)
+            return
+        self.stats["lists_loaded"] += 1
+        self.stats["chunks_prefetched"] += len(locs)
+        log.info("layer %s: prefetching its start-up list (%d chunks)", layer, len(locs))
+        try:
+            await self.store.warm(locs)
+        except P2PFSError as exc:  # readers fetch what they need themselves
+            log.warning("layer %s: start-up prefetch stopped: %s", layer, exc)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await trio.sleep(min(1.0, max(0.05, self.recorder.window / 4)))
+            for layer, order in self.recorder.due(self._clock()):
+                if order:
+                    await self._upload(layer, order)
+
+    async def _upload(self, layer: str, order: list[tuple[str, int]]) -> None:
+        prefix, digest = self.layers[layer]
+        try:
+            with trio.fail_after(30):
+                await self.origin.put(prefix + LIST_KEY, encode(digest, self.recorder.window, order))
+        except (P2PFSError, trio.TooSlowError) as exc:
+            self.stats["list_errors"] += 1
+            log.warning("layer %s: could not store its start-up list (%s); later nodes start "
+                        "without it", layer, exc)
+            return
+        self.stats["lists_recorded"] += 1
+        log.info("layer %s: stored its start-up list (%d chunks read in the first %gs)",
+                 layer, len(order), self.recorder.window)
+
+
+def layer_prefixes(loc_prefix: str, models: Sequence[tuple[str, Any, str]]) -> dict[str, tuple[str, str]]:
+    """mount dir -> (the layer's own key prefix, manifest digest) for the layer models."""
+    out = {}
+    for d, m, _ in models:
+        if m.kind == "layer" and d:
+            out[d] = (loc_prefix + d + "/", m.digest)
+    return out
+

@@ -1,0 +1,66 @@
+"""Pure units: recording a layer's start-up reads and reading a stored list back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from p2pfs.errors import P2PFSError
+from p2pfs.manifest import ChunkRef, Entry, Manifest, with_starts
+from p2pfs.startup import Recorder, encode, parse_list
+from p2pfs.tree import build_tree
+
+
+def test_records_first_reads_in_order_within_the_window_only():
+    r = Recorder(window=5.0, max_chunks=4)
+    r.record("L", "a", range(0, 1), now=0.0)  # before the layer's first access: ignored
+    r.start("L", now=10.0)
+    r.start("L", now=11.0)  # a second start does not move the window
+    r.record("L", "bin/python", range(0, 2), now=10.5)
+    r.record("L", "lib/x.so", range(3, 4), now=11.0)
+    r.record("L", "bin/python", range(1, 2), now=12.0)  # seen: not repeated
+    r.record("L", "late", range(0, 1), now=15.5)  # after the window
+    assert r.due(now=14.0) == []
+    assert r.due(now=15.1) == [("L", [("bin/python", 0), ("bin/python", 1), ("lib/x.so", 3)])]
+    assert r.due(now=16.0) == []
+
+
+def test_recording_is_bounded():
+    r = Recorder(window=5.0, max_chunks=3)
+    r.start("L", now=0.0)
+    r.record("L", "f", range(0, 10), now=1.0)
+    assert r.due(now=6.0) == [("L", [("f", 0), ("f", 1), ("f", 2)])]
+
+
+def _tree():
+    refs = tuple(ChunkRef(0, i * 4, 4, 4, "none", f"{i:064x}") for i in range(3))
+    m = Manifest(chunk_size=4, blobs=("blobs/p",), kind="layer", blob_root="..", entries=(
+        Entry(path="", type="dir"),
+        with_starts(Entry(path="f", type="file", size=12, chunks=refs)),
+        Entry(path="s", type="symlink", target="f")))
+    return build_tree([("abc", m, "layers/")]), m
+
+
+def test_a_stored_list_round_trips_to_the_chunks_the_layer_has():
+    tree, m = _tree()
+    data = encode(m.digest, 10.0, [("f", 2), ("f", 0)])
+    locs = parse_list(data, tree, "abc")
+    assert [loc.digest for loc in locs] == [f"{2:064x}", f"{0:064x}"]
+    assert all(loc.key == "layers/blobs/p" for loc in locs)
+
+
+def test_entries_naming_nothing_are_skipped():
+    tree, m = _tree()
+    doc = {"format": "p2pfs-startup", "version": 1, "files": [
+        ["f", [7, -1, True, "0", 1]], ["missing", [0]], ["s", [0]], ["", [0]], "junk", ["f"]]}
+    locs = parse_list(json.dumps(doc).encode(), tree, "abc")
+    assert [loc.digest for loc in locs] == [f"{1:064x}"]
+
+
+@pytest.mark.parametrize("data", [b"", b"[]", b'{"format":"x"}', b"\xff",
+                                  b'{"format":"p2pfs-startup","version":2,"files":[]}'])
+def test_malformed_lists_are_errors(data):
+    tree, _ = _tree()
+    with pytest.raises(P2PFSError, match="start-up list"):
+        parse_list(data, tree, "abc")
