@@ -232,13 +232,16 @@ def build_image(oci_dir: Path, tag: str, layers: list[Path], *, arch: str = "amd
     return oci_dir
 
 
-def push(oci_dir: Path, tag: str, registry: RegistryServer, name: str) -> str:
-    """Copy `oci_dir`:`tag` to the registry as `name:tag`, keeping the OCI manifest as is;
-    returns the pushed manifest's digest."""
+def push(oci_dir: Path, tag: str, registry: RegistryServer, name: str, *,
+         manifest_format: str | None = None, dest_tag: str | None = None) -> str:
+    """Copy `oci_dir`:`tag` to the registry as `name:tag` (or `name:dest_tag`), keeping the
+    OCI manifest as is, or converting it with skopeo's `--format` (`v2s2`: a Docker v2
+    manifest with Docker layer media types); returns the pushed manifest's digest."""
     digest_file = Path(oci_dir).parent / f".{Path(oci_dir).name}-{tag}.digest"
-    _run("skopeo", "copy", "--quiet", "--dest-tls-verify=false", "--preserve-digests",
+    fmt = ["--format", manifest_format] if manifest_format else ["--preserve-digests"]
+    _run("skopeo", "copy", "--quiet", "--dest-tls-verify=false", *fmt,
          "--digestfile", str(digest_file), f"oci:{oci_dir}:{tag}",
-         f"docker://{registry.host}/{name}:{tag}")
+         f"docker://{registry.host}/{name}:{dest_tag or tag}")
     digest = digest_file.read_text().strip()
     digest_file.unlink()
     return digest

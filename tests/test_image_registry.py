@@ -1,0 +1,438 @@
+"""The OCI distribution client (p2pfs/image/_registry.py, _oci.py).
+
+Pure parsing first (references, platforms, challenges, manifests, docker config), then a
+real docker-registry (Debian's, started by `image_helpers.registry`) serving images built
+and pushed here: by tag and by digest, OCI and Docker manifests, an index over two
+platforms, gzip/zstd/uncompressed layers, blob streaming, not-found and down registries.
+
+Bearer-token auth runs against an in-process fake at the HTTP interface (`FakeRegistry`):
+docker-registry's token auth needs a token server with a signing key and certificate, which
+adds nothing to what is tested here (the client's side of the challenge, token and retry).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import signal
+import tarfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from image_helpers import (MT_LAYER_GZIP, MT_LAYER_TAR, MT_LAYER_ZSTD, MT_OCI_CONFIG, MT_OCI_INDEX,
+                           MT_OCI_MANIFEST, RegistryServer, build_image, busybox_image,
+                           compress_layer, oci_manifest, push, registry)  # noqa: F401
+from p2pfs.errors import (RegistryAuthError, RegistryError, RegistryNotFound,
+                          RegistryUnavailable)
+from p2pfs.image._oci import (DOCKER_HUB, Platform, Reference, manifest_kind, parse_challenge,
+                              parse_manifest, select_platform)
+from p2pfs.image._registry import Credentials, Registry, docker_config_auths, parse_reference
+
+HEX = "a" * 64
+
+
+# --- pure -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, want", [
+    ("busybox", Reference(DOCKER_HUB, "library/busybox", "latest")),
+    ("docker.io/busybox:1.36", Reference(DOCKER_HUB, "library/busybox", "1.36")),
+    ("index.docker.io/user/app", Reference(DOCKER_HUB, "user/app", "latest")),
+    ("user/app:v2", Reference(DOCKER_HUB, "user/app", "v2")),
+    ("127.0.0.1:5000/busybox:v1", Reference("127.0.0.1:5000", "busybox", "v1")),
+    ("localhost/a/b", Reference("localhost", "a/b", "latest")),
+    ("localhost:5000/a/b-c_d.e@sha256:" + HEX, Reference("localhost:5000", "a/b-c_d.e", None, "sha256:" + HEX)),
+    ("ghcr.io/o/r:t@sha256:" + HEX, Reference("ghcr.io", "o/r", "t", "sha256:" + HEX)),
+    ("[::1]:5000/x", Reference("[::1]:5000", "x", "latest")),
+])
+def test_parse_reference(text, want):
+    got = parse_reference(text)
+    assert got == want
+    assert got.reference == (want.digest or want.tag)
+    assert parse_reference(str(got)) == got
+
+
+@pytest.mark.parametrize("text", ["", " busybox", "Upper/app", "x@sha256:abc", "x@md5:" + HEX,
+                                  "x:bad!tag", "127.0.0.1:5000/", "a//b", "a/-b", "host:port:x/y"])
+def test_parse_reference_refuses(text):
+    with pytest.raises(RegistryError):
+        parse_reference(text)
+
+
+def test_platforms():
+    assert Platform.parse("linux/arm64/v8") == Platform("linux", "arm64", "v8")
+    assert Platform.host("x86_64") == Platform("linux", "amd64")
+    assert Platform.host("aarch64") == Platform("linux", "arm64", "v8")
+    assert Platform.host("armv7l") == Platform("linux", "arm", "v7")
+    assert Platform("linux", "arm64", "v8").matches(Platform("linux", "arm64"))  # v8 is arm64's default
+    assert not Platform("linux", "arm", "v7").matches(Platform("linux", "arm", "v6"))
+    assert Platform("linux", "arm").matches(Platform("linux", "arm", "v6"))
+    assert not Platform("linux", "amd64").matches(Platform("windows", "amd64"))
+    for bad in ("linux", "linux/", "a/b/c/d"):
+        with pytest.raises(RegistryError):
+            Platform.parse(bad)
+
+
+def test_parse_challenge():
+    c = parse_challenge('Bearer realm="https://auth.example/token",service="registry.example",'
+                        'scope="repository:a/b:pull,push"')
+    assert c.scheme == "bearer"
+    assert dict(c.params) == {"realm": "https://auth.example/token", "service": "registry.example",
+                              "scope": "repository:a/b:pull,push"}
+    assert parse_challenge('Basic realm="x \\"q\\""').params == {"realm": 'x "q"'}
+    assert parse_challenge(None) is None
+
+
+def _manifest_doc(layer_type=MT_LAYER_GZIP):
+    return {"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
+            "config": {"mediaType": MT_OCI_CONFIG, "digest": "sha256:" + HEX, "size": 2},
+            "layers": [{"mediaType": layer_type, "digest": "sha256:" + "b" * 64, "size": 10}]}
+
+
+def test_manifest_parsing_refuses_what_cannot_be_converted():
+    ref = parse_reference("r.example/x")
+    assert manifest_kind(json.dumps(_manifest_doc()).encode(), None)[0] == "manifest"
+    with pytest.raises(RegistryError, match="schema 1"):
+        manifest_kind(b'{"schemaVersion": 1, "fsLayers": []}', None)
+    with pytest.raises(RegistryError, match="not JSON"):
+        manifest_kind(b"<html>", "text/html")
+    foreign = _manifest_doc("application/vnd.docker.image.rootfs.foreign.diff.tar.gzip")
+    with pytest.raises(RegistryError, match="foreign"):
+        parse_manifest(ref, b"", foreign, None)
+    with pytest.raises(RegistryError, match="media type"):
+        parse_manifest(ref, b"", _manifest_doc("application/vnd.oci.image.layer.v1.tar+encrypted"), None)
+    bad = _manifest_doc()
+    bad["layers"][0]["digest"] = "sha512:" + "c" * 128
+    with pytest.raises(RegistryError, match="sha256"):
+        parse_manifest(ref, b"", bad, None)
+    index = {"manifests": [{"mediaType": MT_OCI_MANIFEST, "digest": "sha256:" + HEX, "size": 1,
+                            "platform": {"os": "linux", "architecture": "arm64"}}]}
+    assert select_platform(index, Platform("linux", "arm64", "v8")).digest == "sha256:" + HEX
+    with pytest.raises(RegistryError, match="linux/arm64"):  # says what it has
+        select_platform(index, Platform("linux", "amd64"))
+
+
+def test_docker_config_auths(tmp_path):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"auths": {
+        "https://index.docker.io/v1/": {"auth": base64.b64encode(b"hubuser:hubpw").decode()},
+        "reg.example:5000": {"username": "u", "password": "p:w"},
+        "https://other.example/v2/": {"auth": base64.b64encode(b"o:pw:with:colons").decode()},
+        "helper.example": {}}, "credsStore": "desktop"}))
+    auths = docker_config_auths(cfg)
+    assert auths == {DOCKER_HUB: Credentials("hubuser", "hubpw"), "reg.example:5000": Credentials("u", "p:w"),
+                     "other.example": Credentials("o", "pw:with:colons")}
+    assert "hubpw" not in repr(auths)
+    assert docker_config_auths(tmp_path / "missing.json") == {}
+    cfg.write_text("{not json")
+    with pytest.raises(RegistryError, match="config.json"):
+        docker_config_auths(cfg)
+
+
+# --- a real docker-registry --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pushed(registry, tmp_path_factory):
+    """busybox:v1 (OCI), busybox:docker (Docker v2), busybox:arm64, and busybox:multi
+    (an OCI index of amd64 and arm64)."""
+    tmp = tmp_path_factory.mktemp("busybox")
+    img = busybox_image(tmp)
+    digests = {"v1": push(img.oci_dir, "v1", registry, "busybox"),
+               "docker": push(img.oci_dir, "v1", registry, "busybox", manifest_format="v2s2",
+                              dest_tag="docker")}
+    arm_layer = tmp / "arm-layer"
+    (arm_layer / "etc").mkdir(parents=True)
+    (arm_layer / "etc" / "arch").write_text("arm64\n")
+    build_image(img.oci_dir, "arm64", [img.layer_dirs[0], arm_layer], arch="arm64")
+    digests["arm64"] = push(img.oci_dir, "arm64", registry, "busybox")
+    entries = []
+    for tag, arch in (("v1", "amd64"), ("arm64", "arm64")):
+        body = registry.get(f"/v2/busybox/manifests/{digests[tag]}", MT_OCI_MANIFEST)[2]
+        entries.append({"mediaType": MT_OCI_MANIFEST, "digest": digests[tag], "size": len(body),
+                        "platform": {"os": "linux", "architecture": arch}})
+    index = json.dumps({"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": entries}).encode()
+    digests["multi"] = registry.put_manifest("busybox", "multi", index, MT_OCI_INDEX)
+    return img, digests
+
+
+def _sha(f) -> tuple[str, int]:
+    h, n = hashlib.sha256(), 0
+    while block := f.read(1 << 16):
+        h.update(block)
+        n += len(block)
+    return "sha256:" + h.hexdigest(), n
+
+
+def test_resolve_by_tag_and_digest(registry, pushed):
+    img, digests = pushed
+    reg = Registry(plain_http=True, timeout=10)
+    by_tag = reg.resolve(f"{registry.host}/busybox:v1")
+    layout = oci_manifest(img.oci_dir, "v1")
+    assert by_tag.digest == digests["v1"]
+    assert [d.digest for d in by_tag.layers] == [x["digest"] for x in layout["layers"]]
+    assert [d.media_type for d in by_tag.layers] == [MT_LAYER_GZIP] * 3
+    assert by_tag.platform == Platform("linux", "amd64")
+    assert len(by_tag.diff_ids) == 3 and by_tag.index_digest is None
+    by_digest = reg.resolve(f"{registry.host}/busybox@{digests['v1']}")
+    assert by_digest.digest == by_tag.digest and by_digest.layers == by_tag.layers
+
+
+def test_docker_v2_manifest(registry, pushed):
+    _, digests = pushed
+    m = Registry(plain_http=True).resolve(f"{registry.host}/busybox:docker")
+    assert m.media_type == "application/vnd.docker.distribution.manifest.v2+json"
+    assert m.digest == digests["docker"] != digests["v1"]
+    assert {d.media_type for d in m.layers} == {"application/vnd.docker.image.rootfs.diff.tar.gzip"}
+
+
+def test_index_picks_the_platform(registry, pushed):
+    _, digests = pushed
+    reg = Registry(plain_http=True)
+    ref = f"{registry.host}/busybox:multi"
+    amd = reg.resolve(ref, Platform("linux", "amd64"))
+    arm = reg.resolve(ref, Platform.parse("linux/arm64/v8"))
+    assert (amd.digest, arm.digest) == (digests["v1"], digests["arm64"])
+    assert amd.index_digest == arm.index_digest == digests["multi"]
+    assert arm.platform == Platform("linux", "arm64") and len(arm.layers) == 2
+    host = Platform.host()
+    if host.architecture in ("amd64", "arm64"):
+        assert reg.resolve(ref).digest == digests["v1" if host.architecture == "amd64" else "arm64"]
+    with pytest.raises(RegistryError, match="linux/amd64, linux/arm64"):
+        reg.resolve(ref, Platform("linux", "s390x"))
+    with pytest.raises(RegistryError, match="linux/arm64 image, not linux/amd64"):
+        reg.resolve(f"{registry.host}/busybox:arm64", Platform("linux", "amd64"))
+
+
+def test_blobs_stream_with_their_digest(registry, pushed):
+    reg = Registry(plain_http=True)
+    m = reg.resolve(f"{registry.host}/busybox:v1")
+    for layer in m.layers:
+        with reg.open_blob(m.ref, layer.digest) as f:
+            assert _sha(f) == (layer.digest, layer.size)
+
+
+def test_uncompressed_and_zstd_layers(registry, pushed, tmp_path):
+    """Pushed over HTTP (umoci writes only gzip): each media type resolves and streams."""
+    src = tmp_path / "tar"
+    (src / "etc").mkdir(parents=True)
+    (src / "etc" / "z").write_text("zstd layer\n")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(src / "etc", arcname="etc")
+    raw = buf.getvalue()
+    layers = []
+    for mt in (MT_LAYER_TAR, MT_LAYER_ZSTD):
+        blob = compress_layer(raw, mt)
+        layers.append({"mediaType": mt, "digest": registry.put_blob("mixed", blob), "size": len(blob)})
+    diff = "sha256:" + hashlib.sha256(raw).hexdigest()
+    config = json.dumps({"architecture": "amd64", "os": "linux",
+                         "rootfs": {"type": "layers", "diff_ids": [diff, diff]}}).encode()
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
+                           "config": {"mediaType": MT_OCI_CONFIG, "digest": registry.put_blob("mixed", config),
+                                      "size": len(config)}, "layers": layers}).encode()
+    registry.put_manifest("mixed", "v1", manifest, MT_OCI_MANIFEST)
+    reg = Registry(plain_http=True)
+    m = reg.resolve(f"{registry.host}/mixed:v1")
+    assert [d.media_type for d in m.layers] == [MT_LAYER_TAR, MT_LAYER_ZSTD]
+    for layer in m.layers:
+        with reg.open_blob(m.ref, layer.digest) as f:
+            assert _sha(f) == (layer.digest, layer.size)
+
+
+def test_not_found(registry, pushed):
+    reg = Registry(plain_http=True)
+    with pytest.raises(RegistryNotFound, match="MANIFEST_UNKNOWN"):
+        reg.resolve(f"{registry.host}/busybox:nope")
+    with pytest.raises(RegistryNotFound):
+        reg.resolve(f"{registry.host}/no/such/repo:v1")
+    with pytest.raises(RegistryNotFound, match="blob"):
+        reg.open_blob(parse_reference(f"{registry.host}/busybox:v1"), "sha256:" + HEX)
+
+
+def test_https_to_a_plain_http_registry_says_plain_http(registry, pushed):
+    with pytest.raises(RegistryError, match="--plain-http"):
+        Registry(timeout=5).resolve(f"{registry.host}/busybox:v1")
+
+
+def test_registry_down_or_hung_fails_in_bounded_time(tmp_path):
+    server = RegistryServer(tmp_path / "reg").start()
+    ref = f"{server.host}/busybox:v1"
+    try:
+        os.kill(server.proc.pid, signal.SIGSTOP)  # accepts connections (the kernel does), never answers
+        t0 = time.monotonic()
+        with pytest.raises(RegistryUnavailable, match="timed out"):
+            Registry(plain_http=True, timeout=1, retries=1, retry_delay=0.1).resolve(ref)
+        assert time.monotonic() - t0 < 5
+        os.kill(server.proc.pid, signal.SIGCONT)
+    finally:
+        server.stop()
+    t0 = time.monotonic()
+    with pytest.raises(RegistryUnavailable, match="unreachable.*running"):
+        Registry(plain_http=True, timeout=1, retries=2, retry_delay=0.1).resolve(ref)
+    assert time.monotonic() - t0 < 3
+
+
+# --- bearer tokens, basic auth, redirects: an in-process fake ----------------------------
+
+class FakeRegistry:
+    """A registry at the HTTP interface: /v2/team/app/... needs `Authorization: Bearer <t>`
+    from /token (which checks basic credentials user:secret and the scope), or Basic itself
+    (`basic=True`); blobs redirect to a second server on 127.0.0.2 (`storage`), which
+    records the Authorization headers it got."""
+
+    def __init__(self, *, basic: bool = False, anonymous: bool = False) -> None:
+        self.basic, self.anonymous = basic, anonymous
+        self.tokens: set[str] = set()
+        self.token_requests: list[dict] = []
+        self.storage_auth: list[str | None] = []
+        self.blob = b"layer bytes " * 1000
+        self.blob_digest = "sha256:" + hashlib.sha256(self.blob).hexdigest()
+        self.config = json.dumps({"os": "linux", "architecture": "amd64",
+                                  "rootfs": {"diff_ids": ["sha256:" + HEX]}}).encode()
+        self.manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
+            "config": {"mediaType": MT_OCI_CONFIG, "size": len(self.config),
+                       "digest": "sha256:" + hashlib.sha256(self.config).hexdigest()},
+            "layers": [{"mediaType": MT_LAYER_GZIP, "digest": self.blob_digest, "size": len(self.blob)}],
+        }).encode()
+        self.bad_digest_manifest = b'{"tampered": true}'
+        self.main = ThreadingHTTPServer(("127.0.0.1", 0), self._handler(self._serve_registry))
+        self.storage = ThreadingHTTPServer(("127.0.0.2", 0), self._handler(self._serve_storage))
+        self.threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in (self.main, self.storage)]
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.main.server_address[1]}"
+
+    def __enter__(self) -> "FakeRegistry":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s in (self.main, self.storage):
+            s.shutdown()
+            s.server_close()
+
+    @staticmethod
+    def _handler(serve):
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                serve(self)
+
+            def log_message(self, *args):
+                pass
+        return Handler
+
+    @staticmethod
+    def _send(h, code, body=b"", headers=()):
+        h.send_response(code)
+        for k, v in headers:
+            h.send_header(k, v)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+    def _serve_registry(self, h):
+        url = urlsplit(h.path)
+        if url.path == "/token":
+            q = {k: v[0] for k, v in parse_qs(url.query).items()}
+            self.token_requests.append({"auth": h.headers.get("Authorization"), **q})
+            ok_creds = h.headers.get("Authorization") == Credentials("user", "secret").basic()
+            if (not ok_creds and not self.anonymous) or q.get("scope") != "repository:team/app:pull" \
+                    or q.get("service") != "fake":
+                return self._send(h, 401, b'{"errors":[{"code":"UNAUTHORIZED"}]}')
+            token = f"tok-{len(self.token_requests)}"
+            self.tokens.add(token)
+            return self._send(h, 200, json.dumps({"token": token, "expires_in": 60}).encode())
+        auth = h.headers.get("Authorization") or ""
+        if self.basic:
+            allowed = auth == Credentials("user", "secret").basic()
+            challenge = 'Basic realm="fake"'
+        else:
+            allowed = auth.startswith("Bearer ") and auth[7:] in self.tokens
+            challenge = (f'Bearer realm="http://{self.host}/token",service="fake",'
+                         'scope="repository:team/app:pull"')
+        if not allowed:
+            return self._send(h, 401, b"{}", [("WWW-Authenticate", challenge)])
+        docs = {"/v2/team/app/manifests/v1": self.manifest,
+                "/v2/team/app/manifests/sha256:" + HEX: self.bad_digest_manifest,
+                "/v2/team/app/blobs/" + json.loads(self.manifest)["config"]["digest"]: self.config}
+        if url.path in docs:
+            return self._send(h, 200, docs[url.path], [("Content-Type", MT_OCI_MANIFEST)])
+        if url.path == f"/v2/team/app/blobs/{self.blob_digest}":
+            port = self.storage.server_address[1]
+            return self._send(h, 307, headers=[("Location", f"http://127.0.0.2:{port}/b?sig=1")])
+        if url.path == "/v2/team/app/blobs/sha256:" + "f" * 64:
+            return self._send(h, 302, headers=[("Location", "file:///etc/passwd")])
+        self._send(h, 404, b'{"errors":[{"code":"NAME_UNKNOWN","message":"no"}]}')
+
+    def _serve_storage(self, h):
+        self.storage_auth.append(h.headers.get("Authorization"))
+        self._send(h, 200, self.blob)
+
+    def expire_tokens(self) -> None:
+        self.tokens.clear()
+
+
+def test_bearer_token_flow():
+    with FakeRegistry() as fake:
+        reg = Registry(plain_http=True, credentials={fake.host: Credentials("user", "secret")}, timeout=5)
+        m = reg.resolve(f"{fake.host}/team/app:v1")
+        assert [d.digest for d in m.layers] == [fake.blob_digest]
+        assert len(fake.token_requests) == 1  # manifest and config share the token
+        req = fake.token_requests[0]
+        assert req["service"] == "fake" and req["scope"] == "repository:team/app:pull"
+        with reg.open_blob(m.ref, fake.blob_digest) as f:
+            assert f.read() == fake.blob
+        assert fake.storage_auth == [None]  # the redirect to another host dropped the token
+        fake.expire_tokens()  # a token that expired mid-conversion is fetched again, once
+        reg.resolve(f"{fake.host}/team/app:v1")
+        assert len(fake.token_requests) == 2
+
+
+def test_bearer_token_refused():
+    with FakeRegistry() as fake:
+        ref = f"{fake.host}/team/app:v1"
+        with pytest.raises(RegistryAuthError, match="refused an anonymous request.*--username"):
+            Registry(plain_http=True).resolve(ref)
+        bad = Registry(plain_http=True, credentials={fake.host: Credentials("user", "wrong")})
+        with pytest.raises(RegistryAuthError, match="credentials of 'user'"):
+            bad.resolve(ref)
+
+
+def test_anonymous_token():
+    with FakeRegistry(anonymous=True) as fake:
+        m = Registry(plain_http=True).resolve(f"{fake.host}/team/app:v1")
+        assert m.layers[0].digest == fake.blob_digest
+        assert fake.token_requests[0]["auth"] is None
+
+
+def test_basic_auth_challenge():
+    with FakeRegistry(basic=True) as fake:
+        ref = f"{fake.host}/team/app:v1"
+        with pytest.raises(RegistryAuthError, match="user name and password"):
+            Registry(plain_http=True).resolve(ref)
+        with pytest.raises(RegistryAuthError, match="not authorized.*as user"):
+            Registry(plain_http=True, credentials={fake.host: Credentials("user", "nope")}).resolve(ref)
+        m = Registry(plain_http=True, credentials={fake.host: Credentials("user", "secret")}).resolve(ref)
+        assert m.layers[0].digest == fake.blob_digest and not fake.token_requests
+
+
+def test_digest_reference_is_verified_and_redirects_stay_http():
+    with FakeRegistry(anonymous=True) as fake:
+        reg = Registry(plain_http=True)
+        with pytest.raises(RegistryError, match="has digest"):
+            reg.resolve(f"{fake.host}/team/app@sha256:{HEX}")
+        with pytest.raises(RegistryError, match="only http and https"):
+            reg.open_blob(parse_reference(f"{fake.host}/team/app:v1"), "sha256:" + "f" * 64)
+        with pytest.raises(RegistryNotFound, match="NAME_UNKNOWN"):
+            reg.resolve(f"{fake.host}/team/app:v2")
+
