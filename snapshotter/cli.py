@@ -1,0 +1,177 @@
+"""`p2pfs-snapshotter`: serve containerd's proxy snapshotter, or pull an image through CRI.
+
+    p2pfs-snapshotter serve --socket /run/p2pfs/snapshotter.sock --root /var/lib/p2pfs-snapshotter \\
+        [--layers-mount /var/lib/p2pfs/layers] [--layers s3://models/layers] [--metrics-addr HOST:PORT]
+    p2pfs-snapshotter pull REF [--containerd-socket /run/containerd/containerd.sock] [--json]
+
+`serve` tells systemd READY=1 once the socket listens (Type=notify) and stops gracefully
+on SIGTERM or SIGINT: calls under way finish (up to --grace seconds), the store closes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+log = logging.getLogger("snapshotter")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    """Everything `serve` needs; the defaults are the flags' defaults."""
+
+    socket: Path
+    root: Path
+    layers_mount: Path | None = None  # the p2pfs mount of the layers prefix; None: no remote layers
+    layers_url: str | None = None     # that prefix in the object store (for convert on first pull)
+    metrics_addr: str | None = None   # HOST:PORT for /metrics; None: off
+    probe_timeout_s: float = 2.0      # how long a remote lower may take to answer a check
+    workers: int = 16                 # grpc worker threads
+    grace_s: float = 10.0             # how long calls under way may finish on SIGTERM
+
+    def __post_init__(self) -> None:
+        if self.probe_timeout_s <= 0:
+            raise click.BadParameter("must be > 0", param_hint="--probe-timeout")
+        if self.workers < 1:
+            raise click.BadParameter("must be >= 1", param_hint="--workers")
+        if len(os.fsencode(self.socket.absolute())) >= 108:
+            raise click.BadParameter("a unix socket path must stay under 108 bytes",
+                                     param_hint="--socket")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+               "msg": record.getMessage()}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def _setup_logging(verbose: bool, json_logs: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if json_logs else
+                         logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    from p2pfs.daemon import sd_notify as notify
+
+    notify(os.environ.get("NOTIFY_SOCKET"), message)
+
+
+def _parse_addr(addr: str) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise click.BadParameter(f"{addr!r} is not HOST:PORT", param_hint="--metrics-addr")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def serve(config: ServeConfig, *, stop: threading.Event | None = None) -> None:
+    """Serve until `stop` is set (SIGTERM/SIGINT set it when called from the main thread)."""
+    from prometheus_client import start_http_server
+
+    from . import _grpc
+    from ._layerfs import DirRemoteLayers, NoRemoteLayers
+    from ._store import Store
+    from .snapshotter import Snapshotter
+
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: stop.set())
+    remote = (DirRemoteLayers(config.layers_mount, timeout=config.probe_timeout_s)
+              if config.layers_mount else NoRemoteLayers())
+    store = Store(config.root)
+    try:
+        sn = Snapshotter(store, remote)
+        metrics = None
+        if config.metrics_addr:
+            host, port = _parse_addr(config.metrics_addr)
+            metrics, _ = start_http_server(port, addr=host, registry=sn.metrics.registry)
+            log.info("metrics on http://%s:%d/metrics", host, metrics.server_port)
+        server = _grpc.serve(sn, config.socket, workers=config.workers)
+        log.info("root %s, layers %s%s", store.root, config.layers_mount or "(none: every layer pulled normally)",
+                 f" from {config.layers_url}" if config.layers_url else "")
+        sd_notify(f"READY=1\nSTATUS=serving {config.socket}")
+        stop.wait()
+        log.info("stopping: letting calls under way finish (up to %gs)", config.grace_s)
+        sd_notify("STOPPING=1")
+        server.stop(config.grace_s).wait()
+        if metrics is not None:
+            metrics.shutdown()
+    finally:
+        store.close()
+        if config.socket.is_socket():
+            config.socket.unlink()
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.option("--json-logs", is_flag=True, help="Log one JSON object per line.")
+def main(verbose: bool, json_logs: bool) -> None:
+    """containerd proxy snapshotter serving image layers from a p2pfs mount."""
+    _setup_logging(verbose, json_logs)
+
+
+@main.command("serve")
+@click.option("--socket", "socket_", type=click.Path(path_type=Path), required=True,
+              help="Unix socket containerd's proxy_plugins entry points at.")
+@click.option("--root", type=click.Path(path_type=Path), required=True,
+              help="State dir: metadata.db and the snapshots' dirs.")
+@click.option("--layers-mount", type=click.Path(path_type=Path), default=None,
+              help="Where `p2pfs mount` shows the layers prefix (one dir per layer blob's sha256). "
+                   "Without it every layer is pulled normally.")
+@click.option("--layers", "layers_url", default=None,
+              help="That layers prefix in the object store (for converting layers on first pull).")
+@click.option("--metrics-addr", default=None, help="HOST:PORT to serve /metrics on.")
+@click.option("--probe-timeout", "probe_timeout_s", type=float, default=2.0, show_default=True,
+              help="Seconds a remote layer may take to answer before calls get UNAVAILABLE.")
+@click.option("--workers", type=int, default=16, show_default=True, help="gRPC worker threads.")
+def serve_cmd(socket_: Path, root: Path, layers_mount: Path | None, layers_url: str | None,
+              metrics_addr: str | None, probe_timeout_s: float, workers: int) -> None:
+    """Serve containerd's snapshots API on SOCKET."""
+    config = ServeConfig(socket=socket_.absolute(), root=root.absolute(), layers_mount=layers_mount,
+                         layers_url=layers_url, metrics_addr=metrics_addr,
+                         probe_timeout_s=probe_timeout_s, workers=workers)
+    try:
+        serve(config)
+    except OSError as exc:
+        click.echo(f"p2pfs-snapshotter: error: {exc}", err=True)
+        sys.exit(1)
+
+
+@main.command("pull")
+@click.argument("ref")
+@click.option("--containerd-socket", default="/run/containerd/containerd.sock", show_default=True,
+              help="containerd's gRPC socket (its CRI image service).")
+@click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds for the pull.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def pull_cmd(ref: str, containerd_socket: str, timeout: float, as_json: bool) -> None:
+    """Pull REF through containerd's CRI image service, as kubelet does (so the snapshotter
+    gets the layer labels it needs to serve layers lazily)."""
+    from ._cri import CRIError, ImageService
+
+    start = time.monotonic()
+    try:
+        with ImageService(containerd_socket, timeout=timeout) as cri:
+            image_ref = cri.pull(ref)
+    except CRIError as exc:
+        click.echo(f"p2pfs-snapshotter: error: {exc}", err=True)
+        sys.exit(1)
+    seconds = time.monotonic() - start
+    if as_json:
+        click.echo(json.dumps({"ref": ref, "image_ref": image_ref, "seconds": round(seconds, 3)}))
+    else:
+        click.echo(f"pulled {ref} as {image_ref} in {seconds:.2f}s")
