@@ -563,3 +563,45 @@ def prefetch(paths: tuple[Path, ...], as_json: bool) -> None:
 @main.group(cls=_SubGroup)
 def image() -> None:
     """Container image layers: convert them so containers start lazily from p2pfs."""
+
+
+@image.command("convert-layer")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("url")
+@click.option("--media-type", help="The blob's media type (default: told by its first bytes).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+@_errors
+def convert_layer_cmd(ctx: click.Context, file: Path, url: str, media_type: str | None,
+                      as_json: bool) -> None:
+    """Convert the layer blob FILE (tar, tar+gzip or tar+zstd) into a layer under URL
+    (s3://bucket/prefix): directory <sha256 hex of FILE> on a mount of URL."""
+    import hashlib
+
+    from .image import convert_layer
+    from .origin import open_origin, parse_url
+
+    cfg = _config(ctx)
+    loc = parse_url(url)
+    size = file.stat().st_size
+    h = hashlib.sha256()  # first, so a layer converted before is answered without work
+    with _progress(size, "hash") as bar, open(file, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+            bar.update(len(block))
+    with _progress(size, "convert") as bar:
+        async def run() -> Any:
+            async with open_origin(loc, cfg.s3) as origin:
+                return await convert_layer(origin, loc, lambda: open(file, "rb"),
+                                           media_type=media_type,
+                                           expected_digest="sha256:" + h.hexdigest(),
+                                           progress=bar.update)
+        res = _run_s3(run)
+    if as_json:
+        click.echo(json.dumps({"url": url, **res.to_json()}))
+    elif res.existed:
+        click.echo(f"{url}/{res.hex}: converted before ({res.entries} entries); nothing to do")
+    else:
+        click.echo(f"{url}/{res.hex}: {res.entries} entries, {res.files} files, "
+                   f"{res.bytes_in / 1e6:.1f} MB of tar; {res.stored_bytes / 1e6:.1f} MB stored, "
+                   f"{res.dedup_bytes / 1e6:.1f} MB deduplicated in {res.seconds:.1f}s")
