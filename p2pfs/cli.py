@@ -220,6 +220,8 @@ def _report(m: Any, url: str, nbytes: int, seconds: float, as_json: bool) -> Non
 @click.option("--cluster-token-file", type=click.Path(dir_okay=False, path_type=Path),
               help="File with the cluster token (a second line: the next or previous one).")
 @click.option("--peer-replicas", type=int, help="Nodes owning each chunk (default 1).")
+@click.option("--allow-empty", is_flag=True, default=None,
+              help="Mount even if nothing is published under URL yet (image layers).")
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground (systemd, containers).")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Daemon log when in the background (default CACHE_DIR/p2pfs.log).")
@@ -231,7 +233,8 @@ def mount(ctx: click.Context, url: str, mountpoint: Path, cache_dir: Path | None
           cache_size: str | None, memory_size: str | None, read_timeout: float | None,
           concurrency: int | None, metrics_addr: str | None, control_group: str | None,
           peer_listen: str | None, peer_members: str | None, peers_dns: str | None,
-          cluster_token_file: Path | None, peer_replicas: int | None, foreground: bool,
+          cluster_token_file: Path | None, peer_replicas: int | None, allow_empty: bool | None,
+          foreground: bool,
           log_file: Path | None, as_json: bool, ready_fd: int | None) -> None:
     """Mount URL (s3://bucket/prefix) read-only at MOUNTPOINT."""
     # complete(): [peers] rules across layers, for the mount only (publish and index may
@@ -239,7 +242,8 @@ def mount(ctx: click.Context, url: str, mountpoint: Path, cache_dir: Path | None
     cfg = complete(_config(
         ctx, cache={"dir": cache_dir, "size": cache_size, "memory_size": memory_size},
         fetch={"read_timeout": read_timeout, "concurrency": concurrency},
-        mount={"metrics_addr": metrics_addr, "control_group": control_group},
+        mount={"metrics_addr": metrics_addr, "control_group": control_group,
+               "allow_empty": allow_empty},
         peers={"listen": peer_listen, "members": peer_members, "dns": peers_dns,
                "token_file": cluster_token_file, "replicas": peer_replicas}))
     mountpoint = Path(os.path.abspath(mountpoint))
@@ -605,3 +609,70 @@ def convert_layer_cmd(ctx: click.Context, file: Path, url: str, media_type: str 
         click.echo(f"{url}/{res.hex}: {res.entries} entries, {res.files} files, "
                    f"{res.bytes_in / 1e6:.1f} MB of tar; {res.stored_bytes / 1e6:.1f} MB stored, "
                    f"{res.dedup_bytes / 1e6:.1f} MB deduplicated in {res.seconds:.1f}s")
+
+
+@image.command("convert")
+@click.argument("ref")
+@click.argument("url")
+@click.option("--plain-http", is_flag=True, help="HTTP, not HTTPS, to the registry (a local one).")
+@click.option("--platform", "platform_", metavar="OS/ARCH[/VARIANT]",
+              help="The image of a multi-platform index to convert (default: this machine's).")
+@click.option("--username", help="Registry user; the password comes from --password-stdin or "
+              "P2PFS_REGISTRY_PASSWORD.")
+@click.option("--password-stdin", is_flag=True, help="Read the registry password from stdin.")
+@click.option("--concurrency", type=click.IntRange(1, 16), default=2, show_default=True,
+              help="Layers converted at once.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+@_errors
+def convert(ctx: click.Context, ref: str, url: str, plain_http: bool, platform_: str | None,
+            username: str | None, password_stdin: bool, concurrency: int, as_json: bool) -> None:
+    """Convert every layer of image REF (registry/name:tag or @sha256:...) into layers under
+    URL (s3://bucket/prefix), skipping layers converted before."""
+    from .image._images import convert_image
+    from .image._oci import Platform, parse_reference, unique_layers
+    from .image._registry import Registry
+    from .origin import open_origin, parse_url
+
+    cfg = _config(ctx)
+    loc = parse_url(url)
+    reference = parse_reference(ref)
+    registry = Registry(plain_http=plain_http,
+                        credentials=_registry_credentials(reference.registry, username, password_stdin))
+    resolved = registry.resolve(reference, Platform.parse(platform_) if platform_ else None)
+    total = sum(d.size for d in unique_layers(resolved.layers))
+    with _progress(total, "layers") as bar:
+        async def run() -> Any:
+            async with open_origin(loc, cfg.s3) as origin:
+                return await convert_image(origin, loc, resolved, registry=registry,
+                                           progress=bar.update, concurrency=concurrency)
+        res = _run_s3(run)
+    if as_json:
+        click.echo(json.dumps({"url": url, **res.to_json()}))
+    else:
+        click.echo(f"{res.ref} ({res.platform or 'unknown platform'}, {res.manifest_digest}): "
+                   f"{len(res.layers)} layers, {res.converted} converted, {res.skipped} skipped; "
+                   f"{res.blob_bytes / 1e6:.1f} MB of blobs, {res.stored_bytes / 1e6:.1f} MB stored, "
+                   f"{res.dedup_bytes / 1e6:.1f} MB deduplicated in {res.seconds:.1f}s")
+
+
+def _registry_credentials(host: str, username: str | None, password_stdin: bool) -> dict[str, Any]:
+    """Flags, then P2PFS_REGISTRY_USERNAME/PASSWORD (both for REF's registry), then docker's
+    config.json `auths` ($DOCKER_CONFIG or ~/.docker; credential helpers are not run)."""
+    from .image._registry import Credentials, docker_config_auths
+
+    if password_stdin and not username:
+        raise click.UsageError("--password-stdin needs --username")
+    if username:
+        if password_stdin:
+            password = sys.stdin.readline().rstrip("\r\n")
+        elif "P2PFS_REGISTRY_PASSWORD" in os.environ:
+            password = os.environ["P2PFS_REGISTRY_PASSWORD"]
+        else:
+            raise click.UsageError("--username needs --password-stdin or P2PFS_REGISTRY_PASSWORD")
+        return {host: Credentials(username, password)}
+    env_user = os.environ.get("P2PFS_REGISTRY_USERNAME")
+    if env_user:
+        return {host: Credentials(env_user, os.environ.get("P2PFS_REGISTRY_PASSWORD", ""))}
+    config_dir = os.environ.get("DOCKER_CONFIG") or os.path.expanduser("~/.docker")
+    return docker_config_auths(Path(config_dir) / "config.json")

@@ -139,6 +139,9 @@ class MountConfig:
     #: recorded as its start-up list (stored next to its manifest; later nodes prefetch
     #: it on first touch). 0 turns both recording and start-up prefetch off.
     startup_window: float = setting(10.0, ge=0, le=3600)
+    #: Mount a prefix with no manifest under it yet (an image layers prefix before its
+    #: first conversion); what is published later appears with `p2pfs refresh`.
+    allow_empty: bool = False
 
     def __post_init__(self) -> None:
         settings.check(self, ConfigError)

@@ -122,7 +122,8 @@ async def run_daemon(cfg: Config, url: str, mountpoint: Path, *,
 async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket,
                  metrics: Metrics, metrics_addr: tuple[str, int] | None, peers) -> None:
     t0 = time.monotonic()
-    models, problems = await discover_cached(origin, loc, ManifestCache(cfg.cache.dir))
+    models, problems = await discover_cached(origin, loc, ManifestCache(cfg.cache.dir),
+                                             allow_empty=cfg.mount.allow_empty)
     disk = DiskCache(cfg.cache.dir, cfg.cache.size)
     await trio.to_thread.run_sync(disk.scan)
     metrics_url = f"http://{_host(metrics_addr[0])}:{metrics_addr[1]}/metrics" if metrics_addr else None

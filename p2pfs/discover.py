@@ -38,7 +38,8 @@ async def load_manifest(origin: Origin, model_prefix: str, *, url: str,
     return parse(data, source=source)
 
 
-async def discover(origin: Origin, loc: Location) -> tuple[list[tuple[str, Manifest, str]], list[str]]:
+async def discover(origin: Origin, loc: Location, *, allow_empty: bool = False
+                   ) -> tuple[list[tuple[str, Manifest, str]], list[str]]:
     """Models at or under `loc`: ([(mount dir, manifest, blob prefix)], [problems]).
 
     A prefix that is itself a model mounts as the root, and a bad manifest there is an
@@ -54,6 +55,8 @@ async def discover(origin: Origin, loc: Location) -> tuple[list[tuple[str, Manif
     sizes = {o.key: o.size for o in objs if o.key.endswith(suffix)}
     keys = sorted(sizes)
     if not keys:
+        if allow_empty:
+            return [], []
         raise ManifestNotFound(
             f"{loc}: no p2pfs manifest at or under this prefix; run `p2pfs index URL` for "
             "objects already there, or `p2pfs publish DIR URL`")
@@ -99,7 +102,7 @@ async def find_models(origin: Origin, loc: Location, known: dict[str, str],
     (mount dir -> digest) with the same digest. One HEAD and one GET per named path, so a
     snapshotter asking for one new layer does not pay for listing the whole prefix."""
     if paths is None:
-        models, problems = await discover(origin, loc)
+        models, problems = await discover(origin, loc, allow_empty=True)
     else:
         models, problems = [], []
         limiter = trio.CapacityLimiter(16)
@@ -165,12 +168,12 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-async def discover_cached(origin: Origin, loc: Location, cache: ManifestCache
-                          ) -> tuple[list[tuple[str, Manifest, str]], list[str]]:
+async def discover_cached(origin: Origin, loc: Location, cache: ManifestCache, *,
+                          allow_empty: bool = False) -> tuple[list[tuple[str, Manifest, str]], list[str]]:
     """`discover`, falling back to the manifests last used for `loc` when the store is
     unreachable (never when it answers: a store that says 'not found' is believed)."""
     try:
-        models, problems = await discover(origin, loc)
+        models, problems = await discover(origin, loc, allow_empty=allow_empty)
     except OriginUnavailable as exc:
         models = await trio.to_thread.run_sync(cache.load, loc)
         if not models:

@@ -60,3 +60,18 @@ def test_refresh_refuses_paths_outside_the_mount(seaweed, mount_factory, tmp_pat
     m = mount_factory(url, seaweed.endpoint)
     r = p2pfs_cmd("refresh", str(m.path), path, check=False)
     assert r.returncode != 0 and ("normalized" in r.stderr or "root" in r.stderr)
+
+
+def test_an_empty_prefix_mounts_with_allow_empty_and_fills_by_refresh(seaweed, mount_factory, tmp_path):
+    url = f"s3://models/refresh-{uuid.uuid4().hex[:6]}"
+    mp = tmp_path / "plain"
+    mp.mkdir()
+    r = p2pfs_cmd("mount", url, str(mp), "--cache-dir", str(tmp_path / "c"), check=False,
+                  endpoint=seaweed.endpoint)
+    assert r.returncode != 0 and "no p2pfs manifest" in r.stderr
+    m = mount_factory(url, seaweed.endpoint, "--allow-empty")
+    assert os.listdir(m.path) == []
+    publish(tmp_path, seaweed, f"{url}/layer1", "f", b"data")
+    r = json.loads(p2pfs_cmd("refresh", str(m.path), "--json").stdout)
+    assert r["added"] == ["layer1"]
+    assert (m.path / "layer1" / "f").read_bytes() == b"data"
