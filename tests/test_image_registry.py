@@ -18,15 +18,20 @@ import io
 import json
 import os
 import signal
+import stat
+import subprocess
+import sys
 import tarfile
 import threading
 import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from conftest import HAVE_FUSE
 from image_helpers import (MT_LAYER_GZIP, MT_LAYER_TAR, MT_LAYER_ZSTD, MT_OCI_CONFIG, MT_OCI_INDEX,
                            MT_OCI_MANIFEST, RegistryServer, build_image, busybox_image,
                            compress_layer, oci_manifest, push, registry)  # noqa: F401
@@ -218,15 +223,19 @@ def test_blobs_stream_with_their_digest(registry, pushed):
             assert _sha(f) == (layer.digest, layer.size)
 
 
-def test_uncompressed_and_zstd_layers(registry, pushed, tmp_path):
-    """Pushed over HTTP (umoci writes only gzip): each media type resolves and streams."""
-    src = tmp_path / "tar"
-    (src / "etc").mkdir(parents=True)
-    (src / "etc" / "z").write_text("zstd layer\n")
+def _tar_bytes(files: dict[str, bytes]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        tar.add(src / "etc", arcname="etc")
-    raw = buf.getvalue()
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o644, 1_700_000_000
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_uncompressed_and_zstd_layers(registry, pushed):
+    """Pushed over HTTP (umoci writes only gzip): each media type resolves and streams."""
+    raw = _tar_bytes({"etc/z": b"zstd layer\n"})
     layers = []
     for mt in (MT_LAYER_TAR, MT_LAYER_ZSTD):
         blob = compress_layer(raw, mt)
@@ -292,10 +301,11 @@ class FakeRegistry:
         self.tokens: set[str] = set()
         self.token_requests: list[dict] = []
         self.storage_auth: list[str | None] = []
-        self.blob = b"layer bytes " * 1000
+        tar = _tar_bytes({"etc/fake.txt": b"from the fake registry\n" * 100})
+        self.blob = compress_layer(tar, MT_LAYER_GZIP)
         self.blob_digest = "sha256:" + hashlib.sha256(self.blob).hexdigest()
-        self.config = json.dumps({"os": "linux", "architecture": "amd64",
-                                  "rootfs": {"diff_ids": ["sha256:" + HEX]}}).encode()
+        self.config = json.dumps({"os": "linux", "architecture": "amd64", "rootfs": {
+            "type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(tar).hexdigest()]}}).encode()
         self.manifest = json.dumps({
             "schemaVersion": 2, "mediaType": MT_OCI_MANIFEST,
             "config": {"mediaType": MT_OCI_CONFIG, "size": len(self.config),
@@ -436,3 +446,117 @@ def test_digest_reference_is_verified_and_redirects_stay_http():
         with pytest.raises(RegistryNotFound, match="NAME_UNKNOWN"):
             reg.resolve(f"{fake.host}/team/app:v2")
 
+
+
+# --- `p2pfs image convert`, end to end ----------------------------------------------------
+
+def _convert_cmd(*args: str, env: dict[str, str] | None = None, stdin: str | None = None,
+                 endpoint: str | None = None) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("P2PFS_REGISTRY_", "DOCKER_CONFIG"))}
+    full.update(env or {})
+    if endpoint:
+        full["AWS_ENDPOINT_URL"] = endpoint
+    return subprocess.run([sys.executable, "-m", "p2pfs", "image", "convert", *args], env=full,
+                          input=stdin, capture_output=True, text=True, timeout=180)
+
+
+def test_cli_converts_an_image_once(registry, pushed, seaweed, mount_factory):
+    """Every layer converted into SeaweedFS, an image record listing them in order; the
+    second run skips every layer. With FUSE, the mounted layers show the image's tree."""
+    img, digests = pushed
+    url = f"s3://models/layers-{uuid.uuid4().hex[:8]}"
+    ref = f"{registry.host}/busybox:v1"
+    layout = [d["digest"] for d in oci_manifest(img.oci_dir, "v1")["layers"]]
+    r = _convert_cmd(ref, url, "--plain-http", "--json", endpoint=seaweed.endpoint)
+    assert r.returncode == 0, r.stderr
+    first = json.loads(r.stdout)
+    assert (first["manifest_digest"], first["platform"]) == (digests["v1"], "linux/amd64")
+    assert [x["digest"] for x in first["layers"]] == layout
+    assert [x["status"] for x in first["layers"]] == ["converted"] * 3 and first["skipped"] == 0
+    assert first["stored_bytes"] > 0
+    assert first["blob_bytes"] == sum(x["size"] for x in first["layers"])
+
+    r = _convert_cmd(ref, url, "--plain-http", "--json", endpoint=seaweed.endpoint)
+    assert r.returncode == 0, r.stderr
+    second = json.loads(r.stdout)
+    assert [x["status"] for x in second["layers"]] == ["skipped"] * 3 and second["converted"] == 0
+    assert second["stored_bytes"] == 0
+    assert [x["result"]["manifest_digest"] for x in second["layers"]] == \
+        [x["result"]["manifest_digest"] for x in first["layers"]]
+
+    record = json.loads(_s3_get(seaweed, "models", first["record"]))
+    assert record["manifest_digest"] == digests["v1"] and record["version"] == 1
+    assert [x["digest"] for x in record["layers"]] == layout
+    assert all(x["diff_id"].startswith("sha256:") for x in record["layers"])
+
+    if not HAVE_FUSE:
+        pytest.skip("needs root and /dev/fuse to mount the converted layers")
+    m = mount_factory(url, seaweed.endpoint)
+    base, files, changes = (m.path / d.split(":")[1] for d in layout)
+    assert (base / "bin" / "busybox").read_bytes() == Path("/bin/busybox").read_bytes()
+    assert os.readlink(base / "bin" / "sh") == "busybox"
+    st = (changes / "etc" / "hello.txt").lstat()  # the whiteout
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+    assert os.getxattr(changes / "etc" / "app", "trusted.overlay.opaque") == b"y"
+    assert (files / "data" / "blob.bin").stat().st_ino == (files / "data" / "blob-link").stat().st_ino
+    assert (files / "bin" / "suid").stat().st_mode & 0o7777 == 0o4755
+    assert stat.S_ISFIFO((files / "data" / "fifo").lstat().st_mode)
+    if img.expected_xattrs:
+        assert os.getxattr(files / "data" / "xattr.txt", "user.p2pfs.test") == b"layer2"
+
+
+def _s3_get(seaweed, bucket: str, key: str) -> bytes:
+    import trio
+    import trio_asyncio
+
+    from p2pfs.config import S3Config
+    from p2pfs.origin._s3 import S3Origin
+
+    async def main() -> bytes:
+        async with trio_asyncio.open_loop():
+            origin = await S3Origin.create(bucket, S3Config(endpoint_url=seaweed.endpoint))
+            try:
+                return await origin.get(key)
+            finally:
+                await origin.aclose()
+    return trio.run(main)
+
+
+def test_cli_errors_are_one_line(registry, pushed, tmp_path):
+    url = f"file://{tmp_path}//layers"
+    r = _convert_cmd(f"{registry.host}/busybox:nope", url, "--plain-http")
+    assert r.returncode == 1 and "not found" in r.stderr and "Traceback" not in r.stderr
+    r = _convert_cmd(f"{registry.host}/busybox:v1", url)
+    assert r.returncode == 1 and "--plain-http" in r.stderr and "Traceback" not in r.stderr
+    r = _convert_cmd(f"{registry.host}/busybox:v1", url, "--plain-http", "--platform", "linux")
+    assert r.returncode == 1 and "os/arch" in r.stderr
+    r = _convert_cmd(f"{registry.host}/busybox:v1", url, "--password-stdin")
+    assert r.returncode == 2 and "--username" in r.stderr
+    assert not (tmp_path / "layers").exists()
+
+
+@pytest.mark.parametrize("how", ["flags", "env", "docker-config"])
+def test_cli_credentials(tmp_path, how):
+    """The three sources of credentials reach the token service (a fake: see the module
+    docstring) and the layer is converted into a file:// store."""
+    with FakeRegistry() as fake:
+        args, env, stdin = [], {}, None
+        if how == "flags":
+            args, stdin = ["--username", "user", "--password-stdin"], "secret\n"
+        elif how == "env":
+            env = {"P2PFS_REGISTRY_USERNAME": "user", "P2PFS_REGISTRY_PASSWORD": "secret"}
+        else:
+            (tmp_path / "docker").mkdir()
+            (tmp_path / "docker" / "config.json").write_text(json.dumps(
+                {"auths": {f"http://{fake.host}": {"auth": base64.b64encode(b"user:secret").decode()}}}))
+            env = {"DOCKER_CONFIG": str(tmp_path / "docker")}
+        r = _convert_cmd(f"{fake.host}/team/app:v1", f"file://{tmp_path}//layers", "--plain-http",
+                         "--json", *args, env=env, stdin=stdin)
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert [x["digest"] for x in out["layers"]] == [fake.blob_digest]
+        assert fake.token_requests[0]["auth"] == Credentials("user", "secret").basic()
+        hexd = fake.blob_digest.split(":")[1]
+        assert (tmp_path / "layers" / hexd / ".p2pfs" / "manifest.json").exists()
+        r = _convert_cmd(f"{fake.host}/team/app:v1", f"file://{tmp_path}//layers", "--plain-http")
+        assert r.returncode == 1 and "anonymous" in r.stderr

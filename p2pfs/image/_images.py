@@ -104,21 +104,25 @@ def encode_record(image: ImageManifest) -> bytes:
     return json.dumps(doc, indent=1).encode() + b"\n"
 
 
-async def convert_image(origin: Origin, root: Location, ref: Reference | str, *,
+async def convert_image(origin: Origin, root: Location, ref: Reference | str | ImageManifest, *,
                         registry: Registry | None = None, plain_http: bool = False,
                         platform: Platform | str | None = None, progress: ProgressFn | None = None,
                         concurrency: int = 2, attempts: int = 2) -> ImageResult:
     """Convert every layer of image `ref` under `root` (skipping converted ones) and write
-    its image record. `progress(n)` gets blob bytes as they are read (a skipped layer's
+    its image record. `ref` may be an image already resolved (`Registry.resolve`: the CLI
+    sizes its progress bar first). `progress(n)` gets blob bytes as they are read (a skipped layer's
     size at once), on the trio thread; a retried layer takes back what it had reported."""
     if concurrency < 1 or attempts < 1:
         raise ValueError("concurrency and attempts must be at least 1")
     t0 = time.monotonic()
-    ref = parse_reference(ref) if isinstance(ref, str) else ref
-    if isinstance(platform, str):
-        platform = Platform.parse(platform)
     registry = registry or Registry(plain_http=plain_http)
-    image = await trio.to_thread.run_sync(registry.resolve, ref, platform)
+    if isinstance(ref, ImageManifest):
+        image, ref = ref, ref.ref
+    else:
+        ref = parse_reference(ref) if isinstance(ref, str) else ref
+        if isinstance(platform, str):
+            platform = Platform.parse(platform)
+        image = await trio.to_thread.run_sync(registry.resolve, ref, platform)
     layers = unique_layers(image.layers)
     done: dict[str, ImageLayer] = {}
     failures: list[P2PFSError] = []
