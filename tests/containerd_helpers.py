@@ -19,7 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import pytest
 
@@ -94,14 +94,17 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
 class Containerd:
     """One containerd process. `registries` are "host:port" of plain-HTTP registries (the
-    test registry): each gets a hosts.toml so CRI pulls from it over http."""
+    test registry): each gets a hosts.toml so CRI pulls from it over http; a mapping
+    {"host:port" in image refs: "host:port" to connect to} sends pulls through another
+    address (a counting relay in front of the registry)."""
 
     def __init__(self, root: Path, *, snapshotter: str = "p2pfs", proxy_socket: Path | None = None,
-                 registries: Sequence[str] = (), start_timeout: float = 30.0):
+                 registries: Sequence[str] | Mapping[str, str] = (), start_timeout: float = 30.0):
         self.root = Path(root)
         self.snapshotter = snapshotter
         self.proxy_socket = proxy_socket
-        self.registries = list(registries)
+        self.registries = (dict(registries) if isinstance(registries, Mapping)
+                           else {host: host for host in registries})
         self.start_timeout = start_timeout
         self.short = Path(tempfile.mkdtemp(prefix="p2pfs-ctd-", dir="/tmp"))
         self.socket = self.short / "c.sock"
@@ -119,10 +122,10 @@ class Containerd:
         self.root.mkdir(parents=True, exist_ok=True)
         for d in (self.state, self.registry_dir, self.cni_dir):
             d.mkdir(parents=True, exist_ok=True)
-        for host in self.registries:
+        for host, server in self.registries.items():
             (self.registry_dir / host).mkdir(exist_ok=True)
             (self.registry_dir / host / "hosts.toml").write_text(
-                f'server = "http://{host}"\n\n[host."http://{host}"]\n'
+                f'server = "http://{server}"\n\n[host."http://{server}"]\n'
                 f'  capabilities = ["pull", "resolve"]\n  skip_verify = true\n')
         self.config.write_text(config_text(
             root=self.root, state=self.state, socket=self.socket, snapshotter=self.snapshotter,
@@ -217,9 +220,11 @@ class Containerd:
 
     def run_container(self, ref: str, container_id: str, cmd: Sequence[str], *,
                       snapshotter: str | None = None, namespace: str = CRI_NAMESPACE,
-                      timeout: float = 300) -> RunResult:
+                      timeout: float = 300,
+                      on_first_output: Callable[[], object] | None = None) -> RunResult:
         """`ctr run --rm` REF as CONTAINER_ID running CMD; stdout is read as it streams so the
-        first byte's time is the container's first output, not its exit."""
+        first byte's time is the container's first output, not its exit. `on_first_output`
+        is called the moment that byte arrives (a benchmark reads its byte counters there)."""
         argv = [CTR, "--address", str(self.socket), "-n", namespace, "run", "--rm",
                 "--snapshotter", snapshotter or self.snapshotter, ref, container_id, *cmd]
         started = time.monotonic()
@@ -236,6 +241,8 @@ class Containerd:
                     break
                 if first is None:
                     first = time.monotonic()
+                    if on_first_output is not None:
+                        on_first_output()
                 chunks.append(data)
             proc.wait(timeout=max(1.0, started + timeout - time.monotonic()))
         except BaseException:

@@ -1,0 +1,231 @@
+"""Image pull benchmark: time from pull start to a container's first output, and bytes
+fetched by then and in total, for the two images of bench/images.py.
+
+    .venv/bin/python bench/bench_images.py [--rounds 3] [--variants overlayfs,...]
+                                           [--images debian-python,torch-serve] [--rate BYTES/S]
+
+Every round is a fresh node: a new containerd (its own root, so an empty content store and
+no snapshots), and for the p2pfs variants a fresh p2pfs cache. The pull goes through CRI's
+ImageService (as kubelet pulls) and the container runs with `ctr run`; the clock starts when
+PullImage is sent and stops at the container's first stdout byte. The registry sits behind
+a counting TCP relay on loopback (tests/peer_helpers.StoreRelay): "registry bytes" are what
+the registry sent (blobs, manifests, HTTP heads). A variant that also reads an object store
+adds that store's counter to `Bench.meters`, so "bytes" is everything the node fetched.
+
+Variants are callables `(bench, image, ref, round) -> Sample` (VARIANTS below); the p2pfs
+ones are left for the lead to fill in (marked LEAD). Results: a table on stdout and JSON in
+bench/out/images-results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(ROOT), str(HERE), str(ROOT / "tests")]
+
+from containerd_helpers import Containerd  # noqa: E402
+from image_helpers import RegistryServer  # noqa: E402
+from images import BenchImage, build_image, push_bench_images  # noqa: E402
+from peer_helpers import StoreRelay  # noqa: E402
+from snapshotter._cri import ImageService  # noqa: E402
+
+OUT = HERE / "out"
+
+
+@dataclass
+class Sample:
+    """One round of one variant on one image."""
+
+    seconds_to_first_output: float
+    bytes_to_first_output: int      # everything fetched from the registry (+ meters) by then
+    bytes_total: int                # ... by the time the container exited
+    seconds_total: float            # pull start to container exit
+    output: str
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Bench:
+    """What every variant gets: a work dir, the registry and its counting relay."""
+
+    workdir: Path
+    registry: RegistryServer
+    relay: StoreRelay
+    meters: list[Callable[[], int]] = field(default_factory=list)  # more byte counters (an object store)
+    resets: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def registry_mirror(self) -> dict[str, str]:
+        """containerd's registries argument: refs name the registry, pulls go through the relay."""
+        return {self.registry.host: f"{self.relay.address[0]}:{self.relay.address[1]}"}
+
+    def reset(self) -> None:
+        self.relay.reset()
+        for reset in self.resets:
+            reset()
+
+    def fetched(self) -> int:
+        return self.relay.egress + sum(meter() for meter in self.meters)
+
+
+Variant = Callable[[Bench, BenchImage, str, int], Sample]
+
+
+def _pull_and_run(bench: Bench, node: Containerd, image: BenchImage, ref: str, container_id: str,
+                  snapshotter: str) -> Sample:
+    """The measured part every variant shares: CRI PullImage, then `ctr run` to first output."""
+    at_first: list[int] = []
+    bench.reset()
+    t0 = time.monotonic()
+    with ImageService(str(node.socket), timeout=1800) as cri:
+        cri.pull(ref)
+    pulled = time.monotonic()
+    run = node.run_container(ref, container_id, image.cmd, snapshotter=snapshotter, timeout=1800,
+                             on_first_output=lambda: at_first.append(bench.fetched()))
+    total = bench.fetched()
+    first_line = run.output.splitlines()[0] if run.output else ""
+    if run.first_output is None or not first_line.startswith(image.expect):
+        raise RuntimeError(f"{image.name}: expected {image.expect!r} first, got {run.output!r}")
+    return Sample(seconds_to_first_output=run.first_output - t0, bytes_to_first_output=at_first[0],
+                  bytes_total=total, seconds_total=run.ended - t0, output=run.output,
+                  extra={"pull_seconds": pulled - t0})
+
+
+# --- variants --------------------------------------------------------------------------
+
+def overlayfs(bench: Bench, image: BenchImage, ref: str, rnd: int) -> Sample:
+    """Baseline: containerd's own download and unpack into overlayfs snapshots."""
+    node = Containerd(bench.workdir / f"overlayfs-{image.name}-{rnd}", snapshotter="overlayfs",
+                      registries=bench.registry_mirror)
+    node.start()
+    try:
+        return _pull_and_run(bench, node, image, ref, f"bench-ovl-{rnd}", "overlayfs")
+    finally:
+        node.stop()
+        shutil.rmtree(node.root, ignore_errors=True)
+
+
+def p2pfs_first_pull(bench: Bench, image: BenchImage, ref: str, rnd: int) -> Sample:
+    """LEAD: the first node to pull an image nobody has converted. Fresh object-store layers
+    prefix and p2pfs cache; the p2pfs FUSE daemon mounted on the layers prefix, the snapshotter
+    serving its socket with convert-on-first-pull on, containerd with
+    `Containerd(root, snapshotter="p2pfs", proxy_socket=<socket>, registries=bench.registry_mirror)`;
+    add the object store's relay to bench.meters/resets, then `_pull_and_run(..., "p2pfs")`.
+    Put into Sample.extra: seconds until every layer is converted (poll the snapshotter's
+    status), bytes the conversion uploaded, layers served remotely vs. pulled (its counters)."""
+    raise NotImplementedError("p2pfs first pull: filled in by the lead")
+
+
+def p2pfs_lazy(bench: Bench, image: BenchImage, ref: str, rnd: int) -> Sample:
+    """LEAD: a fresh node (new containerd root, new p2pfs cache, same object store) pulling an
+    image already converted (by one untimed p2pfs_first_pull before round 0), without the
+    recorded start-up prefetch. Expect bytes_to_first_output far below image.blob_bytes."""
+    raise NotImplementedError("p2pfs lazy pull: filled in by the lead")
+
+
+def p2pfs_lazy_prefetch(bench: Bench, image: BenchImage, ref: str, rnd: int) -> Sample:
+    """LEAD: as p2pfs_lazy, after one untimed lazy run has recorded the start-up prefetch list
+    (ROOT/<hex>/.p2pfs/prefetch.json); the mount prefetches it in the background."""
+    raise NotImplementedError("p2pfs lazy pull with prefetch: filled in by the lead")
+
+
+VARIANTS: dict[str, Variant] = {
+    "overlayfs": overlayfs,
+    "p2pfs-first": p2pfs_first_pull,
+    "p2pfs-lazy": p2pfs_lazy,
+    "p2pfs-prefetch": p2pfs_lazy_prefetch,
+}
+METRICS = ("seconds_to_first_output", "bytes_to_first_output", "bytes_total", "seconds_total")
+
+
+# --- the harness -----------------------------------------------------------------------
+
+def run(variants: dict[str, Variant], images: dict[str, BenchImage], rounds: int, *,
+        rate: float = 0.0, workdir: Path | None = None, log=print) -> dict:
+    """Every variant on every image, ROUNDS times each (rounds interleaved across variants so
+    drift on a shared machine hits all alike); returns the results as JSON-able data."""
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="p2pfs-bench-images-", dir="/var/tmp"))
+    registry = RegistryServer(workdir / "registry").start()
+    relay = StoreRelay(("127.0.0.1", registry.port), rate=rate).start()
+    results: dict[str, dict[str, list[Sample]]] = {v: {i: [] for i in images} for v in variants}
+    try:
+        t0 = time.monotonic()
+        refs = push_bench_images(registry, images)
+        log(f"pushed {', '.join(refs.values())} in {time.monotonic() - t0:.1f} s")
+        bench = Bench(workdir=workdir, registry=registry, relay=relay)
+        for rnd in range(rounds):
+            for name, image in images.items():
+                for vname, variant in variants.items():
+                    sample = variant(bench, image, refs[name], rnd)
+                    results[vname][name].append(sample)
+                    log(f"round {rnd} {vname:15} {name:14} first output {sample.seconds_to_first_output:7.2f} s"
+                        f"  {sample.bytes_to_first_output / 1e6:8.1f} MB by then, "
+                        f"{sample.bytes_total / 1e6:8.1f} MB total")
+    finally:
+        relay.stop()
+        registry.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "relay_rate": rate},
+        "rounds": rounds,
+        "images": {name: {"tag": img.tag, "layers": [asdict(layer) for layer in img.layers],
+                          "blob_bytes": img.blob_bytes, "tar_bytes": img.tar_bytes,
+                          "cmd": list(img.cmd)} for name, img in images.items()},
+        "results": {v: {i: {"median": {m: statistics.median(getattr(s, m) for s in samples)
+                                       for m in METRICS},
+                            "rounds": [asdict(s) for s in samples]}
+                        for i, samples in per_image.items()}
+                    for v, per_image in results.items()},
+    }
+
+
+def table(data: dict) -> str:
+    lines = [f"{'variant':16} {'image':14} {'image MB':>9} {'first out s':>12} {'MB by then':>11} "
+             f"{'MB total':>9} {'exit s':>8}"]
+    for vname, per_image in data["results"].items():
+        for name, res in per_image.items():
+            m = res["median"]
+            lines.append(f"{vname:16} {name:14} {data['images'][name]['blob_bytes'] / 1e6:9.1f} "
+                         f"{m['seconds_to_first_output']:12.2f} {m['bytes_to_first_output'] / 1e6:11.1f} "
+                         f"{m['bytes_total'] / 1e6:9.1f} {m['seconds_total']:8.2f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--variants", default="overlayfs",
+                    help=f"comma-separated, of {', '.join(VARIANTS)} (default: overlayfs)")
+    ap.add_argument("--images", default="debian-python,torch-serve")
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="registry bandwidth in bytes/s through the relay (0 = loopback speed)")
+    ap.add_argument("--out", type=Path, default=OUT / "images-results.json")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench_images needs root (containerd, overlay mounts, debootstrap)")
+    variants = {v: VARIANTS[v] for v in args.variants.split(",")}
+    images = {name: build_image(name) for name in args.images.split(",")}
+    data = run(variants, images, args.rounds, rate=args.rate)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(data, indent=1))
+    print(table(data))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
