@@ -1,10 +1,12 @@
 """A real containerd (Debian's 1.6) for tests and benchmarks, started as a process with its own
 config, root, state and socket, and always torn down.
 
-The shim and runc still keep state under the shared /run/containerd/{s,runc,fifo}; they clean
-up after a task that is killed and deleted, so `stop()` kills and deletes every task and
-container this containerd created (and only those: it asks its own socket) before it stops
-the daemon by PID. Socket paths must stay under 108 bytes (sun_path), and containerd derives
+The shims still keep sockets and fifos under the shared /run/containerd/{s,fifo} (named from
+this instance's socket address, or at random); runc's state goes to this instance's own
+`--runc-root` and each container gets a cgroup named after the instance, so container ids may
+repeat across instances (two "nodes" running the same container id). Both clean up after a task that
+is killed and deleted, so `stop()` kills and deletes every task and container this containerd
+created (and only those: it asks its own socket) before it stops the daemon by PID. Socket paths must stay under 108 bytes (sun_path), and containerd derives
 longer ones from them, so the socket and state live in a short /tmp/p2pfs-ctd-XXXX directory
 while the (possibly large) root may live anywhere.
 """
@@ -112,6 +114,7 @@ class Containerd:
         self.config = self.short / "config.toml"
         self.registry_dir = self.short / "certs.d"
         self.cni_dir = self.short / "cni"
+        self.runc_root = self.short / "runc"  # not the shared /run/containerd/runc: ids may repeat across instances
         self.log = self.root.parent / f"{self.root.name}-containerd.log"
         self.proc: subprocess.Popen | None = None
         self._log_file = None
@@ -226,6 +229,7 @@ class Containerd:
         first byte's time is the container's first output, not its exit. `on_first_output`
         is called the moment that byte arrives (a benchmark reads its byte counters there)."""
         argv = [CTR, "--address", str(self.socket), "-n", namespace, "run", "--rm",
+                *self._isolation(container_id),
                 "--snapshotter", snapshotter or self.snapshotter, ref, container_id, *cmd]
         started = time.monotonic()
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -260,6 +264,24 @@ class Containerd:
             raise ContainerdError(f"ctr run {ref} failed ({proc.returncode}):\n{out}\n{err}")
         return RunResult(output=out, returncode=proc.returncode, started=started,
                          first_output=first, ended=ended)
+
+    def _isolation(self, container_id: str) -> list[str]:
+        """ctr run's defaults are shared by every containerd on the host: runc state in
+        /run/containerd/runc/<ns>/<id> and the cgroup /<ns>/<id> (whose delete kills every
+        process in it). Give this instance's containers their own."""
+        return ["--runc-root", str(self.runc_root), "--cgroup", f"/{self.short.name}-{container_id}"]
+
+    def start_container(self, ref: str, container_id: str, cmd: Sequence[str], *,
+                        snapshotter: str | None = None, namespace: str = CRI_NAMESPACE) -> int:
+        """`ctr run -d`: start CMD in the background; returns the task's host PID (stop()
+        kills it, or `ctr("tasks", "kill", ...)`)."""
+        self.ctr("run", "-d", *self._isolation(container_id), "--snapshotter", snapshotter or self.snapshotter, ref, container_id, *cmd,
+                 namespace=namespace)
+        for line in self.ctr("tasks", "ls", namespace=namespace).stdout.splitlines()[1:]:
+            words = line.split()
+            if words and words[0] == container_id:
+                return int(words[1])
+        raise ContainerdError(f"task {container_id} not listed after ctr run -d")
 
 
 def _wait_readable(fd: int, deadline: float) -> None:
