@@ -322,3 +322,14 @@ def containerd_factory(tmp_path: Path) -> Iterator[Callable[..., Containerd]]:
     finally:
         for node in reversed(started):
             node.stop()
+
+
+@pytest.fixture
+def busybox_ref(tmp_path: Path, registry) -> str:
+    """tests/image_helpers' three-layer busybox image pushed to the `registry` fixture (import
+    both fixtures into the test module); its reference."""
+    from image_helpers import busybox_image, push
+
+    image = busybox_image(tmp_path / "busybox-image")
+    push(image.oci_dir, image.tag, registry, "test/busybox")
+    return f"{registry.host}/test/busybox:{image.tag}"

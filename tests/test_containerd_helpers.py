@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from containerd_helpers import containerd_factory, needs_containerd  # noqa: F401
-from image_helpers import busybox_image, push, registry  # noqa: F401
+from containerd_helpers import busybox_ref, containerd_factory, needs_containerd  # noqa: F401
+from image_helpers import registry  # noqa: F401
 
 
 def _alive(pid: int) -> bool:
@@ -17,10 +17,8 @@ def _alive(pid: int) -> bool:
 
 
 @needs_containerd
-def test_stop_kills_its_own_tasks_and_no_others(tmp_path: Path, registry, containerd_factory):  # noqa: F811
-    image = busybox_image(tmp_path / "img")
-    push(image.oci_dir, image.tag, registry, "ctd/busybox")
-    ref = f"{registry.host}/ctd/busybox:{image.tag}"
+def test_stop_kills_its_own_tasks_and_no_others(registry, containerd_factory, busybox_ref):  # noqa: F811
+    ref = busybox_ref
     one = containerd_factory(snapshotter="overlayfs", registries=[registry.host])
     two = containerd_factory(snapshotter="overlayfs", registries=[registry.host])
     for node in (one, two):

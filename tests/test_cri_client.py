@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from containerd_helpers import containerd_factory, needs_containerd  # noqa: F401
-from image_helpers import busybox_image, push, registry  # noqa: F401
+from containerd_helpers import busybox_ref, containerd_factory, needs_containerd  # noqa: F401
+from image_helpers import registry  # noqa: F401
 from snapshotter._cri import MESSAGES, Auth, CRIError, ImageService
 
 
@@ -38,10 +38,8 @@ def test_unreachable_socket_is_unavailable(tmp_path: Path):
 
 
 @needs_containerd
-def test_pull_run_remove(tmp_path: Path, registry, containerd_factory):  # noqa: F811
-    image = busybox_image(tmp_path / "img")
-    push(image.oci_dir, image.tag, registry, "cri/busybox")
-    ref = f"{registry.host}/cri/busybox:{image.tag}"
+def test_pull_run_remove(registry, containerd_factory, busybox_ref):  # noqa: F811
+    ref = busybox_ref
     node = containerd_factory(snapshotter="overlayfs", registries=[registry.host])
     with ImageService(str(node.socket), timeout=120) as cri:
         assert cri.status(ref) is None
@@ -51,7 +49,7 @@ def test_pull_run_remove(tmp_path: Path, registry, containerd_factory):  # noqa:
         assert ref in records and image_id in records and len(records) == 3  # tag, repo@digest, id
         info = cri.status(ref)
         assert info is not None and info.id == image_id and info.repo_tags == (ref,)
-        assert info.repo_digests[0].startswith(f"{registry.host}/cri/busybox@sha256:")
+        assert info.repo_digests[0].startswith(f"{registry.host}/test/busybox@sha256:")
         assert [i.id for i in cri.list()] == [image_id]
 
         run = node.run_container(ref, "cri-run-1", ["sh", "-c", "cat /etc/app/c.conf; ls /etc/app"],
