@@ -270,9 +270,6 @@ class LayerTree:
         self._opaque: set[str] = set()
         self._whiteouts: set[str] = set()
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def add(self, e: Entry) -> None:
         if e.path == "":
             if e.type != "dir":
@@ -285,9 +282,10 @@ class LayerTree:
             if old.type == "dir" and e.type == "dir":
                 self._entries[e.path] = e  # merge: the children stay
                 return
-            if e.path in self._whiteouts and e.type == "dir":
-                self._opaque.add(e.path)  # deleted below, recreated here: nothing shows through
+            recreated = e.path in self._whiteouts and e.type == "dir"
             self._remove(e.path)
+            if recreated:  # deleted below, made again here: nothing below shows through
+                self._opaque.add(e.path)
         if e.type == "hardlink":
             # After the removal, as tar extracts: `ln b a` over an existing `a` that `b`
             # links to keeps the inode, and a link to itself finds nothing.
@@ -457,7 +455,8 @@ def _member(src: _Source, tree: LayerTree, h: _Header, store: Store, at: int) ->
     if etype == "symlink":
         if not h.linkname or "\0" in h.linkname or len(h.linkname.encode()) > MAX_PATH_BYTES:
             raise LayerError(f"symlink {path!r}: unusable target {h.linkname[:200]!r}")
-        tree.add(Entry(path=path, type="symlink", target=h.linkname, **meta))
+        tree.add(Entry(path=path, type="symlink", target=h.linkname,
+                       size=len(h.linkname.encode()), **meta))
     elif etype == "hardlink":
         tree.add(Entry(path=path, type="hardlink", target=clean_path(h.linkname, "hard link target"),
                        **meta))
