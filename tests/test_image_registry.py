@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import signal
 import stat
 import subprocess
@@ -273,14 +274,15 @@ def test_https_to_a_plain_http_registry_says_plain_http(registry, pushed):
 def test_registry_down_or_hung_fails_in_bounded_time(tmp_path):
     server = RegistryServer(tmp_path / "reg").start()
     ref = f"{server.host}/busybox:v1"
+    pid = server.proc.pid
     try:
-        os.kill(server.proc.pid, signal.SIGSTOP)  # accepts connections (the kernel does), never answers
+        os.kill(pid, signal.SIGSTOP)  # accepts connections (the kernel does), never answers
         t0 = time.monotonic()
         with pytest.raises(RegistryUnavailable, match="timed out"):
             Registry(plain_http=True, timeout=1, retries=1, retry_delay=0.1).resolve(ref)
         assert time.monotonic() - t0 < 5
-        os.kill(server.proc.pid, signal.SIGCONT)
     finally:
+        os.kill(pid, signal.SIGCONT)
         server.stop()
     t0 = time.monotonic()
     with pytest.raises(RegistryUnavailable, match="unreachable.*running"):
@@ -296,12 +298,15 @@ class FakeRegistry:
     (`basic=True`); blobs redirect to a second server on 127.0.0.2 (`storage`), which
     records the Authorization headers it got."""
 
-    def __init__(self, *, basic: bool = False, anonymous: bool = False) -> None:
+    def __init__(self, *, basic: bool = False, anonymous: bool = False, break_blobs: int = 0,
+                 tamper: bool = False) -> None:
         self.basic, self.anonymous = basic, anonymous
+        self.break_blobs, self.tamper = break_blobs, tamper  # storage: cut the first N bodies short; other bytes
         self.tokens: set[str] = set()
         self.token_requests: list[dict] = []
         self.storage_auth: list[str | None] = []
-        tar = _tar_bytes({"etc/fake.txt": b"from the fake registry\n" * 100})
+        noise = random.Random(0).randbytes(3 << 20)  # incompressible: a cut stream has sent some
+        tar = _tar_bytes({"etc/fake.txt": b"from the fake registry\n", "data/noise": noise})
         self.blob = compress_layer(tar, MT_LAYER_GZIP)
         self.blob_digest = "sha256:" + hashlib.sha256(self.blob).hexdigest()
         self.config = json.dumps({"os": "linux", "architecture": "amd64", "rootfs": {
@@ -386,6 +391,15 @@ class FakeRegistry:
 
     def _serve_storage(self, h):
         self.storage_auth.append(h.headers.get("Authorization"))
+        if len(self.storage_auth) <= self.break_blobs:
+            h.send_response(200)
+            h.send_header("Content-Length", str(len(self.blob)))
+            h.end_headers()
+            h.wfile.write(self.blob[: len(self.blob) // 2])
+            h.close_connection = True
+            return
+        if self.tamper:
+            return self._send(h, 200, compress_layer(_tar_bytes({"etc/evil": b"x"}), MT_LAYER_GZIP))
         self._send(h, 200, self.blob)
 
     def expire_tokens(self) -> None:
@@ -418,6 +432,18 @@ def test_bearer_token_refused():
             bad.resolve(ref)
 
 
+def test_a_cut_blob_stream_is_an_error_not_eof():
+    """http.client reads a body cut short of its Content-Length as EOF; the stream must not."""
+    with FakeRegistry(anonymous=True, break_blobs=1) as fake:
+        reg = Registry(plain_http=True)
+        ref = parse_reference(f"{fake.host}/team/app:v1")
+        with pytest.raises(RegistryUnavailable, match=rf"broke after \d+ bytes \({len(fake.blob)} bytes announced"):
+            with reg.open_blob(ref, fake.blob_digest) as f:
+                f.read()
+        with reg.open_blob(ref, fake.blob_digest) as f:
+            assert f.read() == fake.blob
+
+
 def test_anonymous_token():
     with FakeRegistry(anonymous=True) as fake:
         m = Registry(plain_http=True).resolve(f"{fake.host}/team/app:v1")
@@ -446,6 +472,46 @@ def test_digest_reference_is_verified_and_redirects_stay_http():
         with pytest.raises(RegistryNotFound, match="NAME_UNKNOWN"):
             reg.resolve(f"{fake.host}/team/app:v2")
 
+
+
+# --- convert_image against the fake: retries, failures, progress ----------------------
+
+def _convert(fake: FakeRegistry, tmp_path: Path, progress=None):
+    import trio
+
+    from p2pfs.image import convert_image
+    from p2pfs.origin import LocalDirOrigin, parse_url
+
+    (tmp_path / "store").mkdir(exist_ok=True)
+    root = parse_url(f"file://{tmp_path}/store//layers")
+    return trio.run(lambda: convert_image(LocalDirOrigin(str(tmp_path / "store")), root,
+                                          f"{fake.host}/team/app:v1", registry=Registry(plain_http=True),
+                                          progress=progress)), root
+
+
+def test_convert_image_converts_a_broken_stream_again(tmp_path):
+    with FakeRegistry(anonymous=True, break_blobs=1) as fake:
+        seen: list[int] = []
+        result, _ = _convert(fake, tmp_path, progress=seen.append)
+        assert len(fake.storage_auth) == 2  # the first body broke off; the layer was read again
+        assert [x.converted for x in result.layers] == [True]
+        assert sum(seen) == len(fake.blob)  # what the broken attempt reported was taken back
+        assert any(n < 0 for n in seen)
+        assert (tmp_path / "store" / result.record).exists()
+
+
+def test_convert_image_gives_up_and_publishes_nothing(tmp_path):
+    from p2pfs.errors import LayerError
+
+    with FakeRegistry(anonymous=True, break_blobs=5) as fake:
+        with pytest.raises(RegistryUnavailable, match="broke after"):  # raised as itself, no group
+            _convert(fake, tmp_path)
+        assert len(fake.storage_auth) == 2  # attempts=2
+    with FakeRegistry(anonymous=True, tamper=True) as fake:
+        with pytest.raises(LayerError, match="not published"):
+            _convert(fake, tmp_path)
+    layers = tmp_path / "store" / "layers"
+    assert not list(layers.glob("*/.p2pfs/manifest.json")) and not (layers / ".p2pfs" / "images").exists()
 
 
 # --- `p2pfs image convert`, end to end ----------------------------------------------------

@@ -99,6 +99,7 @@ class _Response:
         return self.resp.getheader(name)
 
     def read(self, limit: int) -> bytes:
+        expected = self.resp.length  # Content-Length; None when chunked
         try:
             data = self.resp.read(limit + 1)
         except (OSError, http.client.HTTPException) as exc:
@@ -107,6 +108,9 @@ class _Response:
             self.close()
         if len(data) > limit:
             raise RegistryError(f"{self.url}: response larger than {limit} bytes")
+        if expected is not None and len(data) < expected:  # http.client reads a cut body as EOF
+            raise RegistryUnavailable(f"{_host(self.url)}: the response broke off after "
+                                      f"{len(data)} of {expected} bytes")
         return data
 
     def close(self) -> None:
@@ -119,6 +123,7 @@ class _BlobStream(io.RawIOBase):
 
     def __init__(self, response: _Response, digest: str) -> None:
         self._r, self._digest, self._done = response, digest, 0
+        self._expected = response.resp.length  # Content-Length; None when chunked
 
     def readable(self) -> bool:
         return True
@@ -127,10 +132,15 @@ class _BlobStream(io.RawIOBase):
         try:
             n = self._r.resp.readinto(buf)
         except (OSError, http.client.HTTPException) as exc:
-            raise RegistryUnavailable(f"blob {self._digest} from {_host(self._r.url)}: the stream "
-                                      f"broke after {self._done} bytes: {_why(exc)}") from exc
+            raise self._broken(_why(exc)) from exc
+        if n == 0 and len(buf) and self._expected is not None and self._done < self._expected:
+            raise self._broken(f"{self._expected} bytes announced")  # http.client says EOF
         self._done += n
         return n
+
+    def _broken(self, why: str) -> RegistryUnavailable:
+        return RegistryUnavailable(f"blob {self._digest} from {_host(self._r.url)}: the stream "
+                                   f"broke after {self._done} bytes ({why})")
 
     def close(self) -> None:
         if not self.closed:
