@@ -13,6 +13,7 @@ adds nothing to what is tested here (the client's side of the challenge, token a
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import io
 import json
@@ -307,7 +308,7 @@ class FakeRegistry:
         self.storage_auth: list[str | None] = []
         noise = random.Random(0).randbytes(3 << 20)  # incompressible: a cut stream has sent some
         tar = _tar_bytes({"etc/fake.txt": b"from the fake registry\n", "data/noise": noise})
-        self.blob = compress_layer(tar, MT_LAYER_GZIP)
+        self.tar, self.blob = tar, compress_layer(tar, MT_LAYER_GZIP)
         self.blob_digest = "sha256:" + hashlib.sha256(self.blob).hexdigest()
         self.config = json.dumps({"os": "linux", "architecture": "amd64", "rootfs": {
             "type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(tar).hexdigest()]}}).encode()
@@ -385,6 +386,13 @@ class FakeRegistry:
         if url.path == f"/v2/team/app/blobs/{self.blob_digest}":
             port = self.storage.server_address[1]
             return self._send(h, 307, headers=[("Location", f"http://127.0.0.2:{port}/b?sig=1")])
+        if url.path == "/v2/team/app/blobs/sha256:" + "e" * 64:  # no length: "until close"
+            h.send_response(200)
+            h.end_headers()
+            for _ in range(64):
+                h.wfile.write(b"\0" * (64 << 10))
+            h.close_connection = True
+            return
         if url.path == "/v2/team/app/blobs/sha256:" + "f" * 64:
             return self._send(h, 302, headers=[("Location", "file:///etc/passwd")])
         self._send(h, 404, b'{"errors":[{"code":"NAME_UNKNOWN","message":"no"}]}')
@@ -398,8 +406,8 @@ class FakeRegistry:
             h.wfile.write(self.blob[: len(self.blob) // 2])
             h.close_connection = True
             return
-        if self.tamper:
-            return self._send(h, 200, compress_layer(_tar_bytes({"etc/evil": b"x"}), MT_LAYER_GZIP))
+        if self.tamper:  # the same tar and length, other bytes (a gzip header's mtime)
+            return self._send(h, 200, gzip.compress(self.tar, mtime=12345))
         self._send(h, 200, self.blob)
 
     def expire_tokens(self) -> None:
@@ -442,6 +450,18 @@ def test_a_cut_blob_stream_is_an_error_not_eof():
                 f.read()
         with reg.open_blob(ref, fake.blob_digest) as f:
             assert f.read() == fake.blob
+
+
+def test_a_blob_longer_than_its_descriptor_is_refused():
+    with FakeRegistry(anonymous=True) as fake:
+        reg = Registry(plain_http=True)
+        ref = parse_reference(f"{fake.host}/team/app:v1")
+        with pytest.raises(RegistryError, match="its descriptor says 1000"):
+            reg.open_blob(ref, fake.blob_digest, size=1000)
+        with reg.open_blob(ref, "sha256:" + "e" * 64, size=100_000) as f:
+            with pytest.raises(RegistryError, match="longer than the 100000 bytes"):
+                while f.read(1 << 16):
+                    pass
 
 
 def test_anonymous_token():

@@ -162,7 +162,7 @@ async def _layer(origin: Origin, root: Location, registry: Registry, ref: Refere
         try:
             # With expected_digest, a layer whose manifest exists is answered from it
             # (existed=True) without opening the blob.
-            result = await convert_layer(origin, root, lambda: registry.open_blob(ref, desc.digest),
+            result = await convert_layer(origin, root, lambda: registry.open_blob(ref, desc.digest, size=desc.size),
                                          media_type=desc.media_type, expected_digest=desc.digest,
                                          progress=report)
         except RegistryUnavailable as exc:

@@ -121,9 +121,13 @@ class _Response:
 class _BlobStream(io.RawIOBase):
     """A blob's body; a broken stream is a RegistryUnavailable."""
 
-    def __init__(self, response: _Response, digest: str) -> None:
-        self._r, self._digest, self._done = response, digest, 0
+    def __init__(self, response: _Response, digest: str, size: int | None) -> None:
+        self._r, self._digest, self._done, self._size = response, digest, 0, size
         self._expected = response.resp.length  # Content-Length; None when chunked
+        if size is not None and self._expected is not None and self._expected != size:
+            response.close()
+            raise RegistryError(f"blob {digest} from {_host(response.url)}: {self._expected} bytes "
+                                f"served, its descriptor says {size}")
 
     def readable(self) -> bool:
         return True
@@ -136,6 +140,9 @@ class _BlobStream(io.RawIOBase):
         if n == 0 and len(buf) and self._expected is not None and self._done < self._expected:
             raise self._broken(f"{self._expected} bytes announced")  # http.client says EOF
         self._done += n
+        if self._size is not None and self._done > self._size:  # a chunked body that never ends
+            raise RegistryError(f"blob {self._digest} from {_host(self._r.url)} is longer than "
+                                f"the {self._size} bytes its descriptor says")
         return n
 
     def _broken(self, why: str) -> RegistryUnavailable:
@@ -192,12 +199,13 @@ class Registry:
         return replace(manifest, platform=picked or config_platform, index_digest=index_digest,
                        diff_ids=diff_ids)
 
-    def open_blob(self, ref: Reference | str, digest: str) -> BinaryIO:
-        """Stream a blob (following redirects). Verifies nothing: the reader hashes it."""
+    def open_blob(self, ref: Reference | str, digest: str, *, size: int | None = None) -> BinaryIO:
+        """Stream a blob (following redirects). Its digest is not verified here (the reader
+        hashes it); with `size` (the descriptor's), a longer body is refused as it comes."""
         ref = parse_reference(ref) if isinstance(ref, str) else ref
         check_digest(digest, "blob digest")
         resp = self._retrying(lambda: self._get(ref, f"blobs/{digest}", f"blob {digest}"))
-        return io.BufferedReader(_BlobStream(resp, digest), buffer_size=1 << 20)  # type: ignore[return-value]
+        return io.BufferedReader(_BlobStream(resp, digest, size), buffer_size=1 << 20)  # type: ignore[return-value]
 
     def read_blob(self, ref: Reference, desc: Descriptor, limit: int) -> bytes:
         """A small blob (a config), verified against its descriptor."""
