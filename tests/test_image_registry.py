@@ -32,6 +32,8 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import HAVE_FUSE
 from image_helpers import (MT_LAYER_GZIP, MT_LAYER_TAR, MT_LAYER_ZSTD, MT_OCI_CONFIG, MT_OCI_INDEX,
@@ -40,7 +42,7 @@ from image_helpers import (MT_LAYER_GZIP, MT_LAYER_TAR, MT_LAYER_ZSTD, MT_OCI_CO
 from p2pfs.errors import (RegistryAuthError, RegistryError, RegistryNotFound,
                           RegistryUnavailable)
 from p2pfs.image._oci import (DOCKER_HUB, Platform, Reference, manifest_kind, parse_challenge,
-                              parse_manifest, select_platform)
+                              parse_config, parse_manifest, select_platform)
 from p2pfs.image._registry import Credentials, Registry, docker_config_auths, parse_reference
 
 HEX = "a" * 64
@@ -124,6 +126,35 @@ def test_manifest_parsing_refuses_what_cannot_be_converted():
     assert select_platform(index, Platform("linux", "arm64", "v8")).digest == "sha256:" + HEX
     with pytest.raises(RegistryError, match="linux/arm64"):  # says what it has
         select_platform(index, Platform("linux", "amd64"))
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                     lambda inner: st.lists(inner, max_size=4)
+                     | st.dictionaries(st.sampled_from(["mediaType", "schemaVersion", "config", "layers",
+                                                        "manifests", "digest", "size", "platform", "os",
+                                                        "architecture", "variant", "rootfs", "diff_ids"]),
+                                       inner, max_size=6), max_leaves=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(max_size=80), header=st.text(max_size=80), doc=_JSON)
+def test_hostile_inputs_raise_only_registry_errors(text, header, doc):
+    """Whatever a user types or a registry sends: a value or a RegistryError, nothing else."""
+    try:
+        ref = parse_reference(text)
+        assert parse_reference(str(ref)) == ref
+    except RegistryError:
+        pass
+    parse_challenge(header)
+    data = json.dumps(doc).encode()
+    ref = parse_reference("r.example/x")
+    for fn in (lambda: parse_manifest(ref, data, *manifest_kind(data, None)[1:], None),
+               lambda: select_platform(manifest_kind(data, None)[1], Platform("linux", "amd64")),
+               lambda: parse_config(data)):
+        try:
+            fn()
+        except RegistryError:
+            pass
 
 
 def test_docker_config_auths(tmp_path):

@@ -213,6 +213,8 @@ def _descriptor(raw: Any, what: str) -> Descriptor:
 def manifest_kind(data: bytes, content_type: str | None) -> tuple[str, dict[str, Any]]:
     """("manifest" | "index", parsed JSON), refusing schema 1 and unknown documents."""
     doc = _json(data, "manifest")
+    if not isinstance(doc.get("mediaType", ""), str):
+        raise RegistryError("manifest: mediaType is not a string")
     mt = doc.get("mediaType") or (content_type or "").split(";")[0].strip()
     if mt in _DOCKER_SCHEMA1 or doc.get("schemaVersion") == 1:
         raise RegistryError("the registry served a Docker schema 1 manifest (deprecated, unsigned "
@@ -261,7 +263,7 @@ def parse_config(data: bytes) -> tuple[Platform | None, tuple[str, ...]]:
     """The platform and rootfs diff ids an image config names."""
     doc = _json(data, "image config")
     os_, arch = doc.get("os"), doc.get("architecture")
-    variant = doc.get("variant")
+    variant = doc.get("variant") if isinstance(doc.get("variant"), str) else None
     platform = Platform(os_, arch, variant or None) if isinstance(os_, str) and isinstance(arch, str) else None
     rootfs = doc.get("rootfs") if isinstance(doc.get("rootfs"), dict) else {}
     diff_ids = rootfs.get("diff_ids") or []
