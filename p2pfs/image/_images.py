@@ -43,14 +43,15 @@ class ImageLayer:
     digest: str
     size: int            # of the blob, as the registry serves it
     media_type: str
-    converted: bool      # False: its layer manifest already existed (skipped)
-    result: LayerResult
+    result: LayerResult  # existed=True: its layer manifest was there already (skipped)
+
+    @property
+    def converted(self) -> bool:
+        return not self.result.existed
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"digest": self.digest, "size": self.size, "media_type": self.media_type,
-                               "status": "converted" if self.converted else "skipped"}
-        out["result"] = self.result.to_json()
-        return out
+        return {"digest": self.digest, "size": self.size, "media_type": self.media_type,
+                "status": "converted" if self.converted else "skipped", "result": self.result.to_json()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +111,9 @@ async def convert_image(origin: Origin, root: Location, ref: Reference | str | I
                         concurrency: int = 2, attempts: int = 2) -> ImageResult:
     """Convert every layer of image `ref` under `root` (skipping converted ones) and write
     its image record. `ref` may be an image already resolved (`Registry.resolve`: the CLI
-    sizes its progress bar first). `progress(n)` gets blob bytes as they are read (a skipped layer's
-    size at once), on the trio thread; a retried layer takes back what it had reported."""
+    sizes its progress bar first). `progress(n)` gets blob bytes as they are read (a
+    skipped layer's size at once), on the trio thread; a retried layer takes back what it
+    had reported."""
     if concurrency < 1 or attempts < 1:
         raise ValueError("concurrency and attempts must be at least 1")
     t0 = time.monotonic()
@@ -162,9 +164,9 @@ async def _layer(origin: Origin, root: Location, registry: Registry, ref: Refere
         try:
             # With expected_digest, a layer whose manifest exists is answered from it
             # (existed=True) without opening the blob.
-            result = await convert_layer(origin, root, lambda: registry.open_blob(ref, desc.digest, size=desc.size),
-                                         media_type=desc.media_type, expected_digest=desc.digest,
-                                         progress=report)
+            result = await convert_layer(
+                origin, root, lambda: registry.open_blob(ref, desc.digest, size=desc.size),
+                media_type=desc.media_type, expected_digest=desc.digest, progress=report)
         except RegistryUnavailable as exc:
             if progress and reported:
                 progress(-reported)
@@ -175,8 +177,7 @@ async def _layer(origin: Origin, root: Location, registry: Registry, ref: Refere
             continue
         if result.existed and progress:
             progress(desc.size - reported)
-        return ImageLayer(desc.digest, desc.size, desc.media_type, converted=not result.existed,
-                          result=result)
+        return ImageLayer(desc.digest, desc.size, desc.media_type, result)
     raise AssertionError("unreachable")
 
 
