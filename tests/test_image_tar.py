@@ -303,6 +303,8 @@ def test_hand_made_headers_tarfile_would_not_write():
 
 
 @pytest.mark.parametrize("data,message", [
+    (b"", "end-of-archive"),
+    (header(), "end-of-archive"),  # cut at a member boundary (a compressed stream cut short)
     (header() [:300], "truncated"),
     (header(size=10) + b"short", "truncated"),
     (header(size=b"77777777777\0"), "truncated"),  # 8 GiB declared, nothing follows
@@ -329,7 +331,8 @@ def test_hostile_streams_are_refused_clearly(data, message):
 
 def test_pax_records_override_the_header():
     data = pax({"path": b"real/name", "linkpath": b"", "size": b"3", "uid": b"77",
-                "SCHILY.xattr.trusted.overlay.opaque": b"y"}) + header(b"trunc", size=0) + b"abc" + bytes(509)
+                "SCHILY.xattr.trusted.overlay.opaque": b"y"}) + header(b"trunc", size=0) + b"abc" + bytes(509) \
+        + bytes(1024)
     es, m, store = convert(data)
     e = es["real/name"]
     assert store.content(m, e) == b"abc" and e.uid == 77

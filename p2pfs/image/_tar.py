@@ -384,7 +384,8 @@ class LayerTree:
 
 def read_layer(read: Read, store: Store, *, max_entries: int = MAX_ENTRIES) -> tuple[Entry, ...]:
     """The entries of the layer tar `read` yields (root first, sorted by path); reads the
-    stream to its end, past the end-of-archive blocks, so a caller's hash covers it all."""
+    stream to its end, past the end-of-archive blocks (which must be there), so a caller's
+    hash covers it all."""
     src = _Source(read)
     tree = LayerTree(max_entries)
     pax: dict[str, bytes] = {}
@@ -416,6 +417,11 @@ def read_layer(read: Read, store: Store, *, max_entries: int = MAX_ENTRIES) -> t
         _apply_pax(h, pax, at)
         pax = {}
         _member(src, tree, h, store, at)
+    if block is None:
+        # Required (every writer puts it there): without it a compressed stream cut short
+        # at a member boundary would pass, and zstd's reader reports no truncation.
+        raise LayerError(f"truncated tar stream: it ends at byte {src.offset} without the "
+                         "end-of-archive blocks")
     src.drain()
     return tree.entries()
 
