@@ -223,7 +223,7 @@ class Registry:
     # --- requests ----------------------------------------------------------------------
 
     def _manifest(self, ref: Reference, reference: str) -> tuple[bytes, str | None]:
-        def once() -> tuple[bytes, str | None]:
+        def once() -> tuple[bytes, str | None, str | None]:
             resp = self._get(ref, f"manifests/{reference}", f"manifest {reference}", accept=ACCEPT)
             ctype, served = resp.header("Content-Type"), resp.header("Docker-Content-Digest")
             return resp.read(MAX_MANIFEST_BYTES), ctype, served
