@@ -344,3 +344,22 @@ def test_overlayfs_over_the_layers_applies_whiteouts(layers, layers_mount, tmp_p
             if subprocess.run(["umount", str(target)], capture_output=True).returncode == 0:
                 break
             time.sleep(0.1)
+
+
+def test_a_store_failure_mid_conversion_stops_it(tmp_path):
+    """The uploader fails while the worker thread waits to hand over the next pack: the
+    store's error comes out (not a hang, not a group) and no manifest is written."""
+    from p2pfs.errors import OriginUnavailable
+    from p2pfs.origin import LocalDirOrigin
+
+    (tmp_path / "layers").mkdir()
+    (tmp_path / "layers" / "blobs").write_bytes(b"a file where the packs' directory goes")
+    root = parse_url(f"file://{tmp_path}//layers")
+
+    async def main():
+        with trio.fail_after(30):
+            await convert_layer(LocalDirOrigin(tmp_path), root, lambda: io.BytesIO(BASE),
+                                pack_size=64 * KiB)
+    with pytest.raises(OriginUnavailable, match="blobs/"):
+        trio.run(main)
+    assert not list((tmp_path / "layers").rglob("manifest.json"))
