@@ -175,3 +175,7 @@ def pull_cmd(ref: str, containerd_socket: str, timeout: float, as_json: bool) ->
         click.echo(json.dumps({"ref": ref, "image_ref": image_ref, "seconds": round(seconds, 3)}))
     else:
         click.echo(f"pulled {ref} as {image_ref} in {seconds:.2f}s")
+
+
+if __name__ == "__main__":
+    main()
