@@ -169,10 +169,10 @@ class FirstPullConverter:
                                     "reference to fetch it from the registry")
 
         def from_registry():
-            from p2pfs.image._registry import Registry
+            from p2pfs.image import Registry, parse_reference
 
-            host = image_ref.split("/", 1)[0]
-            return Registry(plain_http=host in self.plain_http).open_blob(image_ref, f"sha256:{hex_}")
+            ref = parse_reference(image_ref)
+            return Registry(plain_http=ref.registry in self.plain_http).open_blob(ref, f"sha256:{hex_}")
 
         return from_registry
 
