@@ -86,7 +86,7 @@ def codec_of(media_type: str) -> str:
         return "gzip"
     if media_type.endswith("+zstd"):
         return "zstd"
-    if media_type.endswith((".tar", "layer.v1.tar")):
+    if media_type.endswith(".tar"):
         return "plain"
     raise LayerError(f"unsupported layer media type {media_type!r} (tar, tar+gzip, tar+zstd)")
 
