@@ -466,3 +466,40 @@ def test_fuzz_hand_made_headers(members):
         if isinstance(size, int):
             raw += body + bytes(-len(body) % 512)
     check_result(raw)
+
+
+def test_memory_stays_bounded_for_a_big_file():
+    """64 MiB of content streamed through: never held whole (one piece, one chunk, one pack)."""
+    import tracemalloc
+
+    size = 64 << 20
+    piece = random.Random(5).randbytes(1 << 20)
+
+    def stream():
+        yield header(b"big", size=size)
+        for i in range(size >> 18):  # every 256 KiB chunk distinct: packs fill up
+            yield i.to_bytes(8, "big") + piece[8 : 256 * KiB]
+        yield bytes(1024)
+
+    parts = stream()
+    pending = b""
+
+    def read(n: int) -> bytes:
+        nonlocal pending
+        if not pending:
+            pending = next(parts, b"")
+        out, pending = pending[:n], pending[n:]
+        return out
+
+    sealed = []
+    packer = Packer(lambda pack, data, rows: sealed.append(len(data)), chunk_size=256 * KiB,
+                    pack_size=4 << 20)
+    tracemalloc.start()
+    try:
+        entries = read_layer(read, packer.store)
+        packer.finish()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert entries[-1].size == size and sum(sealed) > 60 << 20
+    assert peak < 16 << 20, f"peak {peak / 2**20:.1f} MiB"
