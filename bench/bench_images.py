@@ -60,9 +60,11 @@ class Sample:
 
 @dataclass
 class Bench:
-    """What every variant gets: a work dir, the registry and its counting relay."""
+    """What every variant gets: a work dir, the registry and its counting relay, and
+    `node_dir`, where a round's node state goes (containerd roots, p2pfs caches)."""
 
     workdir: Path
+    node_dir: Path
     registry: RegistryServer
     relay: StoreRelay
     meters: list[Callable[[], int]] = field(default_factory=list)  # more byte counters (an object store)
@@ -109,7 +111,7 @@ def _pull_and_run(bench: Bench, node: Containerd, image: BenchImage, ref: str, c
 
 def overlayfs(bench: Bench, image: BenchImage, ref: str, rnd: int) -> Sample:
     """Baseline: containerd's own download and unpack into overlayfs snapshots."""
-    node = Containerd(bench.workdir / f"overlayfs-{image.name}-{rnd}", snapshotter="overlayfs",
+    node = Containerd(bench.node_dir / f"overlayfs-{image.name}-{rnd}", snapshotter="overlayfs",
                       registries=bench.registry_mirror)
     node.start()
     try:
@@ -155,10 +157,11 @@ METRICS = ("seconds_to_first_output", "bytes_to_first_output", "bytes_total", "s
 # --- the harness -----------------------------------------------------------------------
 
 def run(variants: dict[str, Variant], images: dict[str, BenchImage], rounds: int, *,
-        rate: float = 0.0, workdir: Path | None = None, log=print) -> dict:
+        rate: float = 0.0, node_parent: Path | None = None, log=print) -> dict:
     """Every variant on every image, ROUNDS times each (rounds interleaved across variants so
     drift on a shared machine hits all alike); returns the results as JSON-able data."""
-    workdir = Path(workdir or tempfile.mkdtemp(prefix="p2pfs-bench-images-", dir="/var/tmp"))
+    workdir = Path(tempfile.mkdtemp(prefix="p2pfs-bench-images-", dir="/var/tmp"))
+    node_dir = Path(tempfile.mkdtemp(prefix="p2pfs-bench-nodes-", dir=node_parent or workdir))
     registry = RegistryServer(workdir / "registry").start()
     relay = StoreRelay(("127.0.0.1", registry.port), rate=rate).start()
     results: dict[str, dict[str, list[Sample]]] = {v: {i: [] for i in images} for v in variants}
@@ -166,10 +169,11 @@ def run(variants: dict[str, Variant], images: dict[str, BenchImage], rounds: int
         t0 = time.monotonic()
         refs = push_bench_images(registry, images)
         log(f"pushed {', '.join(refs.values())} in {time.monotonic() - t0:.1f} s")
-        bench = Bench(workdir=workdir, registry=registry, relay=relay)
+        bench = Bench(workdir=workdir, node_dir=node_dir, registry=registry, relay=relay)
         for rnd in range(rounds):
             for name, image in images.items():
                 for vname, variant in variants.items():
+                    os.sync()  # the last round's writeback (a GB of unpacked layers) must not stall this one
                     sample = variant(bench, image, refs[name], rnd)
                     results[vname][name].append(sample)
                     log(f"round {rnd} {vname:15} {name:14} first output {sample.seconds_to_first_output:7.2f} s"
@@ -178,10 +182,12 @@ def run(variants: dict[str, Variant], images: dict[str, BenchImage], rounds: int
     finally:
         relay.stop()
         registry.stop()
+        shutil.rmtree(node_dir, ignore_errors=True)
         shutil.rmtree(workdir, ignore_errors=True)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "relay_rate": rate},
+        "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "relay_rate": rate,
+                    "node_fs": _fs_type(node_parent or Path("/var/tmp"))},
         "rounds": rounds,
         "images": {name: {"tag": img.tag, "layers": [asdict(layer) for layer in img.layers],
                           "blob_bytes": img.blob_bytes, "tar_bytes": img.tar_bytes,
@@ -192,6 +198,15 @@ def run(variants: dict[str, Variant], images: dict[str, BenchImage], rounds: int
                         for i, samples in per_image.items()}
                     for v, per_image in results.items()},
     }
+
+
+def _fs_type(path: Path) -> str:
+    best = ("", "?")
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        _, target, fstype, *_ = line.split()
+        if str(path.resolve()).startswith(target.rstrip("/") + "/") and len(target) > len(best[0]):
+            best = (target, fstype)
+    return best[1]
 
 
 def table(data: dict) -> str:
@@ -214,13 +229,16 @@ def main() -> None:
     ap.add_argument("--images", default="debian-python,torch-serve")
     ap.add_argument("--rate", type=float, default=0.0,
                     help="registry bandwidth in bytes/s through the relay (0 = loopback speed)")
+    ap.add_argument("--node-dir", type=Path, default=None,
+                    help="where each round's containerd root and caches go (default: under /var/tmp; "
+                         "/dev/shm takes the disk's file-creation cost out of the unpack)")
     ap.add_argument("--out", type=Path, default=OUT / "images-results.json")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_images needs root (containerd, overlay mounts, debootstrap)")
     variants = {v: VARIANTS[v] for v in args.variants.split(",")}
     images = {name: build_image(name) for name in args.images.split(",")}
-    data = run(variants, images, args.rounds, rate=args.rate)
+    data = run(variants, images, args.rounds, rate=args.rate, node_parent=args.node_dir)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=1))
     print(table(data))
