@@ -1,7 +1,7 @@
 """containerd's snapshots.v1 service and messages, built at import time.
 
-Why no generated `_pb2.py`: generated code pins the protobuf runtime it was made for
-(see scaler/keda/_proto.py). These descriptors are written from containerd's
+Why no generated `_pb2.py`: see _descriptors.py, which turns the field tables below into
+descriptors. These tables are written from containerd's
 api/services/snapshots/v1/snapshots.proto and api/types/mount.proto (the same on the
 wire in containerd 1.6, 1.7 and 2.x); tests/test_snapshotter_proto.py compares them
 field by field with those files where Debian's golang-github-containerd-containerd-dev
@@ -15,6 +15,8 @@ from typing import Any
 
 from google.protobuf import (descriptor_pb2, descriptor_pool, empty_pb2, field_mask_pb2,
                              message_factory, timestamp_pb2)
+
+from ._descriptors import add_message
 
 PACKAGE = "containerd.services.snapshots.v1"
 SERVICE = "Snapshots"
@@ -74,42 +76,11 @@ RPCS: dict[str, tuple[str, str, bool]] = {
     "Cleanup": ("CleanupRequest", _EMPTY, False),
 }
 
-_F = descriptor_pb2.FieldDescriptorProto
-_SCALARS = {"string": _F.TYPE_STRING, "int64": _F.TYPE_INT64}
-
-
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(p.capitalize() for p in rest)
-
-
-def _add_message(fdp: descriptor_pb2.FileDescriptorProto, package: str, name: str,
-                 fields: list[tuple[str, int, str, bool]]) -> None:
-    msg = fdp.message_type.add(name=name)
-    for fname, number, typ, repeated in fields:
-        field = msg.field.add(name=fname, number=number, json_name=_camel(fname),
-                              label=_F.LABEL_REPEATED if repeated else _F.LABEL_OPTIONAL)
-        if typ == "map":
-            entry = msg.nested_type.add(name=_camel(fname)[0].upper() + _camel(fname)[1:] + "Entry")
-            entry.options.map_entry = True
-            for n, (k, kn) in enumerate((("key", "key"), ("value", "value")), 1):
-                entry.field.add(name=k, number=n, type=_F.TYPE_STRING, label=_F.LABEL_OPTIONAL,
-                                json_name=kn)
-            field.label = _F.LABEL_REPEATED
-            field.type = _F.TYPE_MESSAGE
-            field.type_name = f".{package}.{name}.{entry.name}"
-        elif typ in _SCALARS:
-            field.type = _SCALARS[typ]
-        else:
-            field.type = _F.TYPE_ENUM if typ.endswith(".Kind") else _F.TYPE_MESSAGE
-            field.type_name = typ
-
-
 def file_descriptors() -> tuple[descriptor_pb2.FileDescriptorProto, descriptor_pb2.FileDescriptorProto]:
     """(mount.proto, snapshots.proto) as FileDescriptorProtos."""
     mount = descriptor_pb2.FileDescriptorProto(name=MOUNT_FILE, package=TYPES_PACKAGE,
                                                syntax="proto3")
-    _add_message(mount, TYPES_PACKAGE, "Mount", MOUNT_FIELDS)
+    add_message(mount, "Mount", MOUNT_FIELDS)
     snaps = descriptor_pb2.FileDescriptorProto(
         name=SNAPSHOTS_FILE, package=PACKAGE, syntax="proto3",
         dependency=["google/protobuf/empty.proto", "google/protobuf/field_mask.proto",
@@ -118,7 +89,7 @@ def file_descriptors() -> tuple[descriptor_pb2.FileDescriptorProto, descriptor_p
     for name, number in KINDS.items():
         kind.value.add(name=name, number=number)
     for name, fields in FIELDS.items():
-        _add_message(snaps, PACKAGE, name, fields)
+        add_message(snaps, name, fields, enums=[f".{PACKAGE}.Kind"])
     svc = snaps.service.add(name=SERVICE)
     for name, (req, resp, stream) in RPCS.items():
         svc.method.add(name=name, input_type=f".{PACKAGE}.{req}",

@@ -137,8 +137,10 @@ class Snapshotter:
             old, new = core.commit(tx, name=name, key=key, labels=labels, now_ns=self.clock(),
                                    size=size, inodes=inodes)
             tx.replace(old.key, new)
-        if core.is_layer(key, labels or {}) or core.is_layer(key, old.labels):
-            self.remote.committed(name, new.labels, str(self.store.fs_dir(new)))
+        if core.is_layer(key, old.labels):
+            # The hook gets the Prepare's labels too: they carry the layer digest whether or
+            # not the client repeats them on Commit.
+            self.remote.committed(name, {**old.labels, **new.labels}, str(self.store.fs_dir(new)))
 
     def remove(self, key: str) -> None:
         with self.store.transaction() as tx:
