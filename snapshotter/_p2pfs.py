@@ -238,3 +238,27 @@ def content_store_dir(containerd_root: Path) -> Path:
     """Where containerd 1.6/1.7/2.x keep blobs (`<root>/io.containerd.content.v1.content`)."""
     return containerd_root / "io.containerd.content.v1.content" / "blobs" / "sha256"
 
+
+
+class ConverterMetrics:
+    """Prometheus collector of what the first-pull converter does."""
+
+    def __init__(self, converter: FirstPullConverter) -> None:
+        self.converter = converter
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        st = self.converter.status()
+        jobs = CounterMetricFamily("p2pfs_snapshotter_conversions", "First-pull conversions by outcome",
+                                   labels=["outcome"])
+        for outcome in ("converted", "existed", "locked_elsewhere", "failed", "dropped"):
+            jobs.add_metric([outcome], st[outcome])
+        yield jobs
+        yield CounterMetricFamily("p2pfs_snapshotter_converted_bytes",
+                                  "Pack bytes stored by first-pull conversions", value=st["bytes_stored"])
+        g = GaugeMetricFamily("p2pfs_snapshotter_conversions_pending", "Conversions queued or running",
+                              labels=["state"])
+        g.add_metric(["queued"], st["queued"])
+        g.add_metric(["running"], st["running"])
+        yield g

@@ -34,6 +34,9 @@ class ServeConfig:
     layers_mount: Path | None = None  # the p2pfs mount of the layers prefix; None: no remote layers
     layers_url: str | None = None     # that prefix in the object store (for convert on first pull)
     metrics_addr: str | None = None   # HOST:PORT for /metrics; None: off
+    containerd_root: Path | None = Path("/var/lib/containerd")  # its content store: first pulls convert from there
+    plain_http: tuple[str, ...] = ()  # registries (host:port) the converter reaches over plain HTTP
+    convert_concurrency: int = 1      # layers converted at once on first pull (0: never convert)
     probe_timeout_s: float = 2.0      # how long a remote lower may take to answer a check
     workers: int = 16                 # grpc worker threads
     grace_s: float = 10.0             # how long calls under way may finish on SIGTERM
@@ -41,6 +44,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.probe_timeout_s <= 0:
             raise click.BadParameter("must be > 0", param_hint="--probe-timeout")
+        if self.convert_concurrency < 0:
+            raise click.BadParameter("must be >= 0", param_hint="--convert-concurrency")
         if self.workers < 1:
             raise click.BadParameter("must be >= 1", param_hint="--workers")
         if len(os.fsencode(self.socket.absolute())) >= 108:
@@ -78,12 +83,31 @@ def _parse_addr(addr: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def _remote_layers(config: ServeConfig):
+    """The remote layers the config asks for, and the first-pull converter if any."""
+    from ._layerfs import NoRemoteLayers
+    from ._p2pfs import FirstPullConverter, P2pfsLayers, content_store_dir
+
+    if not config.layers_mount:
+        return NoRemoteLayers(), None
+    converter = None
+    if config.layers_url and config.convert_concurrency > 0:
+        layers = P2pfsLayers(config.layers_mount, timeout=config.probe_timeout_s)
+        converter = FirstPullConverter(
+            config.layers_url,
+            content_dir=content_store_dir(config.containerd_root) if config.containerd_root else None,
+            plain_http_registries=config.plain_http, concurrency=config.convert_concurrency,
+            on_converted=layers.attach)
+        layers.converter = converter
+        return layers, converter
+    return P2pfsLayers(config.layers_mount, timeout=config.probe_timeout_s), None
+
+
 def serve(config: ServeConfig, *, stop: threading.Event | None = None) -> None:
     """Serve until `stop` is set (SIGTERM/SIGINT set it when called from the main thread)."""
     from prometheus_client import start_http_server
 
     from . import _grpc
-    from ._layerfs import DirRemoteLayers, NoRemoteLayers
     from ._store import Store
     from .snapshotter import Snapshotter
 
@@ -91,11 +115,14 @@ def serve(config: ServeConfig, *, stop: threading.Event | None = None) -> None:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: stop.set())
-    remote = (DirRemoteLayers(config.layers_mount, timeout=config.probe_timeout_s)
-              if config.layers_mount else NoRemoteLayers())
+    remote, converter = _remote_layers(config)
     store = Store(config.root)
     try:
         sn = Snapshotter(store, remote)
+        if converter is not None:
+            from ._p2pfs import ConverterMetrics
+
+            sn.metrics.registry.register(ConverterMetrics(converter))
         metrics = None
         if config.metrics_addr:
             host, port = _parse_addr(config.metrics_addr)
@@ -112,6 +139,8 @@ def serve(config: ServeConfig, *, stop: threading.Event | None = None) -> None:
         if metrics is not None:
             metrics.shutdown()
     finally:
+        if converter is not None:
+            converter.close()
         store.close()
         if config.socket.is_socket():
             config.socket.unlink()
@@ -139,12 +168,22 @@ def main(verbose: bool, json_logs: bool) -> None:
 @click.option("--probe-timeout", "probe_timeout_s", type=float, default=2.0, show_default=True,
               help="Seconds a remote layer may take to answer before calls get UNAVAILABLE.")
 @click.option("--workers", type=int, default=16, show_default=True, help="gRPC worker threads.")
+@click.option("--containerd-root", type=click.Path(path_type=Path), default="/var/lib/containerd",
+              show_default=True, help="containerd's root: layers pulled normally are converted "
+                                      "from its content store.")
+@click.option("--plain-http", multiple=True, metavar="HOST:PORT",
+              help="A registry the converter reaches over plain HTTP (repeatable).")
+@click.option("--convert-concurrency", type=int, default=1, show_default=True,
+              help="Layers converted at once after a normal pull (0: never convert).")
 def serve_cmd(socket_: Path, root: Path, layers_mount: Path | None, layers_url: str | None,
-              metrics_addr: str | None, probe_timeout_s: float, workers: int) -> None:
+              metrics_addr: str | None, probe_timeout_s: float, workers: int,
+              containerd_root: Path, plain_http: tuple[str, ...], convert_concurrency: int) -> None:
     """Serve containerd's snapshots API on SOCKET."""
     config = ServeConfig(socket=socket_.absolute(), root=root.absolute(), layers_mount=layers_mount,
                          layers_url=layers_url, metrics_addr=metrics_addr,
-                         probe_timeout_s=probe_timeout_s, workers=workers)
+                         probe_timeout_s=probe_timeout_s, workers=workers,
+                         containerd_root=containerd_root.absolute(), plain_http=plain_http,
+                         convert_concurrency=convert_concurrency)
     try:
         serve(config)
     except OSError as exc:

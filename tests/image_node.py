@@ -1,0 +1,128 @@
+"""One "node" for image tests and the image benchmark: a p2pfs mount of the layers prefix
+(its own daemon and cache), a p2pfs-snapshotter process over it, and a containerd whose
+proxy plugin `p2pfs` is that snapshotter. Every part has its own temp dirs and is stopped
+by PID; `ImageNode.stop()` tears down in the order that leaves nothing mounted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from conftest import p2pfs_cmd
+
+SNAPSHOTTER = [sys.executable, "-m", "snapshotter.cli"]
+
+
+def wait_for_socket(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.is_socket():
+        if proc.poll() is not None:
+            raise RuntimeError(f"snapshotter exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"snapshotter socket {path} did not appear:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+
+
+class Snapshotter:
+    """A `p2pfs-snapshotter serve` process."""
+
+    def __init__(self, root: Path, *, layers_mount: Path | None, layers_url: str | None,
+                 endpoint: str, containerd_root: Path | None = None,
+                 plain_http: tuple[str, ...] = (), extra: tuple[str, ...] = ()) -> None:
+        self.root = root
+        self.short = Path(tempfile.mkdtemp(prefix="p2pfs-sn-", dir="/tmp"))
+        self.socket = self.short / "s.sock"
+        self.log = root.parent / f"{root.name}-snapshotter.log"
+        self.args = ["serve", "--socket", str(self.socket), "--root", str(root)]
+        if layers_mount:
+            self.args += ["--layers-mount", str(layers_mount)]
+        if layers_url:
+            self.args += ["--layers", layers_url]
+        if containerd_root:
+            self.args += ["--containerd-root", str(containerd_root)]
+        for host in plain_http:
+            self.args += ["--plain-http", host]
+        self.args += list(extra)
+        self.env = {**os.environ, "AWS_ENDPOINT_URL": endpoint}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Snapshotter":
+        with open(self.log, "ab") as logf:
+            self.proc = subprocess.Popen([*SNAPSHOTTER, *self.args], env=self.env,
+                                         stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)
+        wait_for_socket(self.socket, self.proc, self.log)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+class ImageNode:
+    """Mount + snapshotter + containerd. `mount_factory` and `containerd_factory` are the
+    fixtures' factories, so their teardown also runs if this node's stop is not reached."""
+
+    def __init__(self, name: str, tmp: Path, *, layers_url: str, endpoint: str, registry_host: str,
+                 mount_factory, containerd_factory, mount_args: tuple[str, ...] = (),
+                 registries: Any = None) -> None:
+        self.name = name
+        self.dir = tmp / name
+        self.dir.mkdir(parents=True)
+        self.layers_url = layers_url
+        mp = self.dir / "layers"
+        mp.mkdir()
+        self.mount = mount_factory(layers_url, endpoint, "--allow-empty", *mount_args,
+                                   cache_dir=self.dir / "cache", mountpoint=mp)
+        self.snapshotter = Snapshotter(self.dir / "snap", layers_mount=mp, layers_url=layers_url,
+                                       endpoint=endpoint, plain_http=(registry_host,))
+        # containerd dials its proxy plugin lazily: start it first, then the snapshotter
+        # with containerd's root (its content store is where first pulls are converted from).
+        self.containerd = containerd_factory(proxy_socket=self.snapshotter.socket,
+                                             registries=registries or [registry_host])
+        self.snapshotter.args += ["--containerd-root", str(self.containerd.root)]
+        self.snapshotter.start()
+
+    def pull(self, ref: str, timeout: float = 300) -> dict:
+        r = subprocess.run([*SNAPSHOTTER, "pull", ref, "--containerd-socket",
+                            str(self.containerd.socket), "--json"],
+                           capture_output=True, text=True, timeout=timeout)
+        if r.returncode != 0:
+            raise AssertionError(f"pull {ref} failed: {r.stderr}\n{self.snapshotter.log_text()[-3000:]}")
+        return json.loads(r.stdout)
+
+    def status(self) -> dict:
+        return self.mount.status()
+
+    def origin_bytes(self) -> int:
+        return int(self.status().get("bytes_by_source", {}).get("origin", 0))
+
+    def stop(self) -> None:
+        self.containerd.stop()
+        self.snapshotter.stop()
+        self.mount.stop()
+
+
+def refresh(node: ImageNode) -> dict:
+    return json.loads(p2pfs_cmd("refresh", str(node.mount.path), "--json").stdout)
