@@ -177,8 +177,11 @@ def test_cri_pull_serves_converted_layers_remotely(tmp_path, registry, container
 
     sn = snapshotter_factory(layers_mount=layers)
     node = containerd_factory(snapshotter="p2pfs", proxy_socket=sn.socket, registries=[registry.host])
-    with ImageService(str(node.socket), timeout=120) as cri:
-        cri.pull(ref)
+    r = subprocess.run([sys.executable, "-m", "snapshotter.cli", "pull", ref, "--containerd-socket",
+                        str(node.socket), "--json"], capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    pulled = json.loads(r.stdout)
+    assert pulled["ref"] == ref and pulled["image_ref"].startswith("sha256:")
     assert sn.metric("p2pfs_snapshotter_layers_total", served="remote") == 3
     assert sn.metric("p2pfs_snapshotter_layers_total", served="local") == 0
     names = [key for key, _, _ in _snapshots(node)]

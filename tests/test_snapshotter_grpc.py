@@ -207,6 +207,20 @@ def test_remote_layer_flow_as_containerd_drives_it(served, layers, tmp_path):
     assert served_count == {"remote": 2, "local": 2}
 
 
+def test_a_failure_of_ours_is_unknown_and_writes_nothing(served, tmp_path):
+    sn, c = served
+    snapshots = tmp_path / "root" / "snapshots"
+    snapshots.rmdir()
+    snapshots.write_text("not a directory")  # the dirs cannot be made
+    try:
+        assert c.code("Prepare", key="n/1/a") == C.UNKNOWN
+        assert c.code("Stat", key="n/1/a") == C.NOT_FOUND  # the row was rolled back
+    finally:
+        snapshots.unlink()
+        snapshots.mkdir()
+    assert c.code("Prepare", key="n/1/a") == C.OK
+
+
 def test_mounts_over_a_vanished_remote_layer_is_unavailable(served, layers):
     sn, c = served
     assert c.code("Prepare", key="k8s.io/1/extract-1 sha256:x",

@@ -231,3 +231,42 @@ def test_counts_by_kind(store):
         tx.insert(core.Snapshot(key="b", kind=Kind.ACTIVE))
         tx.insert(core.Snapshot(key="c", kind=Kind.COMMITTED))
     assert store.counts() == {Kind.ACTIVE: 2, Kind.COMMITTED: 1, Kind.VIEW: 0}
+
+
+class RecordingLayers(DirRemoteLayers):
+    """DirRemoteLayers that records the hook calls (the interface's fake, not a mock of ours)."""
+
+    def __init__(self, mount):
+        super().__init__(mount)
+        self.calls = []
+
+    def committed(self, name, labels, upper_dir):
+        self.calls.append(("committed", name, dict(labels), upper_dir))
+
+    def prepared(self, key, lower_dirs):
+        self.calls.append(("prepared", key, list(lower_dirs)))
+
+
+def test_hooks_see_layer_commits_and_prepares_over_remote_lowers(tmp_path):
+    (tmp_path / "layers" / ("f" * 64)).mkdir(parents=True)
+    remote = RecordingLayers(tmp_path / "layers")
+    sn = Snapshotter(Store(tmp_path / "root"), remote)
+    try:
+        # a normally unpacked layer: committed() with the Prepare's labels (the digest) merged in
+        sn.prepare("k8s.io/1/extract-1 sha256:a", "", {REF: "sha256:a", DIGEST: "sha256:" + "0" * 64})
+        sn.commit("k8s.io/2/sha256:a", "k8s.io/1/extract-1 sha256:a", {REF: "sha256:a"})
+        upper = str(sn.store.fs_dir(sn.stat("k8s.io/2/sha256:a")))
+        assert remote.calls == [("committed", "k8s.io/2/sha256:a",
+                                 {REF: "sha256:a", DIGEST: "sha256:" + "0" * 64}, upper)]
+        with pytest.raises(ServedRemotely):
+            sn.prepare("k8s.io/3/extract-2 sha256:b", "k8s.io/2/sha256:a",
+                       {REF: "sha256:b", DIGEST: "sha256:" + "f" * 64})
+        remote.calls.clear()
+        # a container's rootfs over the remote layer: prepared() names the remote lower
+        sn.prepare("k8s.io/4/ctr", "k8s.io/sha256:b")
+        sn.view("k8s.io/5/view", "k8s.io/sha256:b")  # views are not prepared
+        sn.prepare("k8s.io/6/plain")
+        sn.commit("k8s.io/7/not-a-layer", "k8s.io/6/plain")  # not a layer: no hook
+        assert remote.calls == [("prepared", "k8s.io/4/ctr", [str(tmp_path / "layers" / ("f" * 64))])]
+    finally:
+        sn.store.close()
