@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 
 from . import _metadata as core
-from ._errors import ServedRemotely
+from ._errors import FailedPrecondition, ServedRemotely
 from ._filters import compile_filters, snapshot_adaptor
 from ._layerfs import NoRemoteLayers, RemoteLayers
 from ._metadata import Kind, Mount, Snapshot
@@ -123,8 +123,8 @@ class Snapshotter:
         with self.store.transaction() as tx:
             snap = core.stat(tx, key)
             parents = core.chain(tx, snap)
-        if snap.remote:
-            self._check([snap])
+        if snap.kind == Kind.COMMITTED:  # as containerd's storage: only active ones and views
+            raise FailedPrecondition(f"snapshot {key!r} is committed: it has no mounts")
         self._check(parents)
         return self._mounts(snap, parents)
 

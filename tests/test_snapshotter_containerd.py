@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from containerd_helpers import containerd_factory, needs_containerd  # noqa: F401
+from containerd_helpers import ContainerdError, containerd_factory, needs_containerd  # noqa: F401
 from image_helpers import MT_OCI_MANIFEST, busybox_image, push, registry  # noqa: F401
 from snapshotter._cri import ImageService
 
@@ -197,6 +197,16 @@ def test_cri_pull_serves_converted_layers_remotely(tmp_path, registry, container
     node.run_container(ref, "snap-remote-2", ["sh", "-c", "echo x > /etc/new; rm /data/note.txt"])
     assert not any((layers / d.split(":")[1] / "etc" / "new").exists() for d in digests)
     assert (layers / digests[2].split(":")[1] / "data" / "note.txt").exists()
+    # a remote layer that does not answer: the container is refused with UNAVAILABLE at once
+    base_dir = layers / digests[0].split(":")[1]
+    base_dir.rename(layers / "gone")
+    t0 = time.monotonic()
+    with pytest.raises(ContainerdError) as refused:
+        node.run_container(ref, "snap-remote-3", ["echo", "never"])
+    assert "unavailable" in str(refused.value).lower() and time.monotonic() - t0 < 30
+    (layers / "gone").rename(base_dir)
+    assert node.run_container(ref, "snap-remote-4", ["echo", "back"]).output == "back\n"
+
     # removing the image through CRI: containerd's GC removes the remote snapshots too; the
     # layers themselves belong to the p2pfs mount and stay
     with ImageService(str(node.socket), timeout=120) as cri:

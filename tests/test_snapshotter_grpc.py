@@ -150,6 +150,7 @@ def test_error_codes(served):
         ("Prepare", dict(key="n/5/x", labels={"k": "v" * 5000}), C.INVALID_ARGUMENT),
         ("View", dict(key="n/2/base"), C.ALREADY_EXISTS),
         ("Mounts", dict(key="n/9/missing"), C.NOT_FOUND),
+        ("Mounts", dict(key="n/2/base"), C.FAILED_PRECONDITION),
         ("Commit", dict(name="n/2/base", key="n/3/b"), C.ALREADY_EXISTS),
         ("Commit", dict(name="n/6/c", key="n/4/v"), C.FAILED_PRECONDITION),
         ("Commit", dict(name="n/6/c", key="n/9/missing"), C.NOT_FOUND),
