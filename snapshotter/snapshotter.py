@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 
 from . import _metadata as core
-from ._errors import FailedPrecondition, ServedRemotely
+from ._errors import FailedPrecondition, ServedRemotely, Unavailable
 from ._filters import compile_filters, snapshot_adaptor
 from ._layerfs import NoRemoteLayers, RemoteLayers
 from ._metadata import Kind, Mount, Snapshot
@@ -90,27 +90,30 @@ class Snapshotter:
             raise ServedRemotely(f"target snapshot {plan.name!r}: served from the p2pfs mount")
         if layer:
             self.metrics.layers.labels(served="local").inc()
-            log.info("layer %s pulled normally: %s", key, self._why_local(labels, lower))
+            log.info("layer %s pulled normally: %s", key, self._why_local(key, labels, lower))
         remote_lowers = [p.remote for p in parents if p.remote]
         if remote_lowers and kind == Kind.ACTIVE:
             self.remote.prepared(key, remote_lowers)
         return self._mounts(snap, parents)
 
     @staticmethod
-    def _why_local(labels: Mapping[str, str], lower: str | None) -> str:
+    def _why_local(key: str, labels: Mapping[str, str], lower: str | None) -> str:
         if core.REF_LABEL not in labels:
-            return ("no snapshot labels (a client like `ctr image pull`; use CRI with "
-                    "disable_snapshot_annotations = false)")
+            return ("no snapshot labels (a client like `ctr image pull`; pull through CRI, "
+                    "e.g. `p2pfs-snapshotter pull`)")
+        if not any(k.startswith("containerd.io/snapshot/") for k in labels):
+            return ("no layer digest label (set disable_snapshot_annotations = false in "
+                    "containerd's CRI config)")
         if lower is None:
-            return "no converted layer for its digest labels"
-        return f"{core.remote_name('', labels[core.REF_LABEL])} is taken by another snapshot"
+            return "its layer is not converted (or the layers mount did not answer)"
+        return f"{core.remote_name(key, labels[core.REF_LABEL])} is held by another snapshot"
 
     def _check(self, parents: Sequence[Snapshot]) -> None:
         remote_lowers = [p.remote for p in parents if p.remote]
         if remote_lowers:
             try:
                 self.remote.check(remote_lowers)
-            except Exception:
+            except Unavailable:
                 self.metrics.unavailable.inc()
                 raise
 

@@ -270,3 +270,19 @@ def test_hooks_see_layer_commits_and_prepares_over_remote_lowers(tmp_path):
         assert remote.calls == [("prepared", "k8s.io/4/ctr", [str(tmp_path / "layers" / ("f" * 64))])]
     finally:
         sn.store.close()
+
+
+@pytest.mark.parametrize("labels, why", [
+    ({}, "no snapshot labels"),
+    ({REF: "sha256:c"}, "disable_snapshot_annotations = false"),
+    ({REF: "sha256:c", DIGEST: "sha256:" + "1" * 64}, "not converted"),
+])
+def test_a_layer_pulled_normally_says_why(tmp_path, caplog, labels, why):
+    sn = Snapshotter(Store(tmp_path / "root"), DirRemoteLayers(tmp_path))
+    try:
+        with caplog.at_level("INFO", logger="snapshotter"):
+            sn.prepare("k8s.io/1/extract-1 sha256:c", "", labels)
+        assert any("pulled normally" in r.message and why in r.message for r in caplog.records)
+        assert sn.metrics.registry.get_sample_value("p2pfs_snapshotter_layers_total", {"served": "local"}) == 1
+    finally:
+        sn.store.close()
