@@ -17,7 +17,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from snapshotter import _proto as pb
 from snapshotter._grpc import serve
@@ -165,11 +164,9 @@ def test_error_codes(served):
         ("List", dict(filters=['labels."unterminated']), C.INVALID_ARGUMENT),
     ]
     assert [(m, c.code(m, **f)) for m, f, _ in cases] == [(m, code) for m, _, code in cases]
-    families = {f.name: f for f in text_string_to_metric_families(
-        __import__("prometheus_client").generate_latest(sn.metrics.registry).decode())}
-    errors = {(s.labels["method"], s.labels["code"]): s.value
-              for s in families["p2pfs_snapshotter_errors"].samples if s.name.endswith("_total")}
-    assert errors[("Prepare", "INVALID_ARGUMENT")] == 3 and errors[("List", "INVALID_ARGUMENT")] == 2
+    errors = sn.metrics.registry.get_sample_value
+    assert errors("p2pfs_snapshotter_errors_total", {"method": "Prepare", "code": "INVALID_ARGUMENT"}) == 3
+    assert errors("p2pfs_snapshotter_errors_total", {"method": "List", "code": "INVALID_ARGUMENT"}) == 2
 
 
 def test_remote_layer_flow_as_containerd_drives_it(served, layers, tmp_path):
@@ -202,10 +199,9 @@ def test_remote_layer_flow_as_containerd_drives_it(served, layers, tmp_path):
     assert _mounts(c.View(key="k8s.io/6/v", parent="k8s.io/sha256:solo")) == [
         ("bind", str(root / str(sn.stat("k8s.io/sha256:solo").id) / "fs"), ["ro", "rbind"])]
     assert c.Usage(key="k8s.io/sha256:top") == pb.UsageResponse(size=0, inodes=0)
-    served_count = {s.labels["served"]: s.value for f in text_string_to_metric_families(
-        __import__("prometheus_client").generate_latest(sn.metrics.registry).decode())
-        if f.name == "p2pfs_snapshotter_layers" for s in f.samples if s.name.endswith("_total")}
-    assert served_count == {"remote": 2, "local": 2}
+    served_count = {s: sn.metrics.registry.get_sample_value("p2pfs_snapshotter_layers_total", {"served": s})
+                    for s in ("remote", "local")}
+    assert served_count == {"remote": 2, "local": 2}  # base and "more" unpacked, top and solo served
 
 
 def test_a_failure_of_ours_is_unknown_and_writes_nothing(served, tmp_path):
