@@ -102,6 +102,10 @@ def _wrap(name: str, fn: Any, sn: Snapshotter, stream: bool) -> Any:
             sn.metrics.errors.labels(method=name, code=code.name).inc()
         if code == grpc.StatusCode.UNKNOWN:
             log.exception("%s failed", name)
+        elif code == grpc.StatusCode.UNAVAILABLE:
+            # The one refusal an operator must act on: the layers mount does not answer.
+            log.warning("%s: UNAVAILABLE: %s (is the p2pfs daemon of the layers mount running? "
+                        "`p2pfs status <mount>`; restarting it serves new containers)", name, exc)
         else:
             log.debug("%s: %s: %s", name, code.name, exc)
         context.abort(code, str(exc))
