@@ -6,9 +6,10 @@ service), and each converted layer is the directory `<mount>/<hex sha256 of its 
 
 A dead FUSE daemon can make a stat hang (or, with cached attributes, succeed), so a
 probe opens the directory (always a request to the daemon) in a thread that may be
-abandoned: it either answers within `timeout` or the probe reports Unavailable. At most
-`max_hung` probes may hang at once; beyond that every probe fails at once instead of
-piling up threads behind a dead mount.
+abandoned: it either answers within `timeout` or the probe reports Unavailable. Once
+`max_hung` probes have timed out and not returned yet, every probe fails at once instead
+of piling up threads behind a dead mount; probes that answer in time may run in any
+number at once.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import re
 import threading
 from pathlib import Path
-from typing import Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 from ._errors import Unavailable
 
@@ -64,36 +65,55 @@ class NoRemoteLayers:
         return None
 
 
-class Prober:
-    """Timed, bounded directory probes."""
+def open_dir(path: str) -> None:
+    """Open and close `path` as a directory (a request to a FUSE daemon, never cached)."""
+    os.close(os.open(path, os.O_RDONLY | os.O_DIRECTORY))
 
-    def __init__(self, timeout: float = 2.0, max_hung: int = 4) -> None:
+
+class Prober:
+    """Timed directory probes; at most `max_hung` may still hang (answered late or never)."""
+
+    def __init__(self, timeout: float = 2.0, max_hung: int = 4, *,
+                 open_dir: Callable[[str], None] = open_dir) -> None:
         self.timeout = timeout
-        self._slots = threading.BoundedSemaphore(max_hung)
+        self.max_hung = max_hung
+        self._open_dir = open_dir
+        self._lock = threading.Lock()
+        self._hung = 0  # probes that timed out and whose thread has not returned yet
+
+    def hung(self) -> int:
+        with self._lock:
+            return self._hung
 
     def probe(self, path: str) -> OSError | None:
         """Open `path` as a directory: None if it did, the error if it failed; Unavailable
-        if it did not answer within the timeout."""
-        if not self._slots.acquire(blocking=False):
-            raise Unavailable(f"{path}: earlier probes of the layers mount still hang")
-        result: list[BaseException | None] = []
+        if it did not answer within the timeout (or too many earlier probes still hang)."""
+        with self._lock:
+            if self._hung >= self.max_hung:
+                raise Unavailable(f"{path}: {self._hung} earlier probes of the layers mount still hang")
+        state: dict[str, object] = {"done": False, "hung": False, "error": None}
 
         def run() -> None:
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-                os.close(fd)
-                result.append(None)
+                self._open_dir(path)
             except OSError as exc:
-                result.append(exc)
+                state["error"] = exc
             finally:
-                self._slots.release()
+                with self._lock:
+                    state["done"] = True
+                    if state["hung"]:
+                        self._hung -= 1
 
         thread = threading.Thread(target=run, name=f"probe {path}", daemon=True)
         thread.start()
         thread.join(self.timeout)
-        if not result:
-            raise Unavailable(f"{path}: no answer within {self.timeout:g}s (is the p2pfs daemon alive?)")
-        return result[0]
+        with self._lock:
+            if not state["done"]:
+                state["hung"] = True
+                self._hung += 1
+                raise Unavailable(f"{path}: no answer within {self.timeout:g}s "
+                                  "(is the p2pfs daemon alive?)")
+        return state["error"]  # type: ignore[return-value]
 
 
 class DirRemoteLayers(NoRemoteLayers):
