@@ -111,14 +111,16 @@ def _build() -> dict[str, Any]:
                for name in FIELDS}
     classes["Mount"] = message_factory.GetMessageClass(
         pool.FindMessageTypeByName(f"{TYPES_PACKAGE}.Mount"))
-    classes["Empty"] = message_factory.GetMessageClass(
-        pool.FindMessageTypeByName("google.protobuf.Empty"))
+    for wkt in ("Empty", "FieldMask", "Timestamp"):
+        classes[wkt] = message_factory.GetMessageClass(
+            pool.FindMessageTypeByName(f"google.protobuf.{wkt}"))
     return classes
 
 
 MESSAGES = _build()
 Mount = MESSAGES["Mount"]
 Empty = MESSAGES["Empty"]
+FieldMask = MESSAGES["FieldMask"]
 Info = MESSAGES["Info"]
 PrepareSnapshotRequest = MESSAGES["PrepareSnapshotRequest"]
 PrepareSnapshotResponse = MESSAGES["PrepareSnapshotResponse"]

@@ -106,8 +106,7 @@ def test_every_method_over_the_socket(served, tmp_path):
     assert info.created_at.ToNanoseconds() > 0 and info.updated_at == info.created_at
 
     req = pb.Info(name="default/3/ctr", labels={"a": "1", "b": "2"})
-    upd = c.Update(info=req, update_mask=pb.MESSAGES["UpdateSnapshotRequest"]().update_mask.__class__(
-        paths=["labels.a"])).info
+    upd = c.Update(info=req, update_mask=pb.FieldMask(paths=["labels.a"])).info
     assert dict(upd.labels) == {"a": "1"} and upd.kind == pb.KINDS["ACTIVE"]
     assert dict(c.Update(info=req).info.labels) == {"a": "1", "b": "2"}  # no mask: all labels
 
@@ -140,7 +139,7 @@ def test_error_codes(served):
     c.Commit(name="n/2/base", key="n/1/a")
     c.Prepare(key="n/3/b", parent="n/2/base")
     c.View(key="n/4/v", parent="n/2/base")
-    mask = pb.MESSAGES["UpdateSnapshotRequest"]().update_mask.__class__
+    mask = pb.FieldMask
     cases = [
         ("Prepare", dict(key="n/3/b"), C.ALREADY_EXISTS),
         ("Prepare", dict(key="n/5/x", parent="n/9/missing"), C.NOT_FOUND),
