@@ -191,8 +191,11 @@ class P2pfsLayers(DirRemoteLayers):
         self._misses: dict[str, float] = {}
         self._lock = threading.Lock()
         self.refreshes = 0
+        self.images: Any = None  # an _ocistore.ImageRecorder: the image's metadata for the mirror
 
     def lookup(self, labels: Mapping[str, str]) -> str | None:
+        if self.images is not None:
+            self.images.seen(labels)  # queues at most; never blocks the Prepare
         found = super().lookup(labels)
         hex_ = layer_hex(labels)
         if found is not None or hex_ is None:

@@ -34,6 +34,7 @@ class ServeConfig:
     layers_mount: Path | None = None  # the p2pfs mount of the layers prefix; None: no remote layers
     layers_url: str | None = None     # that prefix in the object store (for convert on first pull)
     metrics_addr: str | None = None   # HOST:PORT for /metrics; None: off
+    mirror_addr: str | None = None    # HOST:PORT for the image metadata mirror; None: off
     containerd_root: Path | None = Path("/var/lib/containerd")  # its content store: first pulls convert from there
     plain_http: tuple[str, ...] = ()  # registries (host:port) the converter reaches over plain HTTP
     convert_concurrency: int = 1      # layers converted at once on first pull (0: never convert)
@@ -46,6 +47,9 @@ class ServeConfig:
             raise click.BadParameter("must be > 0", param_hint="--probe-timeout")
         if self.convert_concurrency < 0:
             raise click.BadParameter("must be >= 0", param_hint="--convert-concurrency")
+        if self.mirror_addr and not self.layers_url:
+            raise click.BadParameter("the mirror serves what is stored under --layers: give it",
+                                     param_hint="--mirror-addr")
         if self.workers < 1:
             raise click.BadParameter("must be >= 1", param_hint="--workers")
         if len(os.fsencode(self.socket.absolute())) >= 108:
@@ -76,11 +80,11 @@ def sd_notify(message: str) -> None:
     notify(os.environ.get("NOTIFY_SOCKET"), message)
 
 
-def _parse_addr(addr: str) -> tuple[str, int]:
+def _parse_addr(addr: str, flag: str = "--metrics-addr", default_host: str = "0.0.0.0") -> tuple[str, int]:
     host, sep, port = addr.rpartition(":")
     if not sep or not port.isdigit():
-        raise click.BadParameter(f"{addr!r} is not HOST:PORT", param_hint="--metrics-addr")
-    return host.strip("[]") or "0.0.0.0", int(port)
+        raise click.BadParameter(f"{addr!r} is not HOST:PORT", param_hint=flag)
+    return host.strip("[]") or default_host, int(port)
 
 
 def _remote_layers(config: ServeConfig):
@@ -103,6 +107,38 @@ def _remote_layers(config: ServeConfig):
     return P2pfsLayers(config.layers_mount, timeout=config.probe_timeout_s), None
 
 
+def _image_mirror(config: ServeConfig, layers):
+    """With a layers prefix: the recorder that stores each pulled image's metadata there,
+    and (with --mirror-addr) the mirror serving it. (loop, recorder, server); Nones when
+    off or when the object store cannot be opened (logged: pulls work without them)."""
+    from p2pfs.errors import P2PFSError
+
+    from ._mirror import MirrorServer
+    from ._ocistore import ImageRecorder, MirrorReader, OriginLoop
+    from ._p2pfs import content_store_dir
+
+    if not config.layers_url or not (hasattr(layers, "images") or config.mirror_addr):
+        return None, None, None
+    from p2pfs.origin import parse_url
+
+    try:
+        loop = OriginLoop(parse_url(config.layers_url)).start()
+    except (P2PFSError, OSError) as exc:
+        log.error("image metadata mirror off: cannot open %s: %s", config.layers_url, exc)
+        return None, None, None
+    recorder = None
+    if hasattr(layers, "images"):
+        recorder = layers.images = ImageRecorder(
+            loop, content_dir=content_store_dir(config.containerd_root) if config.containerd_root else None,
+            plain_http_registries=config.plain_http)
+    server = None
+    if config.mirror_addr:
+        host, port = _parse_addr(config.mirror_addr, "--mirror-addr", "127.0.0.1")
+        server = MirrorServer(MirrorReader(loop), host, port).start()
+        log.info("image metadata mirror on %s (a registry's fallback host in hosts.toml)", server.url)
+    return loop, recorder, server
+
+
 def serve(config: ServeConfig, *, stop: threading.Event | None = None) -> None:
     """Serve until `stop` is set (SIGTERM/SIGINT set it when called from the main thread)."""
     from prometheus_client import start_http_server
@@ -117,6 +153,7 @@ def serve(config: ServeConfig, *, stop: threading.Event | None = None) -> None:
             signal.signal(sig, lambda signum, frame: stop.set())
     remote, converter = _remote_layers(config)
     store = Store(config.root)
+    oci_loop, recorder, mirror = _image_mirror(config, remote)
     try:
         sn = Snapshotter(store, remote)
         if converter is not None:
@@ -141,6 +178,12 @@ def serve(config: ServeConfig, *, stop: threading.Event | None = None) -> None:
     finally:
         if converter is not None:
             converter.close()
+        if mirror is not None:
+            mirror.close()
+        if recorder is not None:
+            recorder.close()
+        if oci_loop is not None:
+            oci_loop.close()
         store.close()
         if config.socket.is_socket():
             config.socket.unlink()
@@ -165,6 +208,10 @@ def main(verbose: bool, json_logs: bool) -> None:
 @click.option("--layers", "layers_url", default=None,
               help="That layers prefix in the object store (for converting layers on first pull).")
 @click.option("--metrics-addr", default=None, help="HOST:PORT to serve /metrics on.")
+@click.option("--mirror-addr", default=None, metavar="HOST:PORT",
+              help="Serve the image metadata mirror (manifests, configs, tags stored under "
+                   "--layers) on HOST:PORT (HOST defaults to 127.0.0.1), for hosts.toml's "
+                   "fallback `server`.")
 @click.option("--probe-timeout", "probe_timeout_s", type=float, default=2.0, show_default=True,
               help="Seconds a remote layer may take to answer before calls get UNAVAILABLE.")
 @click.option("--workers", type=int, default=16, show_default=True, help="gRPC worker threads.")
@@ -176,11 +223,11 @@ def main(verbose: bool, json_logs: bool) -> None:
 @click.option("--convert-concurrency", type=int, default=1, show_default=True,
               help="Layers converted at once after a normal pull (0: never convert).")
 def serve_cmd(socket_: Path, root: Path, layers_mount: Path | None, layers_url: str | None,
-              metrics_addr: str | None, probe_timeout_s: float, workers: int,
+              metrics_addr: str | None, mirror_addr: str | None, probe_timeout_s: float, workers: int,
               containerd_root: Path, plain_http: tuple[str, ...], convert_concurrency: int) -> None:
     """Serve containerd's snapshots API on SOCKET."""
     config = ServeConfig(socket=socket_.absolute(), root=root.absolute(), layers_mount=layers_mount,
-                         layers_url=layers_url, metrics_addr=metrics_addr,
+                         layers_url=layers_url, metrics_addr=metrics_addr, mirror_addr=mirror_addr,
                          probe_timeout_s=probe_timeout_s, workers=workers,
                          containerd_root=containerd_root.absolute(), plain_http=plain_http,
                          convert_concurrency=convert_concurrency)

@@ -207,6 +207,12 @@ class Registry:
         resp = self._retrying(lambda: self._get(ref, f"blobs/{digest}", f"blob {digest}"))
         return io.BufferedReader(_BlobStream(resp, digest, size), buffer_size=1 << 20)  # type: ignore[return-value]
 
+    def manifest(self, ref: Reference | str, reference: str) -> tuple[bytes, str | None]:
+        """The manifest or index bytes served for `reference` (a tag or a digest), verified
+        as `resolve` verifies them, and the Content-Type they came with."""
+        ref = parse_reference(ref) if isinstance(ref, str) else ref
+        return self._manifest(ref, reference)
+
     def read_blob(self, ref: Reference, desc: Descriptor, limit: int) -> bytes:
         """A small blob (a config), verified against its descriptor."""
         if desc.size > limit:
