@@ -5,7 +5,7 @@
     p2pfs-snapshotter pull REF [--containerd-socket /run/containerd/containerd.sock] [--json]
 
 `serve` tells systemd READY=1 once the socket listens (Type=notify) and stops gracefully
-on SIGTERM or SIGINT: calls under way finish (up to --grace seconds), the store closes.
+on SIGTERM or SIGINT: calls under way finish (up to 10 s), the store closes.
 """
 
 from __future__ import annotations
