@@ -286,3 +286,57 @@ def test_a_layer_pulled_normally_says_why(tmp_path, caplog, labels, why):
         assert sn.metrics.registry.get_sample_value("p2pfs_snapshotter_layers_total", {"served": "local"}) == 1
     finally:
         sn.store.close()
+
+
+def test_concurrent_calls_keep_rows_and_dirs_consistent(tmp_path):
+    """grpc calls arrive on many threads: whatever interleaving, only our errors, every row
+    has its dirs, every dir its row, and every parent is committed."""
+    import random
+    import threading
+
+    sn = Snapshotter(Store(tmp_path / "root"))
+    sn.prepare("n/0/base-key")
+    sn.commit("n/0/base", "n/0/base-key")
+    failures: list[BaseException] = []
+    done: list[int] = []
+
+    def worker(seed: int) -> None:
+        rnd = random.Random(seed)
+        names = ["n/0/base"] + [f"n/c/{i}" for i in range(6)]
+        for _ in range(60):
+            key = f"n/k/{rnd.randrange(8)}"
+            try:
+                op = rnd.randrange(5)
+                if op == 0:
+                    sn.prepare(key, rnd.choice(names))
+                elif op == 1:
+                    sn.commit(rnd.choice(names[1:]), key)
+                elif op == 2:
+                    sn.remove(rnd.choice([key] + names[1:]))
+                elif op == 3:
+                    sn.view(key + "v", rnd.choice(names))
+                else:
+                    sn.usage(key)
+                done.append(op)
+            except SnapshotterError:
+                pass
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                failures.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    try:
+        assert failures == []
+        assert all(done.count(op) > 5 for op in range(5))  # every kind of call succeeded often
+        rows = sn.store.all()
+        assert sorted(int(p.name) for p in sn.store.snapshots_dir.iterdir()) == sorted(s.id for s in rows)
+        by_key = {s.key: s for s in rows}
+        for s in rows:
+            assert sn.store.fs_dir(s).is_dir()
+            assert not s.parent or by_key[s.parent].kind == Kind.COMMITTED
+        assert list(sn.store.trash_dir.iterdir()) == []
+    finally:
+        sn.store.close()
