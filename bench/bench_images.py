@@ -121,28 +121,181 @@ def overlayfs(bench: Bench, image: BenchImage, ref: str, rnd: int) -> Sample:
         shutil.rmtree(node.root, ignore_errors=True)
 
 
+# --- p2pfs nodes ----------------------------------------------------------------------
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "p2pfs-bench", "AWS_SECRET_ACCESS_KEY": "p2pfs-bench",
+          "AWS_REGION": "us-east-1"}
+for _k, _v in S3_ENV.items():
+    os.environ.setdefault(_k, _v)
+
+
+class ObjectStore:
+    """One SeaweedFS for the whole run, behind a counting relay: the bytes a node fetches
+    from the object store are the relay's egress (everything p2pfs and the converter read)."""
+
+    def __init__(self, workdir: Path) -> None:
+        from p2pfs.seaweed import SeaweedServer
+
+        self.server = SeaweedServer(workdir / "seaweed").start()
+        self.server.create_bucket("layers")
+        self.relay = StoreRelay(("127.0.0.1", self.server.s3_port)).start()
+        self.endpoint = self.relay.endpoint
+
+    def close(self) -> None:
+        self.relay.stop()
+        self.server.stop()
+
+
+_STORE: ObjectStore | None = None
+_PREPARED: dict[tuple[str, str], str] = {}  # (variant family, image) -> layers URL ready for it
+
+
+def _store(bench: Bench) -> ObjectStore:
+    global _STORE
+    if _STORE is None:
+        _STORE = ObjectStore(bench.workdir)
+        bench.meters.append(lambda: _STORE.relay.egress)
+        bench.resets.append(_STORE.relay.reset)
+    return _STORE
+
+
+def close_store() -> None:
+    global _STORE
+    if _STORE is not None:
+        _STORE.close()
+        _STORE = None
+    _PREPARED.clear()
+
+
+class P2pfsNode:
+    """A fresh node: a p2pfs mount of the layers prefix (new cache), the snapshotter over it
+    (convert on first pull on) and a containerd with the snapshotter as its proxy plugin."""
+
+    def __init__(self, bench: Bench, name: str, layers_url: str, *, startup_window: float) -> None:
+        from conftest import Mount
+        from image_node import Snapshotter
+
+        store = _store(bench)
+        self.dir = bench.node_dir / name
+        self.dir.mkdir(parents=True)
+        (self.dir / "p2pfs.toml").write_text(f"[mount]\nstartup_window = {startup_window}\n")
+        mp = self.dir / "layers"
+        mp.mkdir()
+        self.cache = Path(tempfile.mkdtemp(prefix="p2pfs-bn-", dir="/var/tmp"))  # short: its control socket
+        self.mount = Mount(layers_url, mp, self.cache, store.endpoint,
+                           ["--allow-empty", "--config", str(self.dir / "p2pfs.toml")]).start()
+        self.snapshotter = Snapshotter(self.dir / "snap", layers_mount=mp, layers_url=layers_url,
+                                       endpoint=store.endpoint, plain_http=(bench.registry.host,))
+        self.containerd = Containerd(self.dir / "containerd", snapshotter="p2pfs",
+                                     proxy_socket=self.snapshotter.socket,
+                                     registries=bench.registry_mirror)
+        self.containerd.start()
+        self.snapshotter.args += ["--containerd-root", str(self.containerd.root)]
+        self.snapshotter.start()
+
+    def layers_on_mount(self, image: BenchImage) -> int:
+        return sum((self.mount.path / layer.digest.removeprefix("sha256:")).is_dir()
+                   for layer in image.layers)
+
+    def wait_converted(self, image: BenchImage, timeout: float = 900) -> float:
+        """Seconds until every layer of `image` is converted and attached here."""
+        from conftest import p2pfs_cmd
+
+        t0 = time.monotonic()
+        while self.layers_on_mount(image) < len(image.layers):
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"{image.name}: layers not converted in {timeout} s:\n"
+                                   + self.snapshotter.log_text()[-3000:])
+            time.sleep(0.5)
+            p2pfs_cmd("refresh", str(self.mount.path), endpoint=self.mount.endpoint, check=False)
+        return time.monotonic() - t0
+
+    def counts(self) -> dict:
+        log = self.snapshotter.log_text()
+        return {"layers_remote": log.count("served remotely"), "layers_local": log.count("pulled normally")}
+
+    def stop(self) -> None:
+        try:
+            self.containerd.stop()
+        finally:
+            self.snapshotter.stop()
+            self.mount.stop()
+            shutil.rmtree(self.dir, ignore_errors=True)
+            shutil.rmtree(self.cache, ignore_errors=True)
+
+
+def _run_on_node(bench: Bench, image: BenchImage, ref: str, name: str, layers_url: str, *,
+                 startup_window: float, after: Callable[[P2pfsNode, Sample], None] | None = None
+                 ) -> Sample:
+    node = P2pfsNode(bench, name, layers_url, startup_window=startup_window)
+    try:
+        sample = _pull_and_run(bench, node.containerd, image, ref, f"bench-{name}"[:60], "p2pfs")
+        sample.extra.update(node.counts())
+        if after is not None:
+            after(node, sample)
+        return sample
+    finally:
+        node.stop()
+
+
+def _prefix(kind: str, image: BenchImage) -> str:
+    import uuid
+
+    return f"s3://layers/{kind}-{image.name}-{uuid.uuid4().hex[:6]}"
+
+
 def p2pfs_first_pull(bench: Bench, image: BenchImage, ref: str, rnd: int) -> Sample:
-    """LEAD: the first node to pull an image nobody has converted. Fresh object-store layers
-    prefix and p2pfs cache; the p2pfs FUSE daemon mounted on the layers prefix, the snapshotter
-    serving its socket with convert-on-first-pull on, containerd with
-    `Containerd(root, snapshotter="p2pfs", proxy_socket=<socket>, registries=bench.registry_mirror)`;
-    add the object store's relay to bench.meters/resets, then `_pull_and_run(..., "p2pfs")`.
-    Put into Sample.extra: seconds until every layer is converted (poll the snapshotter's
-    status), bytes the conversion uploaded, layers served remotely vs. pulled (its counters)."""
-    raise NotImplementedError("p2pfs first pull: filled in by the lead")
+    """The first node to pull an image nobody has converted: a normal pull into the
+    snapshotter's own snapshots, then the layers converted in the background (timed to
+    the end of the conversion in extra)."""
+    def converted(node: P2pfsNode, sample: Sample) -> None:
+        sample.extra["seconds_to_converted"] = round(sample.seconds_total + node.wait_converted(image), 2)
+
+    return _run_on_node(bench, image, ref, f"first-{image.name}-{rnd}", _prefix("first", image),
+                        startup_window=0, after=converted)
+
+
+def _converted_prefix(bench: Bench, image: BenchImage, ref: str, kind: str) -> str:
+    """A layers prefix on which `image` is converted (one untimed first pull), per kind."""
+    key = (kind, image.name)
+    if key not in _PREPARED:
+        url = _prefix(kind, image)
+        node = P2pfsNode(bench, f"prep-{kind}-{image.name}", url, startup_window=0)
+        try:
+            with ImageService(str(node.containerd.socket), timeout=1800) as cri:
+                cri.pull(ref)
+            node.wait_converted(image)
+        finally:
+            node.stop()
+        _PREPARED[key] = url
+    return _PREPARED[key]
 
 
 def p2pfs_lazy(bench: Bench, image: BenchImage, ref: str, rnd: int) -> Sample:
-    """LEAD: a fresh node (new containerd root, new p2pfs cache, same object store) pulling an
-    image already converted (by one untimed p2pfs_first_pull before round 0), without the
-    recorded start-up prefetch. Expect bytes_to_first_output far below image.blob_bytes."""
-    raise NotImplementedError("p2pfs lazy pull: filled in by the lead")
+    """A fresh node (new containerd root, new p2pfs cache, same object store) pulling an
+    image converted before, with no start-up list (recording off)."""
+    url = _converted_prefix(bench, image, ref, "lazy")
+    return _run_on_node(bench, image, ref, f"lazy-{image.name}-{rnd}", url, startup_window=0)
 
 
 def p2pfs_lazy_prefetch(bench: Bench, image: BenchImage, ref: str, rnd: int) -> Sample:
-    """LEAD: as p2pfs_lazy, after one untimed lazy run has recorded the start-up prefetch list
-    (ROOT/<hex>/.p2pfs/prefetch.json); the mount prefetches it in the background."""
-    raise NotImplementedError("p2pfs lazy pull with prefetch: filled in by the lead")
+    """As p2pfs_lazy, on a prefix where one untimed lazy start has recorded the layers'
+    start-up lists; the mount warms them in the background from the first open."""
+    key = ("recorded", image.name)
+    url = _converted_prefix(bench, image, ref, "prefetch")
+    if key not in _PREPARED:
+        window = 10.0
+
+        def wait_recorded(node: P2pfsNode, sample: Sample) -> None:
+            time.sleep(window + 3)  # every touched layer's window closes and its list is stored
+            recorded = node.mount.status().get("startup", {}).get("lists_recorded", 0)
+            if not recorded:
+                raise RuntimeError(f"{image.name}: no start-up list recorded")
+
+        _run_on_node(bench, image, ref, f"record-{image.name}", url, startup_window=window,
+                     after=wait_recorded)
+        _PREPARED[key] = url
+    return _run_on_node(bench, image, ref, f"prefetch-{image.name}-{rnd}", url, startup_window=10.0)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -180,6 +333,7 @@ def run(variants: dict[str, Variant], images: dict[str, BenchImage], rounds: int
                         f"  {sample.bytes_to_first_output / 1e6:8.1f} MB by then, "
                         f"{sample.bytes_total / 1e6:8.1f} MB total")
     finally:
+        close_store()
         relay.stop()
         registry.stop()
         shutil.rmtree(node_dir, ignore_errors=True)

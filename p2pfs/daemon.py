@@ -98,6 +98,10 @@ async def run_daemon(cfg: Config, url: str, mountpoint: Path, *,
             unmount(mountpoint, lazy=True)
         else:
             raise ConfigError(f"{mountpoint} is already mounted; `p2pfs unmount {mountpoint}` first")
+    control_path = cfg.cache.dir / "control.sock"
+    if len(os.fsencode(control_path)) > 107:  # sun_path holds 108 bytes with its NUL
+        raise ConfigError(f"cache dir {cfg.cache.dir} is too long a path for the control socket "
+                          f"(unix sockets take at most 107 bytes); use a shorter --cache-dir")
     lock_fd = lock_cache_dir(cfg.cache.dir)
     keep_freed_memory(cfg.fetch.max_request)
     metrics = Metrics()

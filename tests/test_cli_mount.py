@@ -172,3 +172,15 @@ def test_metrics_and_status_of_a_real_mount(model, seaweed, mount_factory):
         assert section in lines, human
     assert "{" not in human and "'" not in human
     assert f"metrics     {url}" in human and "hit ratio" in human
+
+
+def test_a_cache_dir_too_long_for_the_control_socket_is_refused_before_mounting(tmp_path):
+    from conftest import p2pfs_cmd
+
+    deep = tmp_path / ("d" * 100)
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    r = p2pfs_cmd("mount", "s3://models/x", str(mp), "--cache-dir", str(deep), check=False,
+                  endpoint="http://127.0.0.1:9")
+    assert r.returncode == 1 and "too long a path for the control socket" in r.stderr
+    assert not os.path.ismount(mp)
