@@ -1,0 +1,69 @@
+"""Integration: a layer's start-up list is recorded by the first node that starts from it
+lazily, stored next to its manifest, and warmed in the background by the next node from
+the first open (real SeaweedFS, `p2pfs image convert-layer`, real FUSE mounts)."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import tarfile
+import time
+import uuid
+
+from conftest import needs_fuse, p2pfs_cmd, wait_for
+
+pytestmark = needs_fuse
+KiB = 1024
+
+
+def layer_tar(tmp_path) -> tuple:
+    rng = random.Random(3)
+    files = {f"app/mod{i}.py": rng.randbytes(700 * KiB) for i in range(6)}
+    files["app/unused.bin"] = rng.randbytes(3000 * KiB)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in files.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tar.addfile(ti, io.BytesIO(data))
+    path = tmp_path / "layer.tar"
+    path.write_bytes(buf.getvalue())
+    return path, files
+
+
+def test_first_lazy_start_records_and_the_next_node_prefetches(seaweed, mount_factory, tmp_path):
+    url = f"s3://models/startup-{uuid.uuid4().hex[:6]}"
+    path, files = layer_tar(tmp_path)
+    res = json.loads(p2pfs_cmd("image", "convert-layer", str(path), url, "--json",
+                               endpoint=seaweed.endpoint).stdout)
+    hex_ = res["digest"].removeprefix("sha256:")
+    cfg = tmp_path / "p2pfs.toml"
+    cfg.write_text("[mount]\nstartup_window = 1.0\n")
+    started = ["app/mod0.py", "app/mod3.py", "app/mod5.py"]
+
+    first = mount_factory(url, seaweed.endpoint, "--config", str(cfg))
+    for name in started:
+        assert (first.path / hex_ / name).read_bytes() == files[name]
+    wait_for(lambda: first.status().get("startup", {}).get("lists_recorded") == 1, timeout=15,
+             what="start-up list stored")
+    assert first.status()["startup"]["lists_loaded"] == 0
+
+    second = mount_factory(url, seaweed.endpoint, "--config", str(cfg))
+    with open(second.path / hex_ / started[0], "rb") as f:  # the first open starts the warm-up
+        f.read(1)
+    chunks = sum(-(-len(files[n]) // (256 * KiB)) for n in started)
+    wait_for(lambda: second.status()["startup"].get("chunks_prefetched") == chunks, timeout=15,
+             what="start-up list loaded")
+    st = second.status()
+    assert st["startup"]["lists_loaded"] == 1 and st["startup"]["lists_recorded"] == 0
+    wait_for(lambda: second.status()["cache_chunks"] >= chunks, timeout=15, what="list warmed")
+    # What was not read at start-up was not fetched: only the listed files' bytes came in.
+    origin = second.status()["bytes_by_source"].get("origin", 0)
+    assert origin < sum(len(files[n]) for n in started) * 1.1 + 64 * KiB
+    for name in started[1:]:  # served from the local cache now, not fetched again
+        before = second.status()["bytes_by_source"].get("origin", 0)
+        assert (second.path / hex_ / name).read_bytes() == files[name]
+        assert second.status()["bytes_by_source"].get("origin", 0) == before
+    time.sleep(1.5)  # its window closes: nothing new is recorded over the loaded list
+    assert second.status()["startup"]["lists_recorded"] == 0
