@@ -200,6 +200,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _reply(self, method: str) -> None:
         status, headers, body = self.mirror.answer(method, self.path)
+        # Each request logged: the mirror answers only when the registry did not, and a
+        # pull that silently went elsewhere is the complaint to avoid.
+        log.info("mirror: %s %s -> %d (%d bytes)", method, self.path, status, len(body))
         self.send_response(status)
         headers = {**headers, "Content-Length": str(len(body)),
                    "Docker-Distribution-API-Version": "registry/2.0"}

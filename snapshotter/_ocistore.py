@@ -112,24 +112,32 @@ def sha256(data: bytes) -> str:
 
 class OriginLoop:
     """A trio loop (with trio-asyncio for S3) on its own thread, holding one open origin.
-    `call(fn, *args)` runs `await fn(origin, *args)` there from any other thread."""
+    `call(fn, *args)` runs `await fn(origin, *args)` there from any other thread, under
+    `timeout`. Calls reach the loop through a channel and run as children of the task that
+    opened the asyncio loop: trio-asyncio finds its loop in that task's context, which a
+    task started by `trio.from_thread` does not have."""
 
     def __init__(self, root: Location, s3: Any = None, *, timeout: float = 30.0) -> None:
         self.root, self.s3, self.timeout = root, s3, timeout
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._token: Any = None
-        self._stop: Any = None
-        self._origin: Origin | None = None
+        self._send: Any = None
         self._thread = threading.Thread(target=self._main, name="oci-origin", daemon=True)
 
-    def start(self) -> "OriginLoop":
+    def start(self, *, wait: bool = True) -> "OriginLoop":
+        """Open the origin on the loop's thread; without `wait`, calls wait for it instead
+        (the snapshotter's socket must not wait on the object store)."""
         self._thread.start()
+        if wait:
+            self._wait_open()
+        return self
+
+    def _wait_open(self) -> None:
         if not self._ready.wait(self.timeout):
             raise OriginUnavailable(f"{self.root}: the object store did not open in {self.timeout}s")
         if self._error is not None:
-            raise self._error
-        return self
+            raise OriginUnavailable(f"{self.root}: the object store did not open: {self._error}")
 
     def _main(self) -> None:
         import trio
@@ -151,35 +159,43 @@ class OriginLoop:
 
         async with trio_asyncio.open_loop():
             async with open_origin(self.root, self.s3) as origin:
-                self._origin = origin
-                self._token = trio.lowlevel.current_trio_token()
-                self._stop = trio.Event()
-                self._ready.set()
-                await self._stop.wait()
+                send, recv = trio.open_memory_channel[tuple](0)
+                async with trio.open_nursery() as nursery, recv:
+                    self._send = send
+                    self._token = trio.lowlevel.current_trio_token()
+                    self._ready.set()
+                    async for fn, args, result in recv:
+                        nursery.start_soon(self._one, origin, fn, args, result)
+
+    async def _one(self, origin: Origin, fn: Callable[..., Awaitable[Any]], args: tuple,
+                   result: concurrent.futures.Future) -> None:
+        import trio
+
+        try:
+            with trio.fail_after(self.timeout):
+                result.set_result(await fn(origin, *args))
+        except trio.TooSlowError:
+            result.set_exception(OriginUnavailable(f"{self.root}: no answer in {self.timeout}s"))
+        except Exception as exc:  # noqa: BLE001 - handed to the caller's thread
+            result.set_exception(exc)
 
     def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         import trio
 
-        async def bounded() -> T:
-            try:
-                with trio.fail_after(self.timeout):
-                    return await fn(self._origin, *args)
-            except trio.TooSlowError:
-                raise OriginUnavailable(f"{self.root}: no answer in {self.timeout}s") from None
-
-        if self._token is None:
-            raise OriginUnavailable(f"{self.root}: the object store is not open")
+        self._wait_open()
+        result: concurrent.futures.Future = concurrent.futures.Future()
         try:
-            return trio.from_thread.run(bounded, trio_token=self._token)
-        except trio.RunFinishedError:
+            trio.from_thread.run(self._send.send, (fn, args, result), trio_token=self._token)
+        except (trio.RunFinishedError, trio.ClosedResourceError):
             raise OriginUnavailable(f"{self.root}: the object store loop has stopped") from None
+        return result.result(self.timeout + 5)
 
     def close(self) -> None:
         import trio
 
-        if self._token is not None:
+        if self._token is not None and self._thread.is_alive():
             try:
-                trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+                trio.from_thread.run_sync(self._send.close, trio_token=self._token)
             except trio.RunFinishedError:
                 pass
         self._thread.join(10)

@@ -110,9 +110,8 @@ def _remote_layers(config: ServeConfig):
 def _image_mirror(config: ServeConfig, layers):
     """With a layers prefix: the recorder that stores each pulled image's metadata there,
     and (with --mirror-addr) the mirror serving it. (loop, recorder, server); Nones when
-    off or when the object store cannot be opened (logged: pulls work without them)."""
-    from p2pfs.errors import P2PFSError
-
+    off. The object store opens in the background: a failure to open it is the recorder's
+    and the mirror's to report (pulls work without them)."""
     from ._mirror import MirrorServer
     from ._ocistore import ImageRecorder, MirrorReader, OriginLoop
     from ._p2pfs import content_store_dir
@@ -121,11 +120,7 @@ def _image_mirror(config: ServeConfig, layers):
         return None, None, None
     from p2pfs.origin import parse_url
 
-    try:
-        loop = OriginLoop(parse_url(config.layers_url)).start()
-    except (P2PFSError, OSError) as exc:
-        log.error("image metadata mirror off: cannot open %s: %s", config.layers_url, exc)
-        return None, None, None
+    loop = OriginLoop(parse_url(config.layers_url)).start(wait=False)
     recorder = None
     if hasattr(layers, "images"):
         recorder = layers.images = ImageRecorder(
@@ -153,7 +148,7 @@ def serve(config: ServeConfig, *, stop: threading.Event | None = None) -> None:
             signal.signal(sig, lambda signum, frame: stop.set())
     remote, converter = _remote_layers(config)
     store = Store(config.root)
-    oci_loop, recorder, mirror = _image_mirror(config, remote)
+    oci_loop = recorder = mirror = None
     try:
         sn = Snapshotter(store, remote)
         if converter is not None:
@@ -165,6 +160,7 @@ def serve(config: ServeConfig, *, stop: threading.Event | None = None) -> None:
             host, port = _parse_addr(config.metrics_addr)
             metrics, _ = start_http_server(port, addr=host, registry=sn.metrics.registry)
             log.info("metrics on http://%s:%d/metrics", host, metrics.server_port)
+        oci_loop, recorder, mirror = _image_mirror(config, remote)
         server = _grpc.serve(sn, config.socket, workers=config.workers)
         log.info("root %s, layers %s%s", store.root, config.layers_mount or "(none: every layer pulled normally)",
                  f" from {config.layers_url}" if config.layers_url else "")

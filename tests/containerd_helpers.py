@@ -94,20 +94,32 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 """
 
 
+def hosts_toml(upstream: str, *, fallback: str | None = None) -> str:
+    """A registry's hosts.toml (plain HTTP): containerd tries each `[host]` in order, then
+    `server`; with `fallback` the registry is the `[host]` and the mirror the `server`."""
+    host = (f'[host."http://{upstream}"]\n  capabilities = ["pull", "resolve"]\n'
+            f'  skip_verify = true\n')
+    return f'server = "http://{fallback or upstream}"\n\n{host}'
+
+
 class Containerd:
     """One containerd process. `registries` are "host:port" of plain-HTTP registries (the
     test registry): each gets a hosts.toml so CRI pulls from it over http; a mapping
     {"host:port" in image refs: "host:port" to connect to} sends pulls through another
-    address (a counting relay in front of the registry)."""
+    address (a counting relay in front of the registry). `mirrors` {"host:port" in image refs:
+    "host:port" of an image metadata mirror} makes that mirror the registry's fallback: the
+    hosts.toml's `server`, tried after the `[host]` (the registry itself) fails."""
 
     def __init__(self, root: Path, *, snapshotter: str = "p2pfs", proxy_socket: Path | None = None,
-                 registries: Sequence[str] | Mapping[str, str] = (), start_timeout: float = 30.0):
+                 registries: Sequence[str] | Mapping[str, str] = (), start_timeout: float = 30.0,
+                 mirrors: Mapping[str, str] | None = None):
         self.root = Path(root)
         self.snapshotter = snapshotter
         self.proxy_socket = proxy_socket
         self.registries = (dict(registries) if isinstance(registries, Mapping)
                            else {host: host for host in registries})
         self.start_timeout = start_timeout
+        self.mirrors = dict(mirrors or {})
         self.short = Path(tempfile.mkdtemp(prefix="p2pfs-ctd-", dir="/tmp"))
         self.socket = self.short / "c.sock"
         self.state = self.short / "state"
@@ -128,8 +140,7 @@ class Containerd:
         for host, server in self.registries.items():
             (self.registry_dir / host).mkdir(exist_ok=True)
             (self.registry_dir / host / "hosts.toml").write_text(
-                f'server = "http://{server}"\n\n[host."http://{server}"]\n'
-                f'  capabilities = ["pull", "resolve"]\n  skip_verify = true\n')
+                hosts_toml(server, fallback=self.mirrors.get(host)))
         self.config.write_text(config_text(
             root=self.root, state=self.state, socket=self.socket, snapshotter=self.snapshotter,
             proxy_socket=self.proxy_socket, registry_dir=self.registry_dir, cni_dir=self.cni_dir))

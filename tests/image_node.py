@@ -86,7 +86,8 @@ class ImageNode:
 
     def __init__(self, name: str, tmp: Path, *, layers_url: str, endpoint: str, registry_host: str,
                  mount_factory, containerd_factory, mount_args: tuple[str, ...] = (),
-                 registries: Any = None) -> None:
+                 registries: Any = None, snapshotter_args: tuple[str, ...] = (),
+                 mirrors: dict[str, str] | None = None) -> None:
         self.name = name
         self.dir = tmp / name
         self.dir.mkdir(parents=True)
@@ -96,13 +97,27 @@ class ImageNode:
         self.mount = mount_factory(layers_url, endpoint, "--allow-empty", *mount_args,
                                    cache_dir=self.dir / "cache", mountpoint=mp)
         self.snapshotter = Snapshotter(self.dir / "snap", layers_mount=mp, layers_url=layers_url,
-                                       endpoint=endpoint, plain_http=(registry_host,))
+                                       endpoint=endpoint, plain_http=(registry_host,),
+                                       extra=snapshotter_args)
         # containerd dials its proxy plugin lazily: start it first, then the snapshotter
         # with containerd's root (its content store is where first pulls are converted from).
         self.containerd = containerd_factory(proxy_socket=self.snapshotter.socket,
-                                             registries=registries or [registry_host])
+                                             registries=registries or [registry_host],
+                                             mirrors=mirrors)
         self.snapshotter.args += ["--containerd-root", str(self.containerd.root)]
         self.snapshotter.start()
+        self.wait_connected()
+
+    def wait_connected(self, timeout: float = 15.0) -> None:
+        """Until containerd reaches the snapshotter: CRI's start dials it at once, and a dial
+        that timed out before the socket appeared leaves the connection in grpc's backoff,
+        failing calls at once for a second or more."""
+        deadline = time.monotonic() + timeout
+        while True:
+            r = self.containerd.ctr("snapshots", "--snapshotter", "p2pfs", "ls", check=False)
+            if r.returncode == 0 or time.monotonic() > deadline:
+                return
+            time.sleep(0.1)
 
     def pull(self, ref: str, timeout: float = 300) -> dict:
         r = subprocess.run([*SNAPSHOTTER, "pull", ref, "--containerd-socket",

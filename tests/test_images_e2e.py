@@ -12,6 +12,7 @@ import os
 import random
 import stat
 import subprocess
+import urllib.parse
 import uuid
 from pathlib import Path
 
@@ -146,3 +147,62 @@ def test_first_pull_converts_and_a_fresh_node_starts_lazily(
     differ = {p: (normal[0][p], lazy[0][p]) for p in normal[0] if normal[0][p] != lazy[0][p]}
     assert not differ, list(differ.items())[:10]
     assert normal[1] == lazy[1] and normal[1], "hard-link groups"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _image_digest(node: ImageNode, ref: str) -> str:
+    """The digest containerd's image record for `ref` targets (what the tag resolved to)."""
+    for line in node.containerd.ctr("images", "ls").stdout.splitlines()[1:]:
+        words = line.split()
+        if words and words[0] == ref:
+            return words[2]
+    raise AssertionError(f"{ref} not in {node.name}'s images")
+
+
+def test_registry_stopped_a_fresh_node_pulls_through_the_mirror(
+        image, registry, seaweed, mount_factory, containerd_factory, tmp_path):  # noqa: F811
+    """Node 1 pulls normally: its layers are converted and the image's manifest, config and
+    tag stored in the object store. The registry stops. Node 2 (fresh, the mirror as its
+    hosts.toml fallback) resolves the tag and fetches manifest and config from its
+    snapshotter's mirror, every layer from the p2pfs mount, and runs the image."""
+    url = f"s3://models/layers-{uuid.uuid4().hex[:6]}"
+    kw = dict(layers_url=url, endpoint=seaweed.endpoint, registry_host=registry.host,
+              mount_factory=mount_factory, containerd_factory=containerd_factory)
+    node1 = ImageNode("node1", tmp_path, **kw)
+    node1.pull(image["ref"])
+    wait_for(lambda: all(layer_dirs_on(node1, image)) or (refresh(node1) and False), timeout=90,
+             what="layers converted and attached")
+    wait_for(lambda: "manifest, config and tag stored for the mirror" in node1.snapshotter.log_text(),
+             timeout=30, what="image metadata stored")
+    expected = _image_digest(node1, image["ref"])
+
+    mirror = f"127.0.0.1:{_free_port()}"
+    node2 = ImageNode("node2", tmp_path, **kw, snapshotter_args=("--mirror-addr", mirror),
+                      mirrors={registry.host: mirror})
+    registry.stop()
+    try:
+        pulled = node2.pull(image["ref"])
+        log2 = node2.snapshotter.log_text()
+        assert log2.count("served remotely") == len(image["layers"]), log2[-3000:]
+        # containerd asked the registry first (refused), then the mirror, naming the registry
+        # (containerd 1.6 sends ns=127.0.0.1%3APORT).
+        name = image["ref"].removeprefix(registry.host + "/").split(":")[0]
+        ns = urllib.parse.quote(registry.host, safe="")
+        assert f"HEAD /v2/{name}/manifests/v1?ns={ns} -> 200" in log2, log2[-3000:]
+        assert _image_digest(node2, image["ref"]) == expected  # the same image, by the same digest
+        res = node2.containerd.run_container(image["ref"], "n2", ["/bin/cat", "/etc/app/c.conf"])
+        assert res.output.strip() == "c=3"
+    finally:
+        registry.start()
+    # With the registry back, a pull resolves upstream: the mirror is not asked again.
+    served = node2.snapshotter.log_text().count("mirror: ")
+    node2.pull(image["ref"])
+    assert node2.snapshotter.log_text().count("mirror: ") == served
+    print(f"pull through the mirror: {pulled['seconds']:.2f}s")

@@ -48,7 +48,21 @@ def image_docs(tag: str = "x") -> dict:
 def store(tmp_path):
     """An object store (a local dir) with its loop, a reader and a mirror over them."""
     (tmp_path / "bucket").mkdir()
-    loop = OriginLoop(parse_url(f"file://{tmp_path}/bucket//layers")).start()
+    yield from _store(parse_url(f"file://{tmp_path}/bucket//layers"))
+
+
+@pytest.fixture
+def s3_store(seaweed):
+    import uuid
+
+    from p2pfs.config import S3Config
+
+    yield from _store(parse_url(f"s3://models/mirror-{uuid.uuid4().hex[:6]}"),
+                      S3Config(endpoint_url=seaweed.endpoint))
+
+
+def _store(root, s3=None):
+    loop = OriginLoop(root, s3).start()
     reader = MirrorReader(loop)
     server = MirrorServer(reader).start()
     try:
@@ -126,6 +140,24 @@ def test_serves_a_stored_manifest_by_tag_and_by_digest(store):
     status, headers, body = request(server, "GET", f"/v2/team/app/blobs/{digest(docs['config'])}?ns=127.0.0.1:5000")
     assert status == 200 and body == docs["config"]
     assert headers["docker-content-digest"] == digest(docs["config"])
+
+
+def test_serves_from_s3_through_the_loop_thread(s3_store):
+    """S3 calls run on the loop's own thread under trio-asyncio; many handler threads at once."""
+    import concurrent.futures
+
+    loop, reader, server = s3_store
+    docs = stored_image(loop)
+    paths = ["/v2/team/app/manifests/v1?ns=127.0.0.1:5000",
+             f"/v2/team/app/blobs/{digest(docs['config'])}",
+             f"/v2/team/app/manifests/{digest(docs['manifest'])}"] * 8
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda p: request(server, "GET", p), paths))
+    assert [a[0] for a in answers] == [200] * len(paths)
+    assert answers[0][2] == docs["index"] and answers[1][2] == docs["config"]
+    assert reader.counts["hits"] > 0  # verified blobs come from memory after the first read
+    status, _, _ = request(server, "GET", "/v2/team/app/manifests/v9?ns=127.0.0.1:5000")
+    assert status == 404
 
 
 def test_head_sends_headers_and_no_body(store):
