@@ -364,7 +364,8 @@ class ImageRecorder:
             return "existed"
         mdata = self._small_blob(ref, manifest)
         config, size = _config_of(mdata, manifest)
-        blobs = {manifest: mdata, config: self._small_blob(ref, config, size=size)}
+        # Written in this order: a stored manifest means its config is stored too.
+        blobs = {config: self._small_blob(ref, config, size=size), manifest: mdata}
         top: TagRecord | None = None
         if ref.digest and ref.digest != manifest:  # pinned to an index
             blobs[ref.digest] = self._small_blob(ref, ref.digest)
