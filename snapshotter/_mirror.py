@@ -214,3 +214,30 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, fmt: str, *args: Any) -> None:
         log.debug("mirror: %s %s", self.address_string(), fmt % args)
+
+
+class MirrorMetrics:
+    """Prometheus collector: the mirror's answers and the recorder's jobs by outcome."""
+
+    def __init__(self, server: "MirrorServer | None", recorder: Any) -> None:
+        self.server, self.recorder = server, recorder
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        if self.server is not None:
+            c = CounterMetricFamily("p2pfs_snapshotter_mirror_requests",
+                                    "Image metadata mirror requests by outcome", labels=["outcome"])
+            with self.server._lock:
+                counts = dict(self.server.counts)
+            for outcome, n in counts.items():
+                c.add_metric([outcome], n)
+            yield c
+        if self.recorder is not None:
+            c = CounterMetricFamily("p2pfs_snapshotter_image_records",
+                                    "Images whose metadata was stored for the mirror, by outcome",
+                                    labels=["outcome"])
+            st = self.recorder.status()
+            for outcome in ("stored", "existed", "failed", "dropped"):
+                c.add_metric([outcome], st[outcome])
+            yield c

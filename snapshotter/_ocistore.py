@@ -92,8 +92,9 @@ class TagRecord:
         return cls(digest, mt, size)
 
 
-def media_type_of(data: bytes) -> str:
-    """The media type a manifest or index names itself; OCI's when it names none."""
+def media_type_of(data: bytes, content_type: str | None = None) -> str:
+    """The media type a manifest or index names itself, else the Content-Type it was
+    served with, else OCI's manifest or index type by its shape."""
     try:
         doc = json.loads(data)
     except ValueError:
@@ -101,6 +102,8 @@ def media_type_of(data: bytes) -> str:
     mt = doc.get("mediaType") if isinstance(doc, dict) else None
     if isinstance(mt, str) and mt:
         return mt
+    if content_type and content_type.split(";")[0].strip():
+        return content_type.split(";")[0].strip()
     return OCI_INDEX if isinstance(doc, dict) and "manifests" in doc else OCI_MANIFEST
 
 
@@ -286,8 +289,7 @@ class ImageRecorder:
 
     def __init__(self, loop: OriginLoop, *, content_dir: Path | None,
                  plain_http_registries: Sequence[str] = (), max_pending: int = 16,
-                 retry_after: float = 60.0, clock: Callable[[], float] = time.monotonic,
-                 registry_factory: Callable[[str], Any] | None = None) -> None:
+                 retry_after: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.loop = loop
         self.root = loop.root
         self.content_dir = content_dir
@@ -295,7 +297,6 @@ class ImageRecorder:
         self.max_pending = max_pending
         self.retry_after = retry_after
         self._clock = clock
-        self._registry_factory = registry_factory or self._registry
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="oci-record")
         self._lock = threading.Lock()
         self._pending: set[tuple[str, str]] = set()
@@ -370,15 +371,14 @@ class ImageRecorder:
         if ref.digest and ref.digest != manifest:  # pinned to an index
             blobs[ref.digest] = self._small_blob(ref, ref.digest)
         elif ref.tag and not ref.digest:
-            data, ctype = self._registry_factory(ref.registry).manifest(ref, ref.tag)
+            data, ctype = self._registry(ref.registry).manifest(ref, ref.tag)
             digest = sha256(data)
             if digest != manifest and manifest not in _index_entries(data):
                 log.info("image %s: the tag now names %s, not the pulled %s; its tag is not "
                          "recorded", ref_text, digest, manifest)
             else:
                 blobs[digest] = data
-                mt = media_type_of(data) if b'"mediaType"' in data else (ctype or media_type_of(data))
-                top = TagRecord(digest, mt.split(";")[0].strip(), len(data))
+                top = TagRecord(digest, media_type_of(data, ctype), len(data))
         for digest, data in blobs.items():  # the blobs first, the tag that names them last
             key = blob_key(self.root, digest)
             if not self.loop.call(_exists, key):
@@ -415,7 +415,7 @@ class ImageRecorder:
             with open(path, "rb") as f:
                 data = f.read(MAX_BLOB + 1)
         if data is None or sha256(data) != digest:
-            registry = self._registry_factory(ref.registry)
+            registry = self._registry(ref.registry)
             if size is None:
                 data = registry.manifest(ref, digest)[0]
             else:

@@ -161,6 +161,10 @@ def serve(config: ServeConfig, *, stop: threading.Event | None = None) -> None:
             metrics, _ = start_http_server(port, addr=host, registry=sn.metrics.registry)
             log.info("metrics on http://%s:%d/metrics", host, metrics.server_port)
         oci_loop, recorder, mirror = _image_mirror(config, remote)
+        if recorder is not None or mirror is not None:
+            from ._mirror import MirrorMetrics
+
+            sn.metrics.registry.register(MirrorMetrics(mirror, recorder))
         server = _grpc.serve(sn, config.socket, workers=config.workers)
         log.info("root %s, layers %s%s", store.root, config.layers_mount or "(none: every layer pulled normally)",
                  f" from {config.layers_url}" if config.layers_url else "")

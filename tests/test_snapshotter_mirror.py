@@ -192,6 +192,14 @@ def test_what_is_not_stored_is_404_with_an_oci_error(store):
     status, _, body = request(server, "HEAD", "/v2/team/app/manifests/v2?ns=127.0.0.1:5000")
     assert status == 404 and body == b""
     assert server.counts["not_found"] == 6
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from snapshotter._mirror import MirrorMetrics
+
+    reg = CollectorRegistry()
+    reg.register(MirrorMetrics(server, None))
+    text = generate_latest(reg).decode()
+    assert 'p2pfs_snapshotter_mirror_requests_total{outcome="not_found"} 6.0' in text
 
 
 def test_a_tampered_stored_blob_is_not_served(store, caplog):
