@@ -365,29 +365,33 @@ class ImageRecorder:
             return "existed"
         mdata = self._small_blob(ref, manifest)
         config, size = _config_of(mdata, manifest)
-        # Written in this order: a stored manifest means its config is stored too.
+        # Written in this order: a stored manifest means its config is stored too; and
+        # before the registry is asked about the tag, so a pull by digest works regardless.
         blobs = {config: self._small_blob(ref, config, size=size), manifest: mdata}
-        top: TagRecord | None = None
         if ref.digest and ref.digest != manifest:  # pinned to an index
             blobs[ref.digest] = self._small_blob(ref, ref.digest)
-        elif ref.tag and not ref.digest:
+        self._put_blobs(blobs)
+        top: TagRecord | None = None
+        if ref.tag and not ref.digest:
             data, ctype = self._registry(ref.registry).manifest(ref, ref.tag)
             digest = sha256(data)
             if digest != manifest and manifest not in _index_entries(data):
                 log.info("image %s: the tag now names %s, not the pulled %s; its tag is not "
                          "recorded", ref_text, digest, manifest)
             else:
-                blobs[digest] = data
+                self._put_blobs({digest: data})
                 top = TagRecord(digest, media_type_of(data, ctype), len(data))
-        for digest, data in blobs.items():  # the blobs first, the tag that names them last
-            key = blob_key(self.root, digest)
-            if not self.loop.call(_exists, key):
-                self.loop.call(_put, key, data)
-        if top is not None:
-            self.loop.call(_put, tag_key(self.root, ref.registry, ref.repository, ref.tag), top.encode())
+                self.loop.call(_put, tag_key(self.root, ref.registry, ref.repository, ref.tag),
+                               top.encode())  # last: the tag names only what is stored
         log.info("image %s: manifest, config%s stored for the mirror", ref_text,
                  " and tag" if top else "")
         return "stored"
+
+    def _put_blobs(self, blobs: Mapping[str, bytes]) -> None:
+        for digest, data in blobs.items():
+            key = blob_key(self.root, digest)
+            if not self.loop.call(_exists, key):
+                self.loop.call(_put, key, data)
 
     def _tag_current(self, ref: Any, manifest: str) -> bool:
         """Whether the stored tag already names `manifest` (directly or through a stored

@@ -280,15 +280,26 @@ def test_recorder_stores_manifest_config_index_and_tag_once(store, registry, tmp
 
 
 def test_recorder_failure_is_counted_and_retried_later(store, tmp_path):
+    """The registry is down: the blobs in the content store are stored (a pull by digest
+    works), the tag is not, and the job is retried on a pull after `retry_after`."""
     loop, reader, server = store
+    docs = image_docs("down")
+    content = tmp_path / "content"
+    content.mkdir()
+    for key in ("manifest", "config"):
+        (content / digest(docs[key]).removeprefix("sha256:")).write_bytes(docs[key])
     now = [0.0]
-    rec = ImageRecorder(loop, content_dir=tmp_path, plain_http_registries=["127.0.0.1:9"],
+    rec = ImageRecorder(loop, content_dir=content, plain_http_registries=["127.0.0.1:9"],
                         retry_after=60, clock=lambda: now[0])
-    labels = {IMAGE_REF_LABEL: "127.0.0.1:9/gone:v1", MANIFEST_DIGEST_LABEL: "sha256:" + "2" * 64}
+    labels = {IMAGE_REF_LABEL: "127.0.0.1:9/gone:v1", MANIFEST_DIGEST_LABEL: digest(docs["manifest"])}
     try:
         assert rec.seen(labels) and rec.wait_idle(30)
         st = rec.status()
         assert st["failed"] == 1 and "gone" in st["last_error"], st
+        status, _, body = request(server, "GET", f"/v2/gone/manifests/{digest(docs['manifest'])}")
+        assert status == 200 and body == docs["manifest"]
+        status, _, _ = request(server, "GET", "/v2/gone/manifests/v1?ns=127.0.0.1:9")
+        assert status == 404
         assert not rec.seen(labels)  # failing lately: not tried on every Prepare
         now[0] = 61.0
         assert rec.seen(labels) and rec.wait_idle(30)
