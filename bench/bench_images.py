@@ -66,39 +66,53 @@ class Bench:
     workdir: Path
     node_dir: Path
     registry: RegistryServer
-    relay: StoreRelay
+    relay: StoreRelay | None  # None (--direct): no relay; bytes come from the nodes' own counters
     meters: list[Callable[[], int]] = field(default_factory=list)  # more byte counters (an object store)
     resets: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def registry_mirror(self) -> dict[str, str]:
         """containerd's registries argument: refs name the registry, pulls go through the relay."""
+        if self.relay is None:
+            return {self.registry.host: self.registry.host}
         return {self.registry.host: f"{self.relay.address[0]}:{self.relay.address[1]}"}
 
     def reset(self) -> None:
-        self.relay.reset()
+        if self.relay is not None:
+            self.relay.reset()
         for reset in self.resets:
             reset()
 
     def fetched(self) -> int:
-        return self.relay.egress + sum(meter() for meter in self.meters)
+        return (self.relay.egress if self.relay else 0) + sum(meter() for meter in self.meters)
 
 
 Variant = Callable[[Bench, BenchImage, str, int], Sample]
 
 
+def content_bytes(node: Containerd) -> int:
+    """Bytes in a containerd's content store: with --direct, what it fetched from the
+    registry (manifests, configs and, for a normal pull, every layer blob)."""
+    blobs = node.root / "io.containerd.content.v1.content" / "blobs"
+    return sum(p.stat().st_size for p in blobs.rglob("*") if p.is_file()) if blobs.exists() else 0
+
+
 def _pull_and_run(bench: Bench, node: Containerd, image: BenchImage, ref: str, container_id: str,
-                  snapshotter: str) -> Sample:
-    """The measured part every variant shares: CRI PullImage, then `ctr run` to first output."""
+                  snapshotter: str, meter: Callable[[], int] | None = None) -> Sample:
+    """The measured part every variant shares: CRI PullImage, then `ctr run` to first output.
+    `meter`: this node's own byte counter, added to the bench's (--direct: the only one)."""
     at_first: list[int] = []
+    if bench.relay is None:
+        meter = meter or (lambda: content_bytes(node))
     bench.reset()
+    fetched = (lambda: bench.fetched() + meter()) if meter else bench.fetched
     t0 = time.monotonic()
     with ImageService(str(node.socket), timeout=1800) as cri:
         cri.pull(ref)
     pulled = time.monotonic()
     run = node.run_container(ref, container_id, image.cmd, snapshotter=snapshotter, timeout=1800,
-                             on_first_output=lambda: at_first.append(bench.fetched()))
-    total = bench.fetched()
+                             on_first_output=lambda: at_first.append(fetched()))
+    total = fetched()
     first_line = run.output.splitlines()[0] if run.output else ""
     if run.first_output is None or not first_line.startswith(image.expect):
         raise RuntimeError(f"{image.name}: expected {image.expect!r} first, got {run.output!r}")
@@ -133,16 +147,17 @@ class ObjectStore:
     """One SeaweedFS for the whole run, behind a counting relay: the bytes a node fetches
     from the object store are the relay's egress (everything p2pfs and the converter read)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, relay: bool) -> None:
         from p2pfs.seaweed import SeaweedServer
 
         self.server = SeaweedServer(workdir / "seaweed").start()
         self.server.create_bucket("layers")
-        self.relay = StoreRelay(("127.0.0.1", self.server.s3_port)).start()
-        self.endpoint = self.relay.endpoint
+        self.relay = StoreRelay(("127.0.0.1", self.server.s3_port)).start() if relay else None
+        self.endpoint = self.relay.endpoint if self.relay else self.server.endpoint
 
     def close(self) -> None:
-        self.relay.stop()
+        if self.relay is not None:
+            self.relay.stop()
         self.server.stop()
 
 
@@ -153,9 +168,10 @@ _PREPARED: dict[tuple[str, str], str] = {}  # (variant family, image) -> layers 
 def _store(bench: Bench) -> ObjectStore:
     global _STORE
     if _STORE is None:
-        _STORE = ObjectStore(bench.workdir)
-        bench.meters.append(lambda: _STORE.relay.egress)
-        bench.resets.append(_STORE.relay.reset)
+        _STORE = ObjectStore(bench.workdir, relay=bench.relay is not None)
+        if _STORE.relay is not None:
+            bench.meters.append(lambda: _STORE.relay.egress)
+            bench.resets.append(_STORE.relay.reset)
     return _STORE
 
 
@@ -210,6 +226,14 @@ class P2pfsNode:
             p2pfs_cmd("refresh", str(self.mount.path), endpoint=self.mount.endpoint, check=False)
         return time.monotonic() - t0
 
+    def fetched(self) -> int:
+        """--direct: what this node fetched, from the registry (its content store) and from
+        the object store (the p2pfs daemon's origin bytes)."""
+        from p2pfs.control import request
+
+        status = next(iter(request(self.mount.path, {"op": "status"}, timeout=10)))
+        return content_bytes(self.containerd) + int(status.get("bytes_by_source", {}).get("origin", 0))
+
     def counts(self) -> dict:
         log = self.snapshotter.log_text()
         return {"layers_remote": log.count("served remotely"), "layers_local": log.count("pulled normally")}
@@ -229,7 +253,8 @@ def _run_on_node(bench: Bench, image: BenchImage, ref: str, name: str, layers_ur
                  ) -> Sample:
     node = P2pfsNode(bench, name, layers_url, startup_window=startup_window)
     try:
-        sample = _pull_and_run(bench, node.containerd, image, ref, f"bench-{name}"[:60], "p2pfs")
+        sample = _pull_and_run(bench, node.containerd, image, ref, f"bench-{name}"[:60], "p2pfs",
+                               meter=node.fetched if bench.relay is None else None)
         sample.extra.update(node.counts())
         if after is not None:
             after(node, sample)
@@ -310,13 +335,13 @@ METRICS = ("seconds_to_first_output", "bytes_to_first_output", "bytes_total", "s
 # --- the harness -----------------------------------------------------------------------
 
 def run(variants: dict[str, Variant], images: dict[str, BenchImage], rounds: int, *,
-        rate: float = 0.0, node_parent: Path | None = None, log=print) -> dict:
+        rate: float = 0.0, node_parent: Path | None = None, direct: bool = False, log=print) -> dict:
     """Every variant on every image, ROUNDS times each (rounds interleaved across variants so
     drift on a shared machine hits all alike); returns the results as JSON-able data."""
     workdir = Path(tempfile.mkdtemp(prefix="p2pfs-bench-images-", dir="/var/tmp"))
     node_dir = Path(tempfile.mkdtemp(prefix="p2pfs-bench-nodes-", dir=node_parent or workdir))
     registry = RegistryServer(workdir / "registry").start()
-    relay = StoreRelay(("127.0.0.1", registry.port), rate=rate).start()
+    relay = None if direct else StoreRelay(("127.0.0.1", registry.port), rate=rate).start()
     results: dict[str, dict[str, list[Sample]]] = {v: {i: [] for i in images} for v in variants}
     try:
         t0 = time.monotonic()
@@ -334,13 +359,15 @@ def run(variants: dict[str, Variant], images: dict[str, BenchImage], rounds: int
                         f"{sample.bytes_total / 1e6:8.1f} MB total")
     finally:
         close_store()
-        relay.stop()
+        if relay is not None:
+            relay.stop()
         registry.stop()
         shutil.rmtree(node_dir, ignore_errors=True)
         shutil.rmtree(workdir, ignore_errors=True)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "relay_rate": rate,
+                    "direct": direct,
                     "node_fs": _fs_type(node_parent or Path("/var/tmp"))},
         "rounds": rounds,
         "images": {name: {"tag": img.tag, "layers": [asdict(layer) for layer in img.layers],
@@ -386,13 +413,17 @@ def main() -> None:
     ap.add_argument("--node-dir", type=Path, default=None,
                     help="where each round's containerd root and caches go (default: under /var/tmp; "
                          "/dev/shm takes the disk's file-creation cost out of the unpack)")
+    ap.add_argument("--direct", action="store_true",
+                    help="no counting relays (they cost CPU, and most for the variant that moves "
+                         "the most bytes): bytes from each node's content store and p2pfs counters")
     ap.add_argument("--out", type=Path, default=OUT / "images-results.json")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_images needs root (containerd, overlay mounts, debootstrap)")
     variants = {v: VARIANTS[v] for v in args.variants.split(",")}
     images = {name: build_image(name) for name in args.images.split(",")}
-    data = run(variants, images, args.rounds, rate=args.rate, node_parent=args.node_dir)
+    data = run(variants, images, args.rounds, rate=args.rate, node_parent=args.node_dir,
+               direct=args.direct)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=1))
     print(table(data))

@@ -98,6 +98,9 @@ class FetchConfig:
     #: Sequential read-ahead window, bytes: starts at the first, doubles up to the second.
     readahead_min: int = setting(8 * MiB, ge=0, le=4 * GiB, size=True)
     readahead_max: int = setting(128 * MiB, ge=0, le=4 * GiB, size=True)
+    #: Image layers: on a read that fetches a chunk of a pack, also fetch this many stored
+    #: bytes of the pack after it (the files next to it in the layer's tar); 0 turns it off.
+    pack_readahead: int = setting(4 * MiB, ge=0, le=GiB, size=True)
 
     def __post_init__(self) -> None:
         settings.check(self, ConfigError)
@@ -135,10 +138,10 @@ class MountConfig:
     #: Seconds a fill session may sit with no request in flight before the daemon closes
     #: it (p2pfs.fill.FillClient opens a new one when needed).
     control_fill_idle_timeout: float = setting(120.0, gt=0, le=86400)
-    #: Image layers: seconds after a layer's first read during which its reads are
-    #: recorded as its start-up list (stored next to its manifest; later nodes prefetch
-    #: it on first touch). 0 turns both recording and start-up prefetch off.
-    startup_window: float = setting(10.0, ge=0, le=3600)
+    #: Image layers: a layer's reads from its first open until they pause for 2 s, and
+    #: for at most this many seconds, are recorded as its start-up list (stored next to
+    #: its manifest; later nodes prefetch it on first open). 0 turns both off.
+    startup_window: float = setting(60.0, ge=0, le=3600)
     #: Mount a prefix with no manifest under it yet (an image layers prefix before its
     #: first conversion); what is published later appears with `p2pfs refresh`.
     allow_empty: bool = False

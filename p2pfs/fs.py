@@ -54,6 +54,7 @@ class Operations(pyfuse3.Operations):
         self._next_fh = 1
         self._mount_time_ns = time.time_ns()
         self._last_log: dict[str, float] = {}
+        self._pack_ahead_to: dict[str, int] = {}  # per pack: stored offset read-ahead reached
 
     # -- helpers --------------------------------------------------------------------------
     def _node(self, inode: int) -> Node:
@@ -203,8 +204,11 @@ class Operations(pyfuse3.Operations):
         if self.startup is not None:
             self.startup.record(h.node, span)
         self._readahead(h, off, size)
+        locs = h.node.locs(span)
+        if self.fetch.pack_readahead:
+            self._pack_ahead(locs[-1])
         try:
-            chunks = await self.store.get(h.node.locs(span), used=overlaps(entry, span, off, size))
+            chunks = await self.store.get(locs, used=overlaps(entry, span, off, size))
         except P2PFSError as exc:
             raise self._eio(exc, f"read {h.node.model or '/'} inode {h.node.inode} @{off}+{size}")
         data = slice_reply(entry, span, chunks, off, size)
@@ -242,6 +246,23 @@ class Operations(pyfuse3.Operations):
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("read-ahead inode %d: read %d+%d, window %d, fetch [%d, %d)",
                           h.node.inode, off, size, h.window, start, stop)
+
+    def _pack_ahead(self, loc) -> None:
+        """Fetch the pack bytes after `loc` in the background (image layers only: a pack
+        holds many files in tar order, and a start-up reads neighbours together). Issued
+        once per stretch of pack: a read inside what was issued already asks nothing."""
+        end = loc.ref.offset + loc.ref.length
+        window = self.fetch.pack_readahead
+        reached = self._pack_ahead_to.get(loc.key, 0)
+        if end + window // 2 <= reached <= end + 2 * window:
+            return  # this stretch is issued already
+        far_behind = reached > end + 2 * window  # another file, earlier in the pack
+        start = end if far_behind else max(reached, end)
+        ahead = [n for n in self.tree.pack_neighbours(loc, window)
+                 if n.ref.offset >= start and not self.store.disk.may_hold(n.digest)]
+        self._pack_ahead_to[loc.key] = end + window if far_behind else max(reached, end + window)
+        if ahead:
+            self.store.prefetch(ahead)
 
     async def forget(self, inode_list) -> None:
         return None

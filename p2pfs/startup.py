@@ -43,20 +43,25 @@ MAX_LIST_BYTES = 8 << 20
 @dataclass
 class _Recording:
     started: float
+    last: float = 0.0  # when the last chunk not seen before was read
     seen: set[tuple[str, int]] = field(default_factory=set)
     order: list[tuple[str, int]] = field(default_factory=list)
 
 
 class Recorder:
-    """The reads of each layer in the `window` seconds after its first access."""
+    """The reads of each layer from its first access until its reads pause for `idle`
+    seconds, and at most `window` seconds. A start-up is a burst of reads that ends; the
+    first lazy start is the slowest (everything is fetched on demand), so a fixed window
+    would cut it short where a pause does not."""
 
-    def __init__(self, window: float, max_chunks: int = MAX_CHUNKS) -> None:
+    def __init__(self, window: float, max_chunks: int = MAX_CHUNKS, idle: float = 2.0) -> None:
         self.window = window
+        self.idle = min(idle, window)
         self.max_chunks = max_chunks
         self._open: dict[str, _Recording] = {}
 
     def start(self, layer: str, now: float) -> None:
-        self._open.setdefault(layer, _Recording(now))
+        self._open.setdefault(layer, _Recording(now, now))
 
     def discard(self, layer: str) -> None:
         self._open.pop(layer, None)
@@ -71,10 +76,12 @@ class Recorder:
             if (path, i) not in rec.seen:
                 rec.seen.add((path, i))
                 rec.order.append((path, i))
+                rec.last = now
 
     def due(self, now: float) -> list[tuple[str, list[tuple[str, int]]]]:
-        """Recordings whose window has closed (removed from the recorder)."""
-        done = [layer for layer, rec in self._open.items() if now - rec.started > self.window]
+        """Recordings whose reads paused or whose window has closed (removed)."""
+        done = [layer for layer, rec in self._open.items()
+                if now - rec.started > self.window or now - rec.last > self.idle]
         return [(layer, self._open.pop(layer).order) for layer in done]
 
 

@@ -7,6 +7,7 @@ Hard links share their target's inode.
 
 from __future__ import annotations
 
+import bisect
 import posixpath
 import stat
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ class Tree:
     nodes: dict[int, Node] = field(default_factory=dict)
     models: dict[str, str] = field(default_factory=dict)  # mount path -> manifest digest
     next_inode: int = ROOT_INODE + 1
+    #: Per pack blob (shared by many files: image layers), its chunks by offset.
+    _packs: dict[str, tuple[list[int], list[ChunkLoc]]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if ROOT_INODE not in self.nodes:
@@ -61,6 +64,40 @@ class Tree:
             node = self.nodes[node.children[part.encode()]]
         return node
 
+    def pack_neighbours(self, loc: ChunkLoc, nbytes: int) -> list[ChunkLoc]:
+        """The chunks stored after `loc` in its pack, up to `nbytes` of stored bytes: in an
+        image layer's pack they belong to the files next to it in the layer's tar (a
+        package's other modules, a library's neighbours), which a start-up reads next.
+        Only packs (blobs of `blob_root: ".."` manifests) are indexed."""
+        index = self._packs.get(loc.key)
+        if index is None:
+            return []
+        offsets, locs = index
+        i = bisect.bisect_right(offsets, loc.ref.offset)
+        out: list[ChunkLoc] = []
+        end = loc.ref.offset + loc.ref.length + nbytes
+        while i < len(locs) and offsets[i] < end:
+            out.append(locs[i])
+            i += 1
+        return out
+
+    def _index_packs(self, manifest: Manifest, blob_prefix: str) -> None:
+        """Add a layer's chunks to the pack index (at attach: cost of the new layer only)."""
+        if manifest.blob_root == ".":
+            return
+        added: dict[str, dict[int, ChunkLoc]] = {}
+        for e in manifest.files():
+            for c in e.chunks:
+                key = blob_prefix + manifest.blobs[c.blob]
+                added.setdefault(key, {}).setdefault(c.offset, ChunkLoc(key, c))
+        for key, by_offset in added.items():
+            old_offsets, old_locs = self._packs.get(key, ([], []))
+            merged = dict(zip(old_offsets, old_locs))
+            for off, loc in by_offset.items():
+                merged.setdefault(off, loc)
+            offsets = sorted(merged)
+            self._packs[key] = (offsets, [merged[o] for o in offsets])
+
     def attach(self, mount_dir: str, manifest: Manifest, blob_prefix: str) -> set[int]:
         """Add one model at `mount_dir` to a live tree; returns the inodes of the existing
         directories that gained entries (the kernel's cached attributes of those are stale).
@@ -73,7 +110,9 @@ class Tree:
             raise TreeConflict(f"{mount_dir or '/'!r} is mounted already")
         plan = _Attach(self)
         plan.model(mount_dir, manifest, blob_prefix)
-        return plan.commit(mount_dir, manifest.digest)
+        touched = plan.commit(mount_dir, manifest.digest)
+        self._index_packs(manifest, blob_prefix)
+        return touched
 
 
 class TreeConflict(ValueError):

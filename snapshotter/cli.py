@@ -136,9 +136,8 @@ def _image_mirror(config: ServeConfig, layers):
 
 def serve(config: ServeConfig, *, stop: threading.Event | None = None) -> None:
     """Serve until `stop` is set (SIGTERM/SIGINT set it when called from the main thread)."""
-    from prometheus_client import start_http_server
-
     from . import _grpc
+    from ._http import HttpEndpoint
     from ._store import Store
     from .snapshotter import Snapshotter
 
@@ -155,12 +154,27 @@ def serve(config: ServeConfig, *, stop: threading.Event | None = None) -> None:
             from ._p2pfs import ConverterMetrics
 
             sn.metrics.registry.register(ConverterMetrics(converter))
+        oci_loop, recorder, mirror = _image_mirror(config, remote)
+
+        def status() -> dict:
+            reg = sn.metrics.registry
+            return {
+                "socket": str(config.socket), "root": str(store.root),
+                "layers_mount": str(config.layers_mount or ""), "layers_url": config.layers_url or "",
+                "snapshots": {k.filter_name: n for k, n in store.counts().items()},
+                "layers": {served: int(reg.get_sample_value(
+                    "p2pfs_snapshotter_layers_total", {"served": served}) or 0)
+                    for served in ("remote", "local")},
+                "unavailable": int(reg.get_sample_value("p2pfs_snapshotter_unavailable_total") or 0),
+                "conversions": converter.status() if converter is not None else None,
+                "mirror": mirror.url if mirror is not None else None,
+            }
+
         metrics = None
         if config.metrics_addr:
             host, port = _parse_addr(config.metrics_addr)
-            metrics, _ = start_http_server(port, addr=host, registry=sn.metrics.registry)
-            log.info("metrics on http://%s:%d/metrics", host, metrics.server_port)
-        oci_loop, recorder, mirror = _image_mirror(config, remote)
+            metrics = HttpEndpoint(host, port, sn.metrics.registry, status).start()
+            log.info("metrics and status on http://%s:%d/metrics, /status", host, metrics.server_port)
         if recorder is not None or mirror is not None:
             from ._mirror import MirrorMetrics
 
@@ -236,6 +250,43 @@ def serve_cmd(socket_: Path, root: Path, layers_mount: Path | None, layers_url: 
     except OSError as exc:
         click.echo(f"p2pfs-snapshotter: error: {exc}", err=True)
         sys.exit(1)
+
+
+@main.command("status")
+@click.option("--metrics-addr", default="127.0.0.1:9465", show_default=True,
+              help="The HOST:PORT `serve --metrics-addr` listens on.")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds to wait.")
+def status_cmd(metrics_addr: str, as_json: bool, timeout: float) -> None:
+    """What a running snapshotter serves: snapshots, layers served remotely or pulled
+    normally, conversions on first pull (queued, running, done, failed)."""
+    import urllib.error
+    import urllib.request
+
+    host, port = _parse_addr(metrics_addr)
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            st = json.loads(resp.read())
+    except (OSError, ValueError) as exc:
+        click.echo(f"p2pfs-snapshotter: error: no status from {url}: {exc} (is `serve` running "
+                   "with --metrics-addr?)", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(st, indent=1))
+        return
+    conv = st.get("conversions") or {}
+    click.echo(f"snapshotter {st['socket']} (root {st['root']})\n"
+               f"  layers mount {st['layers_mount'] or '-'}  from {st['layers_url'] or '-'}\n"
+               f"  snapshots    " + ", ".join(f"{k} {n}" for k, n in st["snapshots"].items()) + "\n"
+               f"  layers       {st['layers']['remote']} served remotely, {st['layers']['local']} pulled "
+               f"normally; {st['unavailable']} refused (mount unavailable)\n"
+               + (f"  conversions  {conv.get('queued', 0)} queued, {conv.get('running', 0)} running, "
+                  f"{conv.get('converted', 0)} converted, {conv.get('existed', 0)} already there, "
+                  f"{conv.get('locked_elsewhere', 0)} by another node, {conv.get('failed', 0)} failed, "
+                  f"{conv.get('dropped', 0)} dropped" + (f" (last error: {conv['last_error']})"
+                                                         if conv.get("last_error") else "")
+                  if st.get("conversions") is not None else "  conversions  off"))
 
 
 @main.command("pull")

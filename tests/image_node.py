@@ -141,3 +141,17 @@ class ImageNode:
 
 def refresh(node: ImageNode) -> dict:
     return json.loads(p2pfs_cmd("refresh", str(node.mount.path), "--json").stdout)
+
+
+def first_pull_converted(name: str, tmp: Path, layer_digests: list[str], ref: str,
+                         **kw: Any) -> ImageNode:
+    """A node that pulled `ref` normally, once its layers are converted in the background
+    and attached to its mount."""
+    from conftest import wait_for
+
+    node = ImageNode(name, tmp, **kw)
+    node.pull(ref)
+    dirs = [node.mount.path / d.removeprefix("sha256:") for d in layer_digests]
+    wait_for(lambda: all(d.is_dir() for d in dirs) or (refresh(node) and False), timeout=90,
+             what="layers converted and attached")
+    return node

@@ -21,7 +21,7 @@ import pytest
 from conftest import needs_fuse, wait_for
 from containerd_helpers import HAVE_CONTAINERD, containerd_factory  # noqa: F401 - fixture
 from image_helpers import build_image, busybox_image, oci_blob, oci_manifest, push, registry  # noqa: F401
-from image_node import ImageNode, refresh
+from image_node import SNAPSHOTTER, ImageNode, first_pull_converted
 
 pytestmark = [needs_fuse, pytest.mark.skipif(not HAVE_CONTAINERD, reason="needs root, containerd and runc")]
 
@@ -102,22 +102,21 @@ def rootfs_facts(node: ImageNode, top_chain: str, tmp: Path) -> tuple[dict, set]
         node.containerd.ctr("snapshots", "--snapshotter", "p2pfs", "rm", key)
 
 
-def layer_dirs_on(node: ImageNode, image) -> list[bool]:
-    return [(node.mount.path / l["digest"].removeprefix("sha256:")).is_dir() for l in image["layers"]]
-
-
 def test_first_pull_converts_and_a_fresh_node_starts_lazily(
         image, registry, seaweed, mount_factory, containerd_factory, tmp_path):  # noqa: F811
     url = f"s3://models/layers-{uuid.uuid4().hex[:6]}"
     kw = dict(layers_url=url, endpoint=seaweed.endpoint, registry_host=registry.host,
               mount_factory=mount_factory, containerd_factory=containerd_factory)
-    node1 = ImageNode("node1", tmp_path, **kw)
-    node1.pull(image["ref"])
+    port = _free_port()
+    node1 = first_pull_converted("node1", tmp_path, [l["digest"] for l in image["layers"]],
+                                 image["ref"], snapshotter_args=("--metrics-addr", f"127.0.0.1:{port}"),
+                                 **kw)
     log1 = node1.snapshotter.log_text()
     assert log1.count("pulled normally") >= len(image["layers"]), log1[-2000:]
-    # Converted in the background, one node converting: the layers appear on the mount.
-    wait_for(lambda: all(layer_dirs_on(node1, image)) or (refresh(node1) and False), timeout=90,
-             what="layers converted and attached")
+    st = json.loads(subprocess.run([*SNAPSHOTTER, "status", "--metrics-addr", f"127.0.0.1:{port}",
+                                    "--json"], capture_output=True, text=True, check=True).stdout)
+    assert st["layers"] == {"remote": 0, "local": len(image["layers"])}, st
+    assert st["conversions"]["converted"] == len(image["layers"]) and not st["conversions"]["failed"]
     out = node1.containerd.run_container(image["ref"], "n1", ["/bin/cat", "/etc/app/c.conf"])
     assert out.output.strip() == "c=3"
 
@@ -175,10 +174,8 @@ def test_registry_stopped_a_fresh_node_pulls_through_the_mirror(
     url = f"s3://models/layers-{uuid.uuid4().hex[:6]}"
     kw = dict(layers_url=url, endpoint=seaweed.endpoint, registry_host=registry.host,
               mount_factory=mount_factory, containerd_factory=containerd_factory)
-    node1 = ImageNode("node1", tmp_path, **kw)
-    node1.pull(image["ref"])
-    wait_for(lambda: all(layer_dirs_on(node1, image)) or (refresh(node1) and False), timeout=90,
-             what="layers converted and attached")
+    node1 = first_pull_converted("node1", tmp_path, [l["digest"] for l in image["layers"]],
+                                 image["ref"], **kw)
     wait_for(lambda: "manifest, config and tag stored for the mirror" in node1.snapshotter.log_text(),
              timeout=30, what="image metadata stored")
     expected = _image_digest(node1, image["ref"])

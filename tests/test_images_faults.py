@@ -15,8 +15,8 @@ import pytest
 from conftest import needs_fuse, p2pfs_cmd, wait_for
 from containerd_helpers import HAVE_CONTAINERD, containerd_factory  # noqa: F401 - fixture
 from image_helpers import registry  # noqa: F401 - fixture
-from image_node import ImageNode, refresh
-from test_images_e2e import image, layer_dirs_on  # noqa: F401 - fixture
+from image_node import ImageNode, first_pull_converted
+from test_images_e2e import image  # noqa: F401 - fixture
 
 pytestmark = [needs_fuse, pytest.mark.skipif(not HAVE_CONTAINERD, reason="needs root, containerd and runc")]
 
@@ -31,10 +31,8 @@ def test_restart_keeps_containers_and_a_dead_fuse_daemon_means_unavailable(
     url = f"s3://models/layers-{uuid.uuid4().hex[:6]}"
     kw = dict(layers_url=url, endpoint=seaweed.endpoint, registry_host=registry.host,
               mount_factory=mount_factory, containerd_factory=containerd_factory)
-    node1 = ImageNode("node1", tmp_path, **kw)
-    node1.pull(image["ref"])
-    wait_for(lambda: all(layer_dirs_on(node1, image)) or (refresh(node1) and False), timeout=90,
-             what="layers converted and attached")
+    node1 = first_pull_converted("node1", tmp_path, [l["digest"] for l in image["layers"]],
+                                 image["ref"], **kw)
     node1.stop()
 
     node2 = ImageNode("node2", tmp_path, **kw)
@@ -48,6 +46,7 @@ def test_restart_keeps_containers_and_a_dead_fuse_daemon_means_unavailable(
 
         # The snapshotter restarts: state from sqlite, the running container untouched.
         node2.snapshotter.restart()
+        node2.wait_connected()  # containerd redials with a backoff of up to ~3 s
         assert snapshot_keys(node2) == before
         assert (rootfs / "data/note.txt").read_text() == "note v2\n"
         out = node2.containerd.run_container(image["ref"], "after", ["/bin/cat", "/etc/app/c.conf"])

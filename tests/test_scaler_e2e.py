@@ -109,7 +109,9 @@ async def test_replica_dying_before_answering_is_retried_elsewhere(tmp_path):
             with trio.fail_after(20):  # the dead one is replaced
                 while act.fleet().ready < 2:
                     await trio.sleep(0.05)
-            assert act.started == 3
+            # Two, plus the replacement; the burst may also scale up by one on a loaded
+            # machine (its requests take longer there), never more.
+            assert 3 <= act.started <= 4
             nursery.cancel_scope.cancel()
     finally:
         _kill_leftovers(act)

@@ -13,7 +13,7 @@ from p2pfs.tree import build_tree
 
 
 def test_records_first_reads_in_order_within_the_window_only():
-    r = Recorder(window=5.0, max_chunks=4)
+    r = Recorder(window=5.0, max_chunks=4, idle=5.0)
     r.record("L", "a", range(0, 1), now=0.0)  # before the layer's first access: ignored
     r.start("L", now=10.0)
     r.start("L", now=11.0)  # a second start does not move the window
@@ -64,3 +64,13 @@ def test_malformed_lists_are_errors(data):
     tree, _ = _tree()
     with pytest.raises(P2PFSError, match="start-up list"):
         parse_list(data, tree, "abc")
+
+
+def test_a_pause_in_reads_ends_the_recording_before_the_window():
+    r = Recorder(window=60.0, idle=2.0)
+    r.start("L", now=0.0)
+    r.record("L", "a", range(0, 1), now=0.5)
+    r.record("L", "b", range(0, 1), now=2.0)
+    r.record("L", "a", range(0, 1), now=3.9)  # a chunk seen before does not extend it
+    assert r.due(now=3.9) == []
+    assert r.due(now=4.1) == [("L", [("a", 0), ("b", 0)])]

@@ -39,7 +39,9 @@ def test_first_lazy_start_records_and_the_next_node_prefetches(seaweed, mount_fa
                                endpoint=seaweed.endpoint).stdout)
     hex_ = res["digest"].removeprefix("sha256:")
     cfg = tmp_path / "p2pfs.toml"
-    cfg.write_text("[mount]\nstartup_window = 1.0\n")
+    # Pack read-ahead off: this test is about the list alone (a lazy start's neighbours
+    # are fetched by it otherwise: test_pack_readahead_fetches_tar_neighbours).
+    cfg.write_text("[mount]\nstartup_window = 1.0\n[fetch]\npack_readahead = 0\n")
     started = ["app/mod0.py", "app/mod3.py", "app/mod5.py"]
 
     first = mount_factory(url, seaweed.endpoint, "--config", str(cfg))
@@ -67,3 +69,24 @@ def test_first_lazy_start_records_and_the_next_node_prefetches(seaweed, mount_fa
         assert second.status()["bytes_by_source"].get("origin", 0) == before
     time.sleep(1.5)  # its window closes: nothing new is recorded over the loaded list
     assert second.status()["startup"]["lists_recorded"] == 0
+
+
+def test_pack_readahead_fetches_tar_neighbours(seaweed, mount_factory, tmp_path):
+    url = f"s3://models/packahead-{uuid.uuid4().hex[:6]}"
+    path, files = layer_tar(tmp_path)
+    res = json.loads(p2pfs_cmd("image", "convert-layer", str(path), url, "--json",
+                               endpoint=seaweed.endpoint).stdout)
+    hex_ = res["digest"].removeprefix("sha256:")
+    cfg = tmp_path / "p2pfs.toml"
+    cfg.write_text("[mount]\nstartup_window = 0\n[fetch]\npack_readahead = \"2MiB\"\n")
+    m = mount_factory(url, seaweed.endpoint, "--config", str(cfg))
+    assert (m.path / hex_ / "app/mod0.py").read_bytes() == files["app/mod0.py"]
+    # mod1 and mod2 follow mod0 in the tar, so in the pack: fetched without being read.
+    wait_for(lambda: m.status()["prefetched_chunks"] >= 6, timeout=10, what="neighbours fetched")
+    before = m.status()["bytes_by_source"].get("origin", 0)
+    assert (m.path / hex_ / "app/mod1.py").read_bytes() == files["app/mod1.py"]
+    st = m.status()
+    assert st["bytes_by_source"].get("origin", 0) == before  # served from memory
+    assert st["bytes_by_source"].get("memory", 0) >= len(files["app/mod1.py"])
+    # Far past the window: not fetched.
+    assert before < 2 * 700 * KiB + 2 * 1024 * KiB + 64 * KiB

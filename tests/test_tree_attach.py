@@ -95,3 +95,31 @@ def test_attaching_one_by_one_equals_building_at_once(models):
     assert whole is not None and listing(tree) == listing(whole)
     inodes = [n.inode for n in tree.nodes.values()]
     assert len(set(inodes)) == len(inodes) and max(inodes) < tree.next_inode
+
+
+def _layer(files: dict[str, list[tuple[int, int]]], pack: str = "blobs/p") -> Manifest:
+    """A layer whose files' chunks sit at (offset, length) in one pack."""
+    entries = [Entry(path="", type="dir")]
+    for name, spans in files.items():
+        refs = tuple(ChunkRef(0, off, n, n, "none", f"{off:064x}") for off, n in spans)
+        entries.append(with_starts(Entry(path=name, type="file", size=sum(n for _, n in spans),
+                                         chunks=refs)))
+    return Manifest(chunk_size=4, blobs=(pack,), entries=tuple(entries), kind="layer", blob_root="..")
+
+
+def test_pack_neighbours_are_the_next_chunks_of_the_pack_across_files_and_layers():
+    tree = Tree()
+    tree.attach("l1", _layer({"a": [(0, 10), (10, 10)], "b": [(20, 5)], "c": [(40, 10)]}), "r/")
+    tree.attach("l2", _layer({"d": [(25, 15)]}), "r/")  # a later layer filled the gap
+    a0 = tree.lookup_path("l1/a").locs(range(0, 1))[0]
+    got = [(n.ref.offset, n.ref.length) for n in tree.pack_neighbours(a0, 30)]
+    assert got == [(10, 10), (20, 5), (25, 15)]  # stored bytes after a0 up to 10 + 30
+    assert all(n.key == "r/blobs/p" for n in tree.pack_neighbours(a0, 30))
+    c = tree.lookup_path("l1/c").locs(range(0, 1))[0]
+    assert tree.pack_neighbours(c, 100) == []
+
+
+def test_models_indexed_in_place_have_no_pack_neighbours():
+    tree = build_tree([("m", manifest("x", "y"), "p/m/")])
+    x = tree.lookup_path("m/x").locs(range(0, 1))[0]
+    assert tree.pack_neighbours(x, 1 << 20) == []
