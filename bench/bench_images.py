@@ -194,7 +194,8 @@ class P2pfsNode:
         store = _store(bench)
         self.dir = bench.node_dir / name
         self.dir.mkdir(parents=True)
-        (self.dir / "p2pfs.toml").write_text(f"[mount]\nstartup_window = {startup_window}\n")
+        (self.dir / "p2pfs.toml").write_text(f"[mount]\nstartup_window = {startup_window}\n"
+                                             + os.environ.get("P2PFS_BENCH_TOML", ""))
         mp = self.dir / "layers"
         mp.mkdir()
         self.cache = Path(tempfile.mkdtemp(prefix="p2pfs-bn-", dir="/var/tmp"))  # short: its control socket

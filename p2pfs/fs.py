@@ -205,7 +205,7 @@ class Operations(pyfuse3.Operations):
             self.startup.record(h.node, span)
         self._readahead(h, off, size)
         locs = h.node.locs(span)
-        if self.fetch.pack_readahead:
+        if self.fetch.pack_readahead and (self.startup is None or self.startup.guess_ahead(h.node)):
             self._pack_ahead(locs[-1])
         try:
             chunks = await self.store.get(locs, used=overlaps(entry, span, off, size))

@@ -129,6 +129,10 @@ class StartupPrefetch:
     """The daemon's side. `layers`: mount dir -> (object key prefix of the layer, manifest
     digest) for every mounted model of kind "layer"; the daemon adds to it on refresh."""
 
+    BATCH = 16 << 20  # uncompressed bytes per prefetch step (its chunks sorted by place in
+                      # their packs, so neighbours coalesce into one GET)
+    AHEAD = 8         # steps in flight
+
     def __init__(self, *, origin: Any, store: Any, tree: Tree, window: float,
                  clock=trio.current_time) -> None:
         self.origin = origin
@@ -138,6 +142,7 @@ class StartupPrefetch:
         self.recorder = Recorder(window)
         self._clock = clock
         self._touched: set[str] = set()
+        self._unlisted: set[str] = set()  # layers known to have no start-up list
         self._send, self._recv = trio.open_memory_channel[str](256)
         self.stats = {"lists_loaded": 0, "lists_recorded": 0, "chunks_prefetched": 0,
                       "list_errors": 0}
@@ -153,6 +158,12 @@ class StartupPrefetch:
             return  # a burst of first touches: this layer is tried again on its next read
         self._touched.add(layer)
         self.recorder.start(layer, self._clock())
+
+    def guess_ahead(self, node: Node) -> bool:
+        """Whether reads of this node's layer should fetch their pack neighbours too: only
+        once its list lookup said there is none (a list is the precise read-ahead, and
+        neighbours on top of it only cost bytes); every model that is not a layer, yes."""
+        return node.model not in self.layers or node.model in self._unlisted
 
     def record(self, node: Node, chunks: range) -> None:
         if node.model in self.layers and node.entry is not None:
@@ -173,11 +184,12 @@ class StartupPrefetch:
             with trio.fail_after(10):
                 data = await self.origin.get(key)
         except ObjectNotFound:
-            log.info("layer %s: no start-up list yet; recording its first %gs of reads",
-                     layer, self.recorder.window)
+            self._unlisted.add(layer)
+            log.info("layer %s: no start-up list yet; recording its start-up reads", layer)
             return
         except (P2PFSError, trio.TooSlowError) as exc:
             self.stats["list_errors"] += 1
+            self._unlisted.add(layer)
             self.recorder.discard(layer)  # do not overwrite a list we could not read
             log.warning("layer %s: start-up list unreadable (%s); starting without it", layer, exc)
             return
@@ -186,15 +198,49 @@ class StartupPrefetch:
             locs = parse_list(bytes(data), self.tree, layer)
         except P2PFSError as exc:
             self.stats["list_errors"] += 1
+            self._unlisted.add(layer)
             log.warning("%s; starting without it", exc)
             return
         self.stats["lists_loaded"] += 1
         self.stats["chunks_prefetched"] += len(locs)
         log.info("layer %s: prefetching its start-up list (%d chunks)", layer, len(locs))
         try:
-            await self.store.warm(locs)
+            await self._prefetch(locs)
         except P2PFSError as exc:  # readers fetch what they need themselves
             log.warning("layer %s: start-up prefetch stopped: %s", layer, exc)
+
+    async def _prefetch(self, locs: list[ChunkLoc]) -> None:
+        """Into memory, in list order, `BATCH` bytes per step and `AHEAD` steps at once (so
+        nothing waits long enough in a queue to hit the read timeout), as far as half the
+        memory tier holds; the rest of a longer list onto disk (`warm`)."""
+        budget = self.store.readahead_limit
+        in_memory: list[ChunkLoc] = []
+        for loc in locs:
+            if budget < loc.ref.size:
+                break
+            budget -= loc.ref.size
+            in_memory.append(loc)
+        batches: list[list[ChunkLoc]] = [[]]
+        for loc in in_memory:
+            if sum(c.ref.size for c in batches[-1]) + loc.ref.size > self.BATCH and batches[-1]:
+                batches.append([])
+            batches[-1].append(loc)
+        ahead = trio.Semaphore(self.AHEAD)
+
+        async def one(batch: list[ChunkLoc]) -> None:
+            batch = sorted(batch, key=lambda loc: (loc.key, loc.ref.offset))
+            try:  # `used` 0: prefetching serves no reader, so no bytes count as served
+                await self.store.get(batch, used=[0] * len(batch))
+            finally:
+                ahead.release()
+
+        async with trio.open_nursery() as nursery:
+            for batch in batches:
+                if batch:
+                    await ahead.acquire()
+                    nursery.start_soon(one, batch)
+        if len(in_memory) < len(locs):
+            await self.store.warm(locs[len(in_memory):])
 
     async def _flush_loop(self) -> None:
         while True:
