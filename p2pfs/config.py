@@ -100,7 +100,7 @@ class FetchConfig:
     readahead_max: int = setting(128 * MiB, ge=0, le=4 * GiB, size=True)
     #: Image layers: on a read that fetches a chunk of a pack, also fetch this many stored
     #: bytes of the pack after it (the files next to it in the layer's tar); 0 turns it off.
-    pack_readahead: int = setting(4 * MiB, ge=0, le=GiB, size=True)
+    pack_readahead: int = setting(1 * MiB, ge=0, le=GiB, size=True)
 
     def __post_init__(self) -> None:
         settings.check(self, ConfigError)
