@@ -184,6 +184,8 @@ async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket,
         found, found_problems = await find_models(origin, loc, dict(tree.models), paths)
         added, refused, touched = [], [], set()
         for d, m, prefix in found:
+            if tree.models.get(d) == m.digest:
+                continue  # a refresh running at the same time attached it
             if d in tree.models:
                 refused.append(f"{d}: manifest is now {m.digest}, mounted {tree.models[d]}; "
                                "remount to see the new version")

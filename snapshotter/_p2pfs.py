@@ -204,8 +204,10 @@ class P2pfsLayers(DirRemoteLayers):
         with self._lock:
             if now - self._misses.get(hex_, -1e18) < self.miss_ttl:
                 return None
-        if self.attach(hex_):
-            return super().lookup(labels)
+        self.attach(hex_)  # it may also have been attached by a refresh running meanwhile
+        found = super().lookup(labels)
+        if found is not None:
+            return found
         with self._lock:
             self._misses[hex_] = now
             if len(self._misses) > 4096:  # bound the memory: forget the oldest half
