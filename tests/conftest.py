@@ -121,3 +121,14 @@ def wait_for(pred, timeout: float = 10.0, what: str = "condition") -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+@pytest.fixture(autouse=True)
+def _stop_snapshotters():
+    """Snapshotter processes a test started (tests/image_node.py) are stopped when it ends,
+    whether or not the test reached its own teardown."""
+    yield
+    node_module = sys.modules.get("image_node")
+    if node_module is not None:
+        while node_module.STARTED:
+            node_module.STARTED.pop().stop()

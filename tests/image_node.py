@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from typing import Any
 from conftest import p2pfs_cmd
 
 SNAPSHOTTER = [sys.executable, "-m", "snapshotter.cli"]
+#: Every snapshotter process started; conftest's autouse fixture stops what a test left.
+STARTED: list["Snapshotter"] = []
 
 
 def wait_for_socket(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 30.0) -> None:
@@ -57,13 +60,13 @@ class Snapshotter:
         with open(self.log, "ab") as logf:
             self.proc = subprocess.Popen([*SNAPSHOTTER, *self.args], env=self.env,
                                          stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)
+        STARTED.append(self)
         wait_for_socket(self.socket, self.proc, self.log)
         return self
 
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
+    def stop(self, sig: int = signal.SIGTERM, *, keep_dir: bool = False) -> None:
+        """Stop the process (by PID); remove its socket dir unless it is to start again."""
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
                 self.proc.wait(20)
@@ -71,9 +74,11 @@ class Snapshotter:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+        if not keep_dir:
+            shutil.rmtree(self.short, ignore_errors=True)
 
     def restart(self) -> None:
-        self.stop()
+        self.stop(keep_dir=True)
         self.start()
 
     def log_text(self) -> str:
