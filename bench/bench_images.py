@@ -1,7 +1,7 @@
 """Image pull benchmark: time from pull start to a container's first output, and bytes
 fetched by then and in total, for the two images of bench/images.py.
 
-    .venv/bin/python bench/bench_images.py [--rounds 3] [--variants overlayfs,...]
+    .venv/bin/python bench/bench_images.py [--rounds 3] [--variants overlayfs,...] [--direct]
                                            [--images debian-python,torch-serve] [--rate BYTES/S]
 
 Every round is a fresh node: a new containerd (its own root, so an empty content store and
@@ -12,9 +12,16 @@ a counting TCP relay on loopback (tests/peer_helpers.StoreRelay): "registry byte
 the registry sent (blobs, manifests, HTTP heads). A variant that also reads an object store
 adds that store's counter to `Bench.meters`, so "bytes" is everything the node fetched.
 
-Variants are callables `(bench, image, ref, round) -> Sample` (VARIANTS below); the p2pfs
-ones are left for the lead to fill in (marked LEAD). Results: a table on stdout and JSON in
-bench/out/images-results.json.
+With `--direct` there are no relays: bytes come from each node's content store (what
+containerd fetched from the registry) plus the p2pfs daemon's origin bytes; the relays'
+own CPU cost on a 2-core machine falls hardest on the variant moving the most bytes.
+
+Variants are callables `(bench, image, ref, round) -> Sample` (VARIANTS below): overlayfs,
+p2pfs-first (normal pull, layers converted in the background), p2pfs-lazy (a fresh node on
+a converted prefix, no start-up lists) and p2pfs-prefetch (a fresh node after one untimed
+lazy start recorded the lists). `P2PFS_BENCH_TOML` (TOML text) is appended to every p2pfs
+node's config, for probing settings (`[fetch] pack_readahead = 0`). Results: a table on
+stdout and JSON in bench/out/images-results.json.
 """
 
 from __future__ import annotations

@@ -182,7 +182,10 @@ class StartupPrefetch:
         key = prefix + LIST_KEY
         try:
             with trio.fail_after(10):
-                data = await self.origin.get(key)
+                size = (await self.origin.head(key)).size
+                if size > MAX_LIST_BYTES:  # refused before it is downloaded
+                    raise P2PFSError(f"{key}: {size} bytes is over the {MAX_LIST_BYTES}-byte limit")
+                data = await self.origin.get_range(key, 0, size) if size else b""
         except ObjectNotFound:
             self._unlisted.add(layer)
             log.info("layer %s: no start-up list yet; recording its start-up reads", layer)
@@ -221,10 +224,13 @@ class StartupPrefetch:
             budget -= loc.ref.size
             in_memory.append(loc)
         batches: list[list[ChunkLoc]] = [[]]
+        filled = 0
         for loc in in_memory:
-            if sum(c.ref.size for c in batches[-1]) + loc.ref.size > self.BATCH and batches[-1]:
+            if batches[-1] and filled + loc.ref.size > self.BATCH:
                 batches.append([])
+                filled = 0
             batches[-1].append(loc)
+            filled += loc.ref.size
         ahead = trio.Semaphore(self.AHEAD)
 
         async def one(batch: list[ChunkLoc]) -> None:

@@ -74,3 +74,26 @@ def test_a_pause_in_reads_ends_the_recording_before_the_window():
     r.record("L", "a", range(0, 1), now=3.9)  # a chunk seen before does not extend it
     assert r.due(now=3.9) == []
     assert r.due(now=4.1) == [("L", [("a", 0), ("b", 0)])]
+
+
+async def test_an_oversized_stored_list_is_refused_before_it_is_downloaded(tmp_path):
+    from p2pfs.origin import LocalDirOrigin
+    from p2pfs.startup import LIST_KEY, MAX_LIST_BYTES, StartupPrefetch
+
+    tree, m = _tree()
+    origin = LocalDirOrigin(tmp_path)
+    (tmp_path / "layers/abc/.p2pfs").mkdir(parents=True)
+    (tmp_path / "layers/abc" / LIST_KEY).write_bytes(b" " * (MAX_LIST_BYTES + 1))
+    fetched = []
+    get_range = origin.get_range
+
+    async def counting_get_range(*args, **kw):
+        fetched.append(args)
+        return await get_range(*args, **kw)
+
+    origin.get_range = counting_get_range
+    sp = StartupPrefetch(origin=origin, store=None, tree=tree, window=5.0)
+    sp.layers["abc"] = ("layers/abc/", m.digest)
+    await sp._first_access("abc")
+    assert sp.stats["list_errors"] == 1 and sp.stats["lists_loaded"] == 0 and not fetched
+    assert sp.guess_ahead(tree.lookup_path("abc/f"))  # no list: pack read-ahead applies

@@ -32,16 +32,23 @@ def layer_tar(tmp_path) -> tuple:
     return path, files
 
 
-def test_first_lazy_start_records_and_the_next_node_prefetches(seaweed, mount_factory, tmp_path):
+def converted(seaweed, tmp_path, config: str) -> tuple:
+    """The test layer converted under a fresh prefix, and a config file for its mounts:
+    (url, layer hex, files, config path)."""
     url = f"s3://models/startup-{uuid.uuid4().hex[:6]}"
     path, files = layer_tar(tmp_path)
     res = json.loads(p2pfs_cmd("image", "convert-layer", str(path), url, "--json",
                                endpoint=seaweed.endpoint).stdout)
-    hex_ = res["digest"].removeprefix("sha256:")
     cfg = tmp_path / "p2pfs.toml"
+    cfg.write_text(config)
+    return url, res["digest"].removeprefix("sha256:"), files, cfg
+
+
+def test_first_lazy_start_records_and_the_next_node_prefetches(seaweed, mount_factory, tmp_path):
     # Pack read-ahead off: this test is about the list alone (a lazy start's neighbours
     # are fetched by it otherwise: test_pack_readahead_fetches_tar_neighbours).
-    cfg.write_text("[mount]\nstartup_window = 1.0\n[fetch]\npack_readahead = 0\n")
+    url, hex_, files, cfg = converted(seaweed, tmp_path,
+                                      "[mount]\nstartup_window = 1.0\n[fetch]\npack_readahead = 0\n")
     started = ["app/mod0.py", "app/mod3.py", "app/mod5.py"]
 
     first = mount_factory(url, seaweed.endpoint, "--config", str(cfg))
@@ -72,13 +79,8 @@ def test_first_lazy_start_records_and_the_next_node_prefetches(seaweed, mount_fa
 
 
 def test_pack_readahead_fetches_tar_neighbours(seaweed, mount_factory, tmp_path):
-    url = f"s3://models/packahead-{uuid.uuid4().hex[:6]}"
-    path, files = layer_tar(tmp_path)
-    res = json.loads(p2pfs_cmd("image", "convert-layer", str(path), url, "--json",
-                               endpoint=seaweed.endpoint).stdout)
-    hex_ = res["digest"].removeprefix("sha256:")
-    cfg = tmp_path / "p2pfs.toml"
-    cfg.write_text("[mount]\nstartup_window = 0\n[fetch]\npack_readahead = \"2MiB\"\n")
+    url, hex_, files, cfg = converted(seaweed, tmp_path,
+                                      "[mount]\nstartup_window = 0\n[fetch]\npack_readahead = \"2MiB\"\n")
     m = mount_factory(url, seaweed.endpoint, "--config", str(cfg))
     assert (m.path / hex_ / "app/mod0.py").read_bytes() == files["app/mod0.py"]
     # mod1 and mod2 follow mod0 in the tar, so in the pack: fetched without being read.
