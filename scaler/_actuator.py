@@ -14,6 +14,7 @@ import trio
 
 from ._dispatch import Endpoint
 from ._policy import Fleet
+from ._starts import Start
 
 
 class Hooks(Protocol):
@@ -40,3 +41,12 @@ class Actuator(Protocol):
 
     def endpoint_failed(self, ep_id: str) -> None:
         """The router saw this endpoint die before answering."""
+
+    def endpoint_answered(self, ep_id: str) -> None:
+        """The router got an answer from this endpoint (ends the start's first_answer)."""
+
+    def replicas(self) -> list[dict]:
+        """The replicas it knows of, for status (id, role, state, start)."""
+
+    def start_records(self) -> list[Start]:
+        """The newest replica starts, oldest first (empty where starts are not seen)."""

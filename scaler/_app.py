@@ -34,7 +34,9 @@ async def run_proxy(config: ProxyConfig, policy: Policy, actuator: Actuator, *,
                             queue_timeout_s=config.queue_timeout_s)
     controller = Controller(policy, dispatcher, actuator, wake=QueueProxy.wake, clock=clock)
     proxy = QueueProxy(config, dispatcher, snapshot=controller.snapshot, poke=controller.poke,
-                       replica_failed=actuator.endpoint_failed, clock=clock)
+                       replica_failed=actuator.endpoint_failed,
+                       replica_answered=actuator.endpoint_answered, status=controller.status,
+                       clock=clock)
     async with trio.open_nursery() as nursery:
         await nursery.start(actuator.run, controller)
         await nursery.start(controller.run)

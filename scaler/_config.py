@@ -1,7 +1,7 @@
 """Settings: frozen, keyword-only dataclasses with every default in one place.
 
 Layers, lowest first: these defaults, a TOML file (`--config`, one table per dataclass:
-`[policy]`, `[proxy]`, `[local]`, `[kubernetes]`, `[keda]`, `[sim]`), command-line flags.
+`[policy]`, `[proxy]`, `[local]`, `[containerd]`, `[kubernetes]`, `[keda]`, `[sim]`), command-line flags.
 Only `cli.py` reads files and flags; core code receives these objects as arguments.
 """
 
@@ -205,6 +205,58 @@ class LocalConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ContainerdConfig:
+    """Replicas as containers on this node, through containerd's `ctr` (with the p2pfs
+    snapshotter, images start from lazily fetched layers). The lifecycle settings (ready
+    path, timeouts) and the command run in the container (`replica_cmd`, with `{port}`)
+    are LocalConfig's."""
+
+    #: Image reference replicas run (pulled once through CRI, so the snapshotter gets the
+    #: layer labels it needs to serve layers lazily).
+    image: str = ""
+    #: containerd snapshotter the containers' root filesystems come from; CRI's own
+    #: snapshotter setting must name the same one (CRI unpacks the pull into it).
+    snapshotter: str = "p2pfs"
+    #: containerd's gRPC socket.
+    address: str = "/run/containerd/containerd.sock"
+    #: containerd namespace; CRI pulls land in k8s.io, so containers are created there.
+    namespace: str = "k8s.io"
+    #: Bind mounts, "HOST:CONTAINER[:ro|:rw]" (read-only unless :rw), e.g. the p2pfs
+    #: weights mount "/models:/models".
+    mounts: tuple[str, ...] = ()
+    #: Extra environment of the container, "NAME=VALUE".
+    env: tuple[str, ...] = ()
+    #: Host command that pulls `{image}` (default: `p2pfs-snapshotter pull` through CRI
+    #: at `address`). Run once, by the first replica that needs it.
+    pull_cmd: str = ""
+    #: Host command run before each replica's container is created (`{id}` and `{port}`
+    #: filled in), e.g. an `aws s3 cp` of the weights; its time counts as weights.
+    setup_cmd: str = ""
+    #: The ctr binary.
+    ctr: str = "ctr"
+    #: Container ids are PREFIX-<proxy pid>-replica-N; containers of this prefix whose
+    #: proxy is gone are removed when the actuator starts.
+    id_prefix: str = "p2pfs-scaler"
+    #: Seconds the pull, and the setup command, may take.
+    pull_timeout_s: float = 900.0
+    #: Seconds one other ctr call (create, kill, delete) may take.
+    ctr_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        _positive(self, "pull_timeout_s", "ctr_timeout_s")
+        for m in self.mounts:
+            parts = m.split(":")
+            if (len(parts) not in (2, 3) or not all(p.startswith("/") for p in parts[:2])
+                    or (len(parts) == 3 and parts[2] not in ("ro", "rw"))):
+                raise ConfigError(f"mount {m!r}: expected /HOST:/CONTAINER[:ro|:rw]")
+        for e in self.env:
+            if "=" not in e or e.startswith("="):
+                raise ConfigError(f"env {e!r}: expected NAME=VALUE")
+        if not self.id_prefix or not all(c.isalnum() or c in "-_." for c in self.id_prefix):
+            raise ConfigError(f"id_prefix {self.id_prefix!r}: letters, digits, - _ . only")
+
+
+@dataclass(frozen=True, kw_only=True)
 class KubernetesConfig:
     """A Deployment scaled through its scale subresource."""
 
@@ -273,7 +325,7 @@ def _positive(obj: Any, *names: str) -> None:
 
 
 _TABLES = {"policy": PolicyConfig, "proxy": ProxyConfig, "local": LocalConfig,
-           "kubernetes": KubernetesConfig, "keda": KedaConfig, "sim": SimConfig}
+           "containerd": ContainerdConfig, "kubernetes": KubernetesConfig, "keda": KedaConfig, "sim": SimConfig}
 
 
 def load_toml(path: Path | None) -> dict[str, dict[str, Any]]:

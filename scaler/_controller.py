@@ -97,4 +97,37 @@ class Controller:
             panic_concurrency=panic, panicking=panicking, accepted=s.accepted, served=s.served,
             rejected_full=s.rejected_full, rejected_timeout=s.rejected_timeout,
             failed=s.failed, retries=s.retries, queue_delay_sum_s=s.queue_delay_sum_s,
-            queue_delay_count=s.queue_delay_count)
+            queue_delay_count=s.queue_delay_count, **self._start_metrics())
+
+    def _start_metrics(self) -> dict:
+        starts = self.actuator.start_records()
+        sums = getattr(getattr(self.actuator, "starts", None), "sums", {})
+        last: tuple = ()
+        if starts:
+            newest = starts[-1]
+            last = tuple((newest.kind, k, v) for k, v in newest.stages().items() if v is not None)
+        return {"start_sums": tuple((kind, stage, n, total)
+                                    for (kind, stage), (n, total) in sorted(sums.items())),
+                "last_start": last}
+
+    def status(self) -> dict:
+        """The `/-/status` document (docs/SCALER.md, "Status"): replicas by state, the
+        decision, the queue, every replica and the newest starts with their stages."""
+        s = self.dispatcher.statistics()
+        f = self.actuator.fleet()
+        replicas = self.actuator.replicas()
+        by_state: dict[str, int] = {"starting": 0, "standby": 0, "serving": 0, "stopping": 0}
+        for r in replicas:
+            by_state[r["state"]] = by_state.get(r["state"], 0) + 1
+        if not replicas:  # an actuator that sees no replicas one by one (Kubernetes)
+            by_state.update(serving=f.ready, starting=f.starting, standby=f.standby)
+        return {
+            "replicas": by_state,
+            "desired": {"serving": self.decision.serving, "standby": self.decision.standby,
+                        "mode": self.decision.mode},
+            "queue": {"in_flight": s.in_flight, "queued": s.queued, "accepted": s.accepted,
+                      "served": s.served, "rejected_full": s.rejected_full,
+                      "rejected_timeout": s.rejected_timeout, "failed": s.failed},
+            "replica_list": replicas,
+            "starts": [st.as_dict() for st in self.actuator.start_records()][-20:],
+        }

@@ -74,6 +74,15 @@ class KubernetesActuator:
         # A pod failing behind the Service is Kubernetes' to replace; re-read soon.
         self._changed.set()
 
+    def endpoint_answered(self, ep_id: str) -> None:
+        return None  # one endpoint (the Service): pod starts are not seen from here
+
+    def replicas(self) -> list[dict]:
+        return []
+
+    def start_records(self) -> list:
+        return []
+
     async def run(self, hooks: Hooks, *,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()

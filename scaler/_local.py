@@ -1,10 +1,12 @@
-"""Replicas as local processes: the embedded default actuator.
+"""Replicas as local processes or containers: the lifecycle every node-local actuator shares.
 
-Each replica is `replica_cmd` with `{port}` set to a free loopback port, started in its
-own process group (so stopping it stops its children) and ready when GET `ready_path`
+Each replica gets a free loopback port; its `Runner` prepares it (nothing for a process;
+pull and create for a container), then its foreground process is started in its own
+process group (so stopping it stops its children), and it is ready when GET `ready_path`
 answers 2xx. A standby replica is started and ready but not routed to: promoting it is
 instant. Every replica lives in a task of the actuator's own nursery; cancelling `run`
-stops them all (SIGTERM, then SIGKILL after `stop_timeout_s`).
+stops them all (SIGTERM, then SIGKILL after `stop_timeout_s`, then the runner's cleanup).
+Each start is timed stage by stage (`_starts.py`): `starts` holds the records.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 from dataclasses import dataclass, field
 
 import trio
@@ -24,6 +27,8 @@ from ._config import LocalConfig
 from ._dispatch import Endpoint
 from ._errors import ActuatorError, ProtocolError, ReplicaError
 from ._policy import Fleet
+from ._runner import Prepared, ProcessRunner, Runner
+from ._starts import Start, StartLog, parse_ready_body
 
 log = logging.getLogger("scaler.local")
 
@@ -47,13 +52,17 @@ class _Replica:
     stopping: bool = False
     process: trio.Process | None = None
     cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
+    start: Start | None = None
 
 
 class LocalActuator:
-    def __init__(self, config: LocalConfig) -> None:
+    def __init__(self, config: LocalConfig, runner: Runner | None = None) -> None:
         if not config.replica_cmd:
             raise ActuatorError("LocalActuator needs replica_cmd")
         self.config = config
+        self.runner: Runner = runner or ProcessRunner(config.replica_cmd)
+        self.starts = StartLog()
+        self._decided: float | None = None  # when the target last changed, until acted on
         self._replicas: dict[str, _Replica] = {}
         self._ids = itertools.count(1)
         self._target = (0, 0)
@@ -67,6 +76,8 @@ class LocalActuator:
     def set_target(self, serving: int, standby: int) -> None:
         if (serving, standby) != self._target:
             self._target = (serving, standby)
+            if self._decided is None:
+                self._decided = trio.current_time()
             self._changed.set()
 
     def fleet(self) -> Fleet:
@@ -85,6 +96,26 @@ class LocalActuator:
             r.cancel.cancel()
             self._changed.set()
 
+    def endpoint_answered(self, ep_id: str) -> None:
+        """The router got an answer from this endpoint: the first one ends its start."""
+        s = self.starts.answered(ep_id, trio.current_time())
+        if s is not None:
+            log.info("%s", s.log_line())
+
+    def replicas(self) -> list[dict]:
+        """Every replica now, for status: id, role, state and its newest start."""
+        out = []
+        for r in self._replicas.values():
+            state = ("stopping" if r.stopping else "serving" if r.routed
+                     else "standby" if r.role == "standby" and r.ready else "starting")
+            s = self.starts.latest(r.id)
+            out.append({"id": r.id, "role": r.role, "state": state, "port": r.port,
+                        "start": s.as_dict() if s is not None else None})
+        return out
+
+    def start_records(self) -> list[Start]:
+        return self.starts.recent()
+
     def pids(self) -> list[int]:
         return [r.process.pid for r in self._replicas.values() if r.process is not None]
 
@@ -96,15 +127,18 @@ class LocalActuator:
             task_status.started()
             try:
                 while True:
-                    self._reconcile()
+                    self._reconcile(self._decided if self._decided is not None
+                                    else trio.current_time())
+                    self._decided = None
                     self._changed = trio.Event()
                     await self._changed.wait()
             finally:
                 nursery.cancel_scope.cancel()
 
     # ---------------------------------------------------------------- convergence
-    def _reconcile(self) -> None:
-        """Bring the replicas to the target. Sync: only flips states and starts tasks."""
+    def _reconcile(self, decided: float) -> None:
+        """Bring the replicas to the target. Sync: only flips states and starts tasks.
+        `decided`: when the target it acts on was set (the starts' clock zero)."""
         serving_target, standby_target = self._target
         live = [r for r in self._replicas.values() if not r.stopping]
         serving = [r for r in live if r.role == "serving"]
@@ -117,9 +151,13 @@ class LocalActuator:
                 standby.remove(r)
                 if r.ready:
                     self._route(r)
+                    self.starts.begin(Start(r.id, "promotion", "standby", decided,
+                                            ready=trio.current_time()))
+                elif r.start is not None:
+                    r.start.role = "serving"
                 need -= 1
             for _ in range(need):
-                self._spawn("serving")
+                self._spawn("serving", decided)
         elif len(serving) > serving_target:
             # Least sunk cost first: not ready yet, then the newest ready ones.
             newest_first = sorted(serving, key=lambda r: int(r.id.rsplit("-", 1)[1]), reverse=True)
@@ -131,13 +169,14 @@ class LocalActuator:
                 else:
                     self._stop(r)
         for _ in range(standby_target - len(standby)):
-            self._spawn("standby")
+            self._spawn("standby", decided)
         for r in sorted(standby, key=lambda r: r.ready)[:max(0, len(standby) - standby_target)]:
             self._stop(r)
 
-    def _spawn(self, role: str) -> None:
+    def _spawn(self, role: str, decided: float) -> None:
         assert self._nursery is not None
         r = _Replica(id=f"replica-{next(self._ids)}", port=free_port(self.config.host), role=role)
+        r.start = self.starts.begin(Start(r.id, "cold", role, decided))
         self._replicas[r.id] = r
         self.started += 1
         self._nursery.start_soon(self._lifetime, r)
@@ -160,21 +199,38 @@ class LocalActuator:
 
     # ---------------------------------------------------------------- one replica
     async def _lifetime(self, r: _Replica) -> None:
-        """Start, probe, serve until stopped or dead, then drain and stop."""
-        assert self._hooks is not None
-        cmd = self.config.replica_cmd.replace("{port}", str(r.port))
+        """Prepare, start, probe, serve until stopped or dead, then drain, stop, clean up."""
+        assert self._hooks is not None and r.start is not None
+        start = r.start
         try:
             with r.cancel:
-                proc = await trio.lowlevel.open_process(
-                    ["/bin/sh", "-c", f"exec {cmd}"], start_new_session=True)
-                r.process = proc
+                start.began = trio.current_time()
                 try:
-                    await self._probe(r, proc)
-                except ReplicaError as exc:
-                    log.warning("replica %s did not start: %s", r.id, exc)
+                    prepared: Prepared = await self.runner.prepare(r.id, r.port)
+                except ActuatorError as exc:
+                    log.warning("replica %s could not be prepared: %s", r.id, exc)
+                    self.starts.failed(start, str(exc))
                     self.failed += 1
                     return
+                start.image_s, start.setup_s = prepared.image_s, prepared.setup_s
+                proc = await trio.lowlevel.open_process(
+                    self.runner.argv(r.id, r.port), start_new_session=True,
+                    stdin=subprocess.DEVNULL)
+                r.process = proc
+                start.process_started = trio.current_time()
+                try:
+                    body = await self._probe(r, proc)
+                except ReplicaError as exc:
+                    log.warning("replica %s did not start: %s", r.id, exc)
+                    self.starts.failed(start, str(exc))
+                    self.failed += 1
+                    return
+                start.ready = trio.current_time()
+                start.reported_weights_s = parse_ready_body(body)
                 r.ready = True
+                log.info("replica %s ready (%s): %s", r.id, r.role,
+                         ", ".join(f"{k} {v:.2f}s" for k, v in start.stages().items()
+                                   if v is not None))
                 if r.role == "serving":
                     self._route(r)
                 await proc.wait()
@@ -183,26 +239,33 @@ class LocalActuator:
                 self._hooks.gone(r.id)
         except OSError as exc:
             log.error("cannot start replica %s: %s", r.id, exc)
+            self.starts.failed(start, str(exc))
             self.failed += 1
         finally:
             r.stopping = True
+            if start.ready is None:
+                self.starts.failed(start, "stopped before it was ready")
             with trio.CancelScope(shield=True):
                 if r.routed:
                     r.routed = False
                     await self._hooks.drain(r.id, self.config.drain_timeout_s)
                 if r.process is not None:
                     await self._terminate(r.process)
+                with trio.move_on_after(self.config.stop_timeout_s + 30):
+                    await self.runner.cleanup(r.id)
             del self._replicas[r.id]
+            self.starts.forget(r.id)
             self._changed.set()
 
-    async def _probe(self, r: _Replica, proc: trio.Process) -> None:
+    async def _probe(self, r: _Replica, proc: trio.Process) -> bytes:
+        """Until GET ready_path answers 2xx: its body (it may report the load time)."""
         with trio.move_on_after(self.config.start_timeout_s):
             while proc.poll() is None:
                 try:
                     resp = await _http.get(self.config.host, r.port, self.config.ready_path,
                                            timeout=max(1.0, self.config.probe_interval_s))
                     if 200 <= resp.status < 300:
-                        return
+                        return resp.body
                 except (ReplicaError, ProtocolError):
                     pass  # not listening yet, or not speaking HTTP yet: not ready
                 await trio.sleep(self.config.probe_interval_s)

@@ -42,6 +42,10 @@ class Snapshot:
     retries: int
     queue_delay_sum_s: float
     queue_delay_count: int
+    #: Replica starts so far: (kind, stage, count, sum of seconds), and the newest start's
+    #: stages (kind, stage, seconds) (`_starts.py`).
+    start_sums: tuple[tuple[str, str, int, float], ...] = ()
+    last_start: tuple[tuple[str, str, float], ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,6 +100,19 @@ def families(s: Snapshot, c: ConnectionStats | None = None) -> Iterator[Metric]:
     yield SummaryMetricFamily("scaler_queue_delay_seconds",
                               "Seconds requests waited for a replica slot.",
                               count_value=s.queue_delay_count, sum_value=s.queue_delay_sum_s)
+    stages = SummaryMetricFamily("scaler_replica_start_seconds",
+                                 "Seconds of each stage of replica starts (kind: cold or "
+                                 "promotion), counted when a start got its first answer.",
+                                 labels=["kind", "stage"])
+    for kind, stage, n, total in s.start_sums:
+        stages.add_metric([kind, stage], count_value=n, sum_value=total)
+    yield stages
+    last = GaugeMetricFamily("scaler_replica_last_start_seconds",
+                             "Seconds of each stage of the newest replica start.",
+                             labels=["kind", "stage"])
+    for kind, stage, v in s.last_start:
+        last.add_metric([kind, stage], v)
+    yield last
     if c is None:
         return
     yield labelled(GaugeMetricFamily("scaler_connections", "Client connections by state.",

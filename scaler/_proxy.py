@@ -19,6 +19,7 @@ a slot (`_linger`), so a client still sending reads it instead of a reset.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from typing import Callable
@@ -43,9 +44,12 @@ class QueueProxy:
     def __init__(self, config: ProxyConfig, dispatcher: Dispatcher, *,
                  snapshot: Callable[[], Snapshot], poke: Callable[[], None],
                  replica_failed: Callable[[str], None],
+                 replica_answered: Callable[[str], None] = lambda ep_id: None,
+                 status: Callable[[], dict] = dict,
                  clock: Callable[[], float] = trio.current_time) -> None:
         self.config, self.dispatcher = config, dispatcher
         self._poke, self._replica_failed = poke, replica_failed
+        self._replica_answered, self._status = replica_answered, status
         self._clock = clock
         self._slots = _slots.Slots(config.max_connections, grace=config.busy_head_timeout_s,
                                    clock=clock)
@@ -197,6 +201,9 @@ class QueueProxy:
                 generate_latest(self._registry)
         if path == b"/-/healthz":
             return _http.simple(200, "ok\n")
+        if path == b"/-/status" and req.method == b"GET":
+            return 200, [(b"content-type", b"application/json")], \
+                json.dumps(self._status()).encode()
         return await self._forward(req, deadline)
 
     def _busy(self, why: str) -> Reply:
@@ -243,6 +250,7 @@ class QueueProxy:
                     return _http.simple(502, f"bad replica response: {exc}\n")
                 held = False
                 self.wake(self.dispatcher.finish(ticket, self._clock(), self._clock() - started))
+                self._replica_answered(ep.id)
                 return resp.status, resp.headers, resp.body
         finally:
             if held:
