@@ -36,8 +36,12 @@ def mount_of(path: str | os.PathLike[str]) -> Path | None:
     # on p2pfs, and checking that first keeps even the p2pfs client out of plain local loads.
     if os.major(st.st_dev) != 0:
         return None
-    from p2pfs.control.client import find_mount
-
+    try:
+        from p2pfs.control.client import find_mount
+    except ImportError:
+        # gpuload alone (a replica's image: torch, numpy, safetensors, no p2pfs): the daemon's
+        # control socket is out of reach anyway, so the file is read through the mount.
+        return None
     return find_mount(path)
 
 
