@@ -232,6 +232,8 @@ class Handler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own errors (bad request line, unsupported method) as JSON too."""
         self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # an unparsable line: still answer with a status line
+            self.request_version = self.protocol_version
         try:
             self._json(HTTPStatus(code), {"error": message or HTTPStatus(code).phrase})
         except OSError:
