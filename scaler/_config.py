@@ -197,9 +197,15 @@ class LocalConfig:
     drain_timeout_s: float = 30.0
     #: Seconds between SIGTERM and SIGKILL.
     stop_timeout_s: float = 10.0
+    #: After a replica failed to start or died unasked, the next start waits this long,
+    #: doubling with each further failure in a row up to max_restart_backoff_s (a replica
+    #: that crashes at once must not be restarted in a tight loop); a ready one resets it.
+    restart_backoff_s: float = 0.5
+    max_restart_backoff_s: float = 30.0
 
     def __post_init__(self) -> None:
-        _positive(self, "probe_interval_s", "start_timeout_s", "stop_timeout_s")
+        _positive(self, "probe_interval_s", "start_timeout_s", "stop_timeout_s",
+                  "restart_backoff_s", "max_restart_backoff_s")
         if self.replica_cmd and "{port}" not in self.replica_cmd:
             raise ConfigError("replica_cmd must contain {port}")
 

@@ -59,7 +59,9 @@ class ContainerdRunner:
                             timeout=self.config.pull_timeout_s)
             setup_s = trio.current_time() - t
         t = trio.current_time()
-        await self._ctr("containers", "create", *self._create_args(port),
+        # "--": ctr's flag parser would otherwise take the replica's own flags (a "-h"
+        # anywhere prints ctr's help and exits 0, creating nothing).
+        await self._ctr("containers", "create", *self._create_args(port), "--",
                         self.config.image, self.container_id(replica_id),
                         *self._argv_in_container(port), what="container create")
         image_s = (trio.current_time() - began) - setup_s

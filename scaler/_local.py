@@ -71,6 +71,7 @@ class LocalActuator:
         self._nursery: trio.Nursery | None = None
         self.started = 0   # replicas ever started (tests, metrics)
         self.failed = 0    # replicas that exited or failed to start unasked
+        self._failures_in_a_row = 0
 
     # ---------------------------------------------------------------- interface
     def set_target(self, serving: int, standby: int) -> None:
@@ -204,13 +205,20 @@ class LocalActuator:
         start = r.start
         try:
             with r.cancel:
+                if self._failures_in_a_row:
+                    c = self.config
+                    wait = min(c.max_restart_backoff_s,
+                               c.restart_backoff_s * 2 ** min(self._failures_in_a_row - 1, 30))
+                    log.info("replica %s waits %.1fs: %d failed starts in a row", r.id, wait,
+                             self._failures_in_a_row)
+                    await trio.sleep(wait)
                 start.began = trio.current_time()
                 try:
                     prepared: Prepared = await self.runner.prepare(r.id, r.port)
                 except ActuatorError as exc:
                     log.warning("replica %s could not be prepared: %s", r.id, exc)
                     self.starts.failed(start, str(exc))
-                    self.failed += 1
+                    self._failed_start()
                     return
                 start.image_s, start.setup_s = prepared.image_s, prepared.setup_s
                 proc = await trio.lowlevel.open_process(
@@ -223,11 +231,12 @@ class LocalActuator:
                 except ReplicaError as exc:
                     log.warning("replica %s did not start: %s", r.id, exc)
                     self.starts.failed(start, str(exc))
-                    self.failed += 1
+                    self._failed_start()
                     return
                 start.ready = trio.current_time()
                 start.reported_weights_s = parse_ready_body(body)
                 r.ready = True
+                self._failures_in_a_row = 0
                 log.info("replica %s ready (%s): %s", r.id, r.role,
                          ", ".join(f"{k} {v:.2f}s" for k, v in start.stages().items()
                                    if v is not None))
@@ -235,12 +244,12 @@ class LocalActuator:
                     self._route(r)
                 await proc.wait()
                 log.warning("replica %s exited with %s", r.id, proc.returncode)
-                self.failed += 1
+                self._failed_start()
                 self._hooks.gone(r.id)
         except OSError as exc:
             log.error("cannot start replica %s: %s", r.id, exc)
             self.starts.failed(start, str(exc))
-            self.failed += 1
+            self._failed_start()
         finally:
             r.stopping = True
             if start.ready is None:
@@ -256,6 +265,10 @@ class LocalActuator:
             del self._replicas[r.id]
             self.starts.forget(r.id)
             self._changed.set()
+
+    def _failed_start(self) -> None:
+        self.failed += 1
+        self._failures_in_a_row += 1
 
     async def _probe(self, r: _Replica, proc: trio.Process) -> bytes:
         """Until GET ready_path answers 2xx: its body (it may report the load time)."""

@@ -211,3 +211,18 @@ async def test_a_promoted_standby_is_routed_at_once_and_timed():
         assert act.started == 1  # promoted, not started again
         nursery.cancel_scope.cancel()
     assert not act.pids()
+
+
+@pytest.mark.trio
+async def test_a_replica_that_crashes_at_once_is_restarted_with_backoff():
+    # Before the backoff, this restarted ~25 times a second (found with a container
+    # whose start failed at once: 1,400 starts in a minute).
+    act = _actuator(replica_cmd="/bin/false {port}")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(act.run, _Hooks())
+        act.set_target(1, 0)
+        await trio.sleep(3.2)  # starts at 0, +0.5, +1, +2 (backoff 0.5 s doubling)
+        assert 3 <= act.started <= 5, act.started
+        assert all(s.failed for s in act.start_records()[:-1])  # the last may be waiting
+        nursery.cancel_scope.cancel()
+    assert not act.pids()
