@@ -7,12 +7,20 @@ wheel, and cached under /var/tmp/p2pfs-bench-images (P2PFS_BENCH_IMAGES override
   torch 2.13.0 CPU wheel (pip's configured find-links, /opt/wheels here): 4 layers, over
   1 GB unpacked; runs `python3 -c 'import torch; print(torch.__version__)'`.
 
+- `minilm-serve`: the reference replica (deploy/minilm-serve/README.md): the torch-serve
+  layers + safetensors (the venv's version) + one layer with the repo's `gpuload/` (into
+  site-packages) and `deploy/minilm-serve/*.py` (into /app); runs
+  `python3 /app/serve.py --port 8000 --model /models/all-MiniLM-L6-v2` (the weights are
+  bound in at run time, never in the image).
+
 Each layer is the result of one step over the layers below it, cached by a hash of every
 step up to it (so both images share their first two blobs, as real images do). A layer
 above the base is built in an overlay mount whose upper dir becomes the layer: overlay
 whiteouts (char 0:0, `trusted.overlay.opaque`) are written to the tar as OCI whiteouts.
 Blobs are tar+gzip (level 6, like docker) in one OCI layout, CACHE/oci, tagged
-`<name>-<hash12>`; `push_bench_images(registry)` copies both into a registry with skopeo.
+`<name>-<hash12>`; `push_bench_images(registry)` copies them into a registry with skopeo. A
+`copy` step (repo files into the image) carries the sha256 of every file it copies, so
+editing one rebuilds only that layer.
 
 Needs root (debootstrap, chroot, overlay mounts), debootstrap (`make bench` installs it),
 the apt mirror Debian's own sources name, and pip's index for the Python packages. This is
@@ -25,8 +33,10 @@ import contextlib
 import fcntl
 import gzip
 import hashlib
+import importlib.metadata
 import json
 import os
+import py_compile
 import shutil
 import stat
 import subprocess
@@ -47,6 +57,9 @@ TORCH_DEPS = ("numpy==2.4.6", "filelock==4.3.1", "fsspec==2026.9.0", "jinja2==3.
               "markupsafe==3.0.4", "mpmath==1.3.0", "networkx==3.6.1", "sympy==1.14.0",
               "typing-extensions==4.16.0", "setuptools==84.2.1")
 PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+REPO = Path(__file__).resolve().parent.parent
+MINILM_CMD = ["python3", "/app/serve.py", "--port", "8000", "--model", "/models/all-MiniLM-L6-v2"]
+COPY_MTIME = 1_700_000_000  # copied files get one fixed mtime: same bytes, same layer blob
 
 MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MT_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -101,15 +114,36 @@ def mirror() -> str:
     return "http://deb.debian.org/debian"
 
 
+def copy_step(trees: list[tuple[str, str]], *, pattern: str = "*.py") -> dict[str, Any]:
+    """A step copying the files matching PATTERN of each (repo dir, image dir) pair (not
+    recursive); it lists every file with its sha256, so the step's key follows their bytes."""
+    files = []
+    for src_dir, dest_dir in trees:
+        found = sorted((REPO / src_dir).glob(pattern))
+        if not found:
+            raise ImageBuildError(f"nothing matches {src_dir}/{pattern} in {REPO}")
+        for path in found:
+            files.append([path.relative_to(REPO).as_posix(), f"{dest_dir}/{path.name}",
+                          hashlib.sha256(path.read_bytes()).hexdigest()])
+    return {"kind": "copy", "files": files}
+
+
 def recipes() -> dict[str, dict[str, Any]]:
     base = [{"kind": "debootstrap", "suite": SUITE, "variant": "minbase", "mirror": mirror()},
             {"kind": "apt", "packages": ["python3"]}]
+    torch_steps = base + [{"kind": "pip", "packages": list(TORCH_DEPS)},
+                          {"kind": "pip", "packages": [TORCH]}]
+    safetensors = f"safetensors=={importlib.metadata.version('safetensors')}"  # as on the host
     return {
         "debian-python": {"steps": base, "cmd": ["python3", "-c", "print(1)"], "expect": "1"},
-        "torch-serve": {"steps": base + [{"kind": "pip", "packages": list(TORCH_DEPS)},
-                                         {"kind": "pip", "packages": [TORCH]}],
+        "torch-serve": {"steps": torch_steps,
                         "cmd": ["python3", "-c", "import torch; print(torch.__version__)"],
                         "expect": TORCH.split("==")[1]},
+        # A server: it prints nothing on stdout (its log is stderr); it is checked over HTTP.
+        "minilm-serve": {"steps": torch_steps + [
+                             {"kind": "pip", "packages": [safetensors]},
+                             copy_step([("gpuload", f"{SITE}/gpuload"), ("deploy/minilm-serve", "app")])],
+                         "cmd": MINILM_CMD, "expect": ""},
     }
 
 
@@ -159,6 +193,8 @@ def _layer(key: str, step: dict, lowers: list[Path], log) -> tuple[Layer, Path]:
         _in_overlay(home, tree, lowers, lambda root: _apt(root, step["packages"]))
     elif step["kind"] == "pip":
         _pip(tree, step["packages"])
+    elif step["kind"] == "copy":
+        _copy(tree, step["files"])
     else:
         raise ImageBuildError(f"unknown step {step}")
     layer = _write_layer(tree, desc)
@@ -171,6 +207,9 @@ def _layer(key: str, step: dict, lowers: list[Path], log) -> tuple[Layer, Path]:
 def _describe(step: dict) -> str:
     if step["kind"] == "debootstrap":
         return f"debootstrap --variant={step['variant']} {step['suite']} {step['mirror']}"
+    if step["kind"] == "copy":
+        dirs = sorted({f"/{dest.rpartition('/')[0]}" for _, dest, _ in step["files"]})
+        return f"copy {len(step['files'])} files into {' '.join(dirs)}"
     return f"{step['kind']} install {' '.join(step['packages'])}"
 
 
@@ -220,6 +259,35 @@ def _pip(tree: Path, packages: list[str]) -> None:
         os.chmod(target, 0o755)
     _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-warn-script-location",
           "--only-binary", ":all:", "--target", str(target), *packages])
+
+
+def _copy(tree: Path, files: list[list[str]]) -> None:
+    """Repo files into the layer (0644, directories 0755, one fixed mtime), each with its
+    bytecode beside it (checked by source hash, so it stays valid whatever the mtime)."""
+    for src, dest, digest in files:
+        data = (REPO / src).read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise ImageBuildError(f"{src} changed while the image was being built")
+        target = tree / dest
+        _mkdirs(tree, target.parent)
+        target.write_bytes(data)
+        os.chmod(target, 0o644)
+        if target.suffix == ".py":
+            pyc = Path(py_compile.compile(str(target), dfile="/" + dest, doraise=True,
+                                          invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH))
+            os.chmod(pyc.parent, 0o755)
+            os.chmod(pyc, 0o644)
+    for path in sorted(tree.rglob("*"), reverse=True):
+        os.utime(path, (COPY_MTIME, COPY_MTIME), follow_symlinks=False)
+
+
+def _mkdirs(tree: Path, path: Path) -> None:
+    """PATH and its parents below TREE, mode 0755 (the modes the lower layers have)."""
+    if path == tree or path.is_dir():
+        return
+    _mkdirs(tree, path.parent)
+    path.mkdir()
+    os.chmod(path, 0o755)
 
 
 def _in_overlay(home: Path, upper: Path, lowers: list[Path], work) -> None:
@@ -373,7 +441,7 @@ def _write_image(tag: str, layers: list[Layer], cmd: list[str]) -> str:
 
 def push_bench_images(registry, images: dict[str, BenchImage] | None = None, *,
                       repo: str = "bench") -> dict[str, str]:
-    """Copy every bench image into REGISTRY (anything with `.host`, e.g. tests/image_helpers'
+    """Copy bench images (all by default) into REGISTRY (anything with `.host`, e.g. tests/image_helpers'
     RegistryServer) over plain HTTP; returns {name: "host/repo/name:tag"}."""
     images = images or build_all()
     refs = {}

@@ -235,12 +235,16 @@ class Containerd:
     def run_container(self, ref: str, container_id: str, cmd: Sequence[str], *,
                       snapshotter: str | None = None, namespace: str = CRI_NAMESPACE,
                       timeout: float = 300,
-                      on_first_output: Callable[[], object] | None = None) -> RunResult:
+                      on_first_output: Callable[[], object] | None = None,
+                      mounts: Sequence[tuple[str | os.PathLike, str]] = (),
+                      net_host: bool = False) -> RunResult:
         """`ctr run --rm` REF as CONTAINER_ID running CMD; stdout is read as it streams so the
         first byte's time is the container's first output, not its exit. `on_first_output`
-        is called the moment that byte arrives (a benchmark reads its byte counters there)."""
+        is called the moment that byte arrives (a benchmark reads its byte counters there).
+        `mounts`: (host path, container path) pairs bound in read-only; `net_host`: the
+        host's network namespace."""
         argv = [CTR, "--address", str(self.socket), "-n", namespace, "run", "--rm",
-                *self._isolation(container_id),
+                *self._isolation(container_id), *_run_options(mounts, net_host),
                 "--snapshotter", snapshotter or self.snapshotter, ref, container_id, *cmd]
         started = time.monotonic()
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -283,16 +287,26 @@ class Containerd:
         return ["--runc-root", str(self.runc_root), "--cgroup", f"/{self.short.name}-{container_id}"]
 
     def start_container(self, ref: str, container_id: str, cmd: Sequence[str], *,
-                        snapshotter: str | None = None, namespace: str = CRI_NAMESPACE) -> int:
+                        snapshotter: str | None = None, namespace: str = CRI_NAMESPACE,
+                        mounts: Sequence[tuple[str | os.PathLike, str]] = (),
+                        net_host: bool = False, log_path: Path | None = None) -> int:
         """`ctr run -d`: start CMD in the background; returns the task's host PID (stop()
-        kills it, or `ctr("tasks", "kill", ...)`)."""
-        self.ctr("run", "-d", *self._isolation(container_id), "--snapshotter", snapshotter or self.snapshotter, ref, container_id, *cmd,
+        kills it, or `ctr("tasks", "kill", ...)`). `mounts` and `net_host` as in
+        run_container; `log_path`: a file that receives the task's stdout and stderr."""
+        log = ["--log-uri", f"file://{log_path}"] if log_path is not None else []
+        self.ctr("run", "-d", *self._isolation(container_id), *_run_options(mounts, net_host), *log,
+                 "--snapshotter", snapshotter or self.snapshotter, ref, container_id, *cmd,
                  namespace=namespace)
         for line in self.ctr("tasks", "ls", namespace=namespace).stdout.splitlines()[1:]:
             words = line.split()
             if words and words[0] == container_id:
                 return int(words[1])
         raise ContainerdError(f"task {container_id} not listed after ctr run -d")
+
+
+def _run_options(mounts: Sequence[tuple[str | os.PathLike, str]], net_host: bool) -> list[str]:
+    opts = [f"--mount=type=bind,src={host},dst={ctr},options=rbind:ro" for host, ctr in mounts]
+    return opts + (["--net-host"] if net_host else [])
 
 
 def _wait_readable(fd: int, deadline: float) -> None:
