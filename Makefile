@@ -5,8 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config containerd runc docker-registry skopeo umoci busybox-static
-BENCH_APT_PACKAGES := s3fs rclone debootstrap
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config containerd runc docker-registry skopeo umoci busybox-static debootstrap
+BENCH_APT_PACKAGES := s3fs rclone
 
 .PHONY: demo test install system-deps bench clean
 

@@ -22,9 +22,10 @@ Blobs are tar+gzip (level 6, like docker) in one OCI layout, CACHE/oci, tagged
 `copy` step (repo files into the image) carries the sha256 of every file it copies, so
 editing one rebuilds only that layer.
 
-Needs root (debootstrap, chroot, overlay mounts), debootstrap (`make bench` installs it),
-the apt mirror Debian's own sources name, and pip's index for the Python packages. This is
-for the benchmark only; `make test` never builds these.
+Needs root (debootstrap, chroot, overlay mounts), debootstrap (`make test` installs it),
+the apt mirror Debian's own sources name, and pip's index for the Python packages. The
+benchmark builds all three; of the tests, only tests/test_replica_image.py builds one
+(`minilm-serve`, from the cache when its layers are there).
 """
 
 from __future__ import annotations
@@ -226,7 +227,7 @@ def _run(argv: list[str], *, timeout: float = STEP_TIMEOUT, env: dict | None = N
 
 def _debootstrap(step: dict, tree: Path) -> None:
     if shutil.which("debootstrap") is None:
-        raise ImageBuildError("debootstrap is missing: apt-get install debootstrap (make bench does)")
+        raise ImageBuildError("debootstrap is missing: apt-get install debootstrap (make test does)")
     _run(["debootstrap", f"--variant={step['variant']}", step["suite"], str(tree), step["mirror"]])
     _clean_apt(tree)
 
