@@ -11,9 +11,11 @@ which compares token ids with the `tokenizers` BertNormalizer + BertPreTokenizer
 pipeline and embeddings with sentence-transformers.
 
 The tokenizer follows the Rust `tokenizers` rules (what sentence-transformers loads), which
-differ from Python's str methods in places: a control character is any Unicode category C*
-except tab, newline and carriage return, and is dropped before whitespace is looked at;
-lowercasing maps each character alone (no final-sigma rule). Text is tokenized one
+differ from Python's str methods in places: a control character (dropped before
+whitespace is looked at) is one of category Cc, Cf, Co or Cs other than tab, newline and
+carriage return, so an unassigned character (Cn) is kept; lowercasing maps each character
+alone (no final-sigma rule); and its older Unicode tables put some 500 code points in other
+categories (`_RUST_CATEGORY_RANGES`). Text is tokenized one
 whitespace-separated run at a time and stops once `max_seq_length` is reached, so a
 10,000-character input costs what its first few hundred words cost (every normalisation step
 is local to such a run).
