@@ -3,7 +3,10 @@ the image built (or found cached), pushed to a real local registry, pulled into 
 containerd (overlayfs) and run with the host's network and the model bound in read-only;
 its /embed answer from the host must equal the host's own embedding.
 
-The end-to-end test needs root, containerd/runc, skopeo and docker-registry, and, for the
+A second run takes the weights from a p2pfs mount (published to a SeaweedFS on loopback)
+bound in instead, as the cold-start chain does; it also needs /dev/fuse.
+
+The end-to-end tests need root, containerd/runc, skopeo and docker-registry, and, for the
 layers not cached yet, debootstrap, the apt mirror and pip's index: it skips saying which
 is missing, and a build that fails because the network is unreachable skips too (the
 reason says so). A wrong answer from the container always fails.
@@ -21,11 +24,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import needs_fuse, p2pfs_cmd
 from containerd_helpers import HAVE_CONTAINERD, containerd_factory  # noqa: F401
 from image_helpers import _free_port, oci_blob, oci_manifest, registry  # noqa: F401
 
@@ -156,8 +161,9 @@ def _get(port: int, method: str, path: str, body: bytes | None = None) -> tuple[
         conn.close()
 
 
-def test_replica_image_serves_the_host_embedding(tmp_path: Path, registry,  # noqa: F811
-                                                 containerd_factory):  # noqa: F811
+def _pulled(reg, start_containerd):
+    """(containerd node, image ref, image, build seconds): the image built or cached, pushed
+    to the registry REG and pulled (overlayfs) by a containerd START_CONTAINERD starts."""
     missing = _missing()
     if missing:
         pytest.skip(missing)
@@ -167,16 +173,28 @@ def test_replica_image_serves_the_host_embedding(tmp_path: Path, registry,  # no
     manifest = oci_manifest(images.CACHE / "oci", image.tag)
     config = json.loads(oci_blob(images.CACHE / "oci", manifest["config"]["digest"]))
     assert config["config"]["Cmd"] == images.MINILM_CMD
-
-    ref = images.push_bench_images(registry, {"minilm-serve": image}, repo="test")["minilm-serve"]
-    node = containerd_factory(snapshotter="overlayfs", registries=[registry.host])
+    ref = images.push_bench_images(reg, {"minilm-serve": image}, repo="test")["minilm-serve"]
+    node = start_containerd(snapshotter="overlayfs", registries=[reg.host])
     node.ctr("images", "pull", "--plain-http", "--snapshotter", "overlayfs", ref, timeout=600)
+    return node, ref, image, built
 
+
+def _host_embedding(texts: list[str]) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    sd = load_file(str(MODEL_DIR / "model.safetensors"))
+    model = minilm.MiniLM.from_state_dict(sd, minilm.BertConfig.from_dir(MODEL_DIR))
+    return minilm.embed(model, minilm.Tokenizer.from_dir(MODEL_DIR), texts)
+
+
+def _serve_and_check(node, ref: str, weights_dir: Path, log: Path) -> dict:
+    """Run the replica with WEIGHTS_DIR bound in read-only and the host's network; check
+    readiness, /embed against the host's embedding, the read-only mount and SIGTERM's exit
+    status 0. Returns /healthz's document and how long readiness took."""
     port = _free_port()
-    log = tmp_path / "replica.log"
     node.start_container(ref, "replica", ["python3", "/app/serve.py", "--port", str(port),
                                           "--model", CTR_MODEL],
-                         snapshotter="overlayfs", mounts=[(MODEL_DIR, CTR_MODEL)], net_host=True,
+                         snapshotter="overlayfs", mounts=[(weights_dir, CTR_MODEL)], net_host=True,
                          log_path=log)
     started = time.monotonic()
     health: tuple[int, dict] | None = None
@@ -198,14 +216,8 @@ def test_replica_image_serves_the_host_embedding(tmp_path: Path, registry,  # no
     texts = ["hello from the host", "Héllo Wörld, 東京!", "word " * 400]
     status, answer = _get(port, "POST", "/embed", json.dumps({"texts": texts}).encode())
     assert status == 200 and answer["dim"] == 384
-    from safetensors.torch import load_file
+    assert (torch.tensor(answer["embeddings"]) - _host_embedding(texts)).abs().max().item() <= 1e-4
 
-    sd = load_file(str(MODEL_DIR / "model.safetensors"))
-    model = minilm.MiniLM.from_state_dict(sd, minilm.BertConfig.from_dir(MODEL_DIR))
-    want = minilm.embed(model, minilm.Tokenizer.from_dir(MODEL_DIR), texts)
-    assert (torch.tensor(answer["embeddings"]) - want).abs().max().item() <= 1e-4
-
-    # the weights are read-only inside; SIGTERM stops the replica with status 0
     r = node.ctr("tasks", "exec", "--exec-id", "probe", "replica", "python3", "-c",
                  f"open('{CTR_MODEL}/config.json', 'a')", check=False)
     assert r.returncode != 0 and "Read-only file system" in r.stdout + r.stderr
@@ -215,8 +227,34 @@ def test_replica_image_serves_the_host_embedding(tmp_path: Path, registry,  # no
         assert time.monotonic() < deadline, node.ctr("tasks", "ls").stdout
         time.sleep(0.1)
     assert node.ctr("tasks", "rm", "replica", check=False).returncode == 0  # the exit status
+    node.ctr("containers", "rm", "replica")
     logs = log.read_text(errors="replace")
     assert "minilm-serve stage name=weights" in logs and "stopped drained=True" in logs, logs
     assert "Traceback" not in logs and "prefetch" not in logs, logs
+    return {**doc, "ready_s": round(ready, 1)}
+
+
+def test_replica_image_serves_the_host_embedding(tmp_path: Path, registry,  # noqa: F811
+                                                 containerd_factory):  # noqa: F811
+    node, ref, image, built = _pulled(registry, containerd_factory)
+    doc = _serve_and_check(node, ref, MODEL_DIR, tmp_path / "replica.log")
     print(f"\nimage {image.tag}: {image.tar_bytes / 1e6:.0f} MB tar, {image.blob_bytes / 1e6:.0f} MB "
-          f"gzip, build/cache {built:.1f} s, ready {ready:.1f} s after ctr run, stages {doc['stages']}")
+          f"gzip, build/cache {built:.1f} s; weights from a local dir: ready {doc['ready_s']} s "
+          f"after ctr run, stages {doc['stages']}")
+
+
+@needs_fuse
+def test_replica_image_loads_from_a_p2pfs_mount(tmp_path: Path, registry,  # noqa: F811
+                                                containerd_factory, seaweed, mount_factory):  # noqa: F811
+    """The weights as the chain serves them: published to SeaweedFS, a p2pfs mount on the
+    host, its model directory bound into the container read-only (the image has no p2pfs:
+    gpuload reads through the mount, quietly)."""
+    node, ref, _, _ = _pulled(registry, containerd_factory)
+    url = f"s3://models/replica-{uuid.uuid4().hex[:6]}"
+    p2pfs_cmd("publish", str(MODEL_DIR), f"{url}/all-MiniLM-L6-v2", endpoint=seaweed.endpoint)
+    mount = mount_factory(url, seaweed.endpoint)
+    doc = _serve_and_check(node, ref, mount.path / "all-MiniLM-L6-v2", tmp_path / "replica.log")
+    status = mount.status()
+    assert status["bytes_by_source"].get("origin", 0) >= (MODEL_DIR / "model.safetensors").stat().st_size
+    print(f"\nweights from a cold p2pfs mount: ready {doc['ready_s']} s after ctr run, "
+          f"stages {doc['stages']}")
