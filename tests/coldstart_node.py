@@ -400,12 +400,6 @@ class ColdStartNode:
         return out
 
 
-def first_cold_answer(doc: dict) -> dict | None:
-    """The newest cold start that answered, from a status document."""
-    cold = [s for s in doc.get("starts", []) if s["kind"] == "cold" and s["state"] == "answered"]
-    return cold[-1] if cold else None
-
-
 def reference_embeddings(texts: list[str]):
     """What sentence-transformers computes on this host for TEXTS (float32, normalised:
     the replica contract's output), from the model's own files."""
