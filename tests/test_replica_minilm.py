@@ -15,6 +15,8 @@ import threading
 import time
 from pathlib import Path
 
+import hypothesis
+import hypothesis.strategies as st_strategies
 import pytest
 import torch
 
@@ -40,6 +42,7 @@ TEXTS = [
     "supercalifragilisticexpialidocious antidisestablishmentarianism",
     "don't stop--believing... $100 & 50% #tag @user <html> a_b c~d {x} [y] `z`",
     "Ⅻ ① ㎏ ｆｕｌｌｗｉｄｔｈ ¿qué? ¡sí! «guillemets» „quotes“",
+    "[PAD] x[SEP]y [sep] a [MASK] b [[UNK]] [CLS][CLS] ab[PAD]cd [ＰAD]",  # special tokens in text
     "\u0301leading combining mark, Arabic \u0627\u0644\u0639\u0631\u0628\u064a\u0629 \u061d",
     "word " * 400,  # over max_seq_length: truncated
     "tokenization " * 300,  # word pieces across the truncation point
@@ -79,15 +82,20 @@ def test_token_ids_equal_hugging_face(tok, st_model):
 
 def test_every_code_point_tokenizes_as_hugging_face(st_model):
     """Each character between letters and doubled (so it is tested as part of a word, as a
-    separator, and next to itself), through the whole of planes 0-3, the tags and variation
-    selectors, and samples of the private-use planes."""
+    separator, and next to itself): all of planes 0 and 1, the edges of the CJK blocks in
+    planes 2 and 3 (inside they are all alike), the tags and variation selectors, and
+    samples of the private-use planes."""
     fast = st_model.tokenizer.backend_tokenizer
     fast.no_truncation()
     fast.no_padding()
     local = minilm.Tokenizer.from_dir(MODEL_DIR)
     local.max_length = 1 << 30
-    cps = [cp for cp in (*range(0x40000), *range(0xE0000, 0xE1000), *range(0xF0000, 0xF0100),
-                         *range(0x10FF00, 0x110000)) if not 0xD800 <= cp <= 0xDFFF]
+    edges = sorted({e for lo, hi in minilm._CJK if lo >= 0x20000 for e in (lo, hi + 1)}
+                   | {0x30000, 0x31350, 0x40000})
+    cps = sorted({cp for cp in (*range(0x20000), *range(0xE0000, 0xE1000),
+                                *range(0xF0000, 0xF0100), *range(0x10FF00, 0x110000),
+                                *(c for e in edges for c in range(e - 256, e + 256)))
+                  if not 0xD800 <= cp <= 0xDFFF})
     step = 256
     texts = [" ".join(f"a{chr(cp)}b{chr(cp)}" for cp in cps[i:i + step])
              for i in range(0, len(cps), step)]
@@ -96,6 +104,21 @@ def test_every_code_point_tokenizes_as_hugging_face(st_model):
             bad = [hex(cp) for cp in cps[i * step:(i + 1) * step]
                    if local.encode(f"a{chr(cp)}b{chr(cp)}") != fast.encode(f"a{chr(cp)}b{chr(cp)}").ids]
             pytest.fail(f"code points tokenized differently: {bad[:20]}")
+
+
+_MIXED = st_strategies.one_of(
+    st_strategies.characters(codec="utf-8"),  # anything, mostly rare
+    st_strategies.sampled_from(list("aeiou AEIOU.,;!?'-_\t\n\u00a0\u0301\u0308\u0327\u200b"
+                                    "éüçÅßİΣσς東京한국어🙂👍🏽\x00\x85\ufffd\u3000")))
+
+
+@hypothesis.settings(max_examples=400, deadline=None,
+                     suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
+@hypothesis.given(text=st_strategies.text(_MIXED, max_size=80))
+def test_mixed_strings_tokenize_as_hugging_face(text, tok, st_model):
+    """Characters in combination: combining marks after letters (NFD reordering, accents
+    stripped), words split by punctuation, controls and whitespace inside words."""
+    assert tok.encode(text) == hf_ids(st_model, [text])[0]
 
 
 def test_truncation_keeps_cls_and_sep(tok):
@@ -123,14 +146,14 @@ def _model(loader: str) -> minilm.MiniLM:
     return minilm.MiniLM.from_state_dict(sd, minilm.BertConfig.from_dir(MODEL_DIR))
 
 
-@pytest.mark.parametrize("loader", ["gpuload", "safetensors"])
-def test_embeddings_equal_sentence_transformers(loader, tok, st_model):
-    got = minilm.embed(_model(loader), tok, TEXTS)
+def test_embeddings_equal_sentence_transformers(tok, st_model):
     want = torch.from_numpy(st_model.encode(TEXTS, batch_size=len(TEXTS)))
-    assert got.shape == (len(TEXTS), 384) and got.dtype == torch.float32
-    assert (got - want).abs().max().item() <= 1e-4
-    assert torch.allclose(got.norm(dim=1), torch.ones(len(TEXTS)), atol=1e-5)
-    assert minilm.embed(_model(loader), tok, []).shape == (0, 384)
+    for loader in ("gpuload", "safetensors"):
+        got = minilm.embed(_model(loader), tok, TEXTS)
+        assert got.shape == (len(TEXTS), 384) and got.dtype == torch.float32
+        assert (got - want).abs().max().item() <= 1e-4, loader
+        assert torch.allclose(got.norm(dim=1), torch.ones(len(TEXTS)), atol=1e-5)
+    assert minilm.embed(_model("gpuload"), tok, []).shape == (0, 384)
 
 
 def test_state_dict_must_match():
@@ -306,15 +329,42 @@ def test_sigterm_lets_a_request_in_flight_finish(server_factory):
     srv = server_factory(MODEL_DIR, "--loader", "safetensors")
     assert srv.wait_ready()[-1][1]["loader"] == "safetensors"
     result: list = []
-    long_texts = [f"{i} " + "tokenization matters " * 200 for i in range(64)]
-    worker = threading.Thread(target=lambda: result.append(srv.embed({"texts": long_texts})))
+    texts = [f"{i} " + "tokenization matters " * 200 for i in range(16)]
+    worker = threading.Thread(target=lambda: result.append(srv.embed({"texts": texts})))
     worker.start()
-    time.sleep(0.3)  # the request is being computed (64 x 256 tokens)
+    time.sleep(0.3)  # the request is being computed (16 x 256 tokens)
     assert srv.terminate() < 5
     worker.join(timeout=10)
     assert srv.proc.returncode == 0
-    assert result and result[0][0] == 200 and len(result[0][1]["embeddings"]) == 64
+    assert result and result[0][0] == 200 and len(result[0][1]["embeddings"]) == 16
     assert "stopped drained=True" in srv.err, srv.err
+
+
+def test_sigterm_past_the_drain_timeout_still_exits_0(server_factory):
+    """Requests still computing when the drain time is up are cut off; the exit is 0 and
+    prompt (interpreter finalisation under a running forward pass would abort instead)."""
+    srv = server_factory(MODEL_DIR, "--drain-timeout", "0.2")
+    srv.wait_ready()
+    texts = [f"{i} " + "tokenization matters " * 200 for i in range(64)]
+    outcomes: list = []
+
+    def call() -> None:
+        try:
+            outcomes.append(srv.embed({"texts": texts})[0])
+        except (http.client.HTTPException, OSError) as exc:
+            outcomes.append(type(exc).__name__)
+
+    # forward passes run one at a time: four of the largest requests queue behind each other
+    workers = [threading.Thread(target=call) for _ in range(4)]
+    for w in workers:
+        w.start()
+    time.sleep(0.3)
+    assert srv.terminate() < 5
+    for w in workers:
+        w.join(timeout=30)
+    assert srv.proc.returncode == 0, srv.err
+    assert "stopped drained=False" in srv.err, srv.err
+    assert len(outcomes) == 4 and any(o != 200 for o in outcomes), outcomes
 
 
 def test_a_model_that_cannot_load_exits_1(server_factory, tmp_path):

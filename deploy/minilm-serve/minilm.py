@@ -92,7 +92,7 @@ class Tokenizer:
     def __init__(self, vocab: Mapping[str, int], *, lowercase: bool = True,
                  strip_accents: bool | None = None, cjk: bool = True, max_length: int = 256,
                  unk: str = "[UNK]", cls: str = "[CLS]", sep: str = "[SEP]", pad: str = "[PAD]",
-                 max_word_chars: int = 100) -> None:
+                 mask: str = "[MASK]", max_word_chars: int = 100) -> None:
         if max_length < 2:
             raise ValueError(f"max_length {max_length} leaves no room for [CLS] and [SEP]")
         self.vocab = dict(vocab)
@@ -103,6 +103,11 @@ class Tokenizer:
         self.max_word_chars = max_word_chars
         self.unk_id, self.cls_id, self.sep_id, self.pad_id = (
             self.vocab[t] for t in (unk, cls, sep, pad))
+        # Special tokens written in the text are those tokens (matched exactly, before any
+        # normalisation), as in Hugging Face's tokenizers.
+        self.specials = {t: self.vocab[t] for t in (unk, cls, sep, pad, mask) if t in self.vocab}
+        self._special_re = re.compile("|".join(
+            re.escape(t) for t in sorted(self.specials, key=len, reverse=True)))
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "Tokenizer":
@@ -119,7 +124,7 @@ class Tokenizer:
         return cls(vocab, lowercase=conf.get("do_lower_case", True),
                    strip_accents=conf.get("strip_accents"),
                    cjk=conf.get("tokenize_chinese_chars", True), max_length=max_length,
-                   **{k: conf[k + "_token"] for k in ("unk", "cls", "sep", "pad")
+                   **{k: conf[k + "_token"] for k in ("unk", "cls", "sep", "pad", "mask")
                       if isinstance(conf.get(k + "_token"), str)})
 
     def encode(self, text: str) -> list[int]:
@@ -143,6 +148,14 @@ class Tokenizer:
         return ids, mask
 
     def _pieces(self, text: str) -> Iterator[int]:
+        start = 0
+        for special in self._special_re.finditer(text):
+            yield from self._plain_pieces(text[start:special.start()])
+            yield self.specials[special.group()]
+            start = special.end()
+        yield from self._plain_pieces(text[start:])
+
+    def _plain_pieces(self, text: str) -> Iterator[int]:
         for run in _RUNS.finditer(text):
             for word in self._words(self._normalize(run.group())):
                 yield from self._wordpiece(word)

@@ -1,7 +1,7 @@
 """The reference replica: an all-MiniLM-L6-v2 embedding server over HTTP/1.1.
 
     python3 serve.py --port 8000 --model /models/all-MiniLM-L6-v2 [--host 127.0.0.1]
-                     [--loader gpuload|safetensors] [--device cpu]
+                     [--loader gpuload|safetensors] [--device cpu] [--drain-timeout 4]
 
 GET /healthz   503 {"ok": false, "state": "loading"} until the weights are loaded and one
                warm-up forward pass ran; then 200 {"ok": true, "model": NAME, "loader": ...,
@@ -16,7 +16,7 @@ each): `weights` is the weights file's load (gpuload.load_file, or safetensors' 
 the baseline) plus building the module over those tensors; `server_init` is everything
 else from the process's start (as the kernel recorded it, so interpreter start-up and
 `import torch` count) to ready. SIGTERM or SIGINT: stop accepting, let requests in flight
-finish (up to DRAIN_TIMEOUT), exit 0.
+finish (up to --drain-timeout, 4 s by default), exit 0.
 
 Needs only the standard library, torch, and gpuload or safetensors; minilm.py sits beside
 this file.
@@ -53,7 +53,7 @@ MAX_BODY = 1 << 20
 MAX_TEXTS = 64
 MAX_CHARS = 10_000
 MAX_CONNECTIONS = 256  # open connections (one thread each); more are answered 503 and closed
-DRAIN_TIMEOUT = 4.0  # seconds for requests in flight after SIGTERM (the contract allows 5 to exit)
+DRAIN_TIMEOUT = 4.0  # default seconds for requests in flight after SIGTERM (the contract: exit within 5)
 IDLE_TIMEOUT = 30.0  # seconds a kept-alive connection may sit idle
 
 
@@ -273,7 +273,8 @@ class _Server(ThreadingHTTPServer):
         log("error", what="connection", peer=client_address[0], error=repr(exc))
 
 
-def serve(host: str, port: int, replica: Replica, stop: threading.Event) -> int:
+def serve(host: str, port: int, replica: Replica, stop: threading.Event, *,
+          drain_timeout: float = DRAIN_TIMEOUT) -> int:
     handler = type("ReplicaHandler", (Handler,), {"replica": replica})
     server = _Server((host, port), handler)
     log("listening", host=host, port=server.server_address[1], model=replica.model_dir,
@@ -295,7 +296,7 @@ def serve(host: str, port: int, replica: Replica, stop: threading.Event) -> int:
         pass
     replica.draining.set()
     server.shutdown()  # no new connections are accepted from here on
-    drained = replica.wait_idle(DRAIN_TIMEOUT)
+    drained = replica.wait_idle(drain_timeout)
     server.server_close()
     if failed:
         log("error", what="load", error=repr(failed[0]))
@@ -311,10 +312,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--loader", choices=("gpuload", "safetensors"), default="gpuload")
     ap.add_argument("--device", default="cpu", help="torch device for the weights (default cpu)")
+    ap.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT,
+                    help=f"seconds requests in flight get after SIGTERM (default {DRAIN_TIMEOUT})")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
-    return serve(args.host, args.port, Replica(args.model, args.loader, args.device), STOP)
+    return serve(args.host, args.port, Replica(args.model, args.loader, args.device), STOP,
+                 drain_timeout=args.drain_timeout)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stderr.flush()
+    # No interpreter finalisation: a forward pass (a request not drained in time) or the load
+    # may still be running in a daemon thread, and tearing the interpreter down under a
+    # running torch op aborts the process (SIGABRT) instead of exiting with CODE.
+    os._exit(code)
