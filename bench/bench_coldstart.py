@@ -157,16 +157,18 @@ def standby(bench: Bench, rnd: int, wanted: set[str]) -> dict[str, dict]:
 
 
 def prime_lists(bench: Bench, timeout: float = 120.0) -> int:
-    """One untimed p2pfs start, kept until its layers' start-up lists are stored (each once
-    its reads pause); how many were."""
+    """One untimed p2pfs start, kept until every layer it read has its start-up list
+    stored (each once its reads pause, within the mount's window); how many were."""
     node = bench.node("prime")
     try:
         bench.timed(node, "cold")
+        log = node.caches / "layers" / "p2pfs.log"  # the layers mount's daemon log
         deadline = time.monotonic() + timeout
         while True:
-            n = int(node.layers_mount.status().get("startup", {}).get("lists_recorded", 0))
-            if n or time.monotonic() > deadline:
-                return n
+            text = log.read_text(errors="replace")
+            touched, stored = text.count("recording its start-up reads"), text.count("stored its start-up list")
+            if (touched and stored >= touched) or time.monotonic() > deadline:
+                return stored
             time.sleep(0.5)
     finally:
         node.stop()
