@@ -83,6 +83,7 @@ class Bench:
         doc = node.status()
         assert doc["replicas"]["serving"] == 0 and doc["replicas"]["starting"] == 0, doc["replicas"]
         seen = {(s["replica"], s["kind"]) for s in doc["starts"]}
+        fetched = node_bytes(node)
         if self.drop_cache:
             drop_page_cache()
         t0 = time.monotonic()
@@ -99,12 +100,13 @@ class Bench:
         if len(new) != 1:
             raise RuntimeError(f"{node.name}: expected one answered {kind} start, got {doc['starts']}")
         return {"seconds": round(seconds, 3), "stages": new[0]["stages"], "replica": new[0]["replica"],
-                "bytes_fetched": node_bytes(node)}
+                "bytes_fetched": node_bytes(node) - fetched}
 
 
 def node_bytes(node: ColdStartNode) -> int:
     """What the node fetched so far: the registry's blobs in its content store, plus the
-    p2pfs mounts' origin bytes (p2pfs) or the weights copied (baseline)."""
+    p2pfs mounts' origin bytes (p2pfs) or the weights copied (baseline). A sample's
+    `bytes_fetched` is its growth from before the request to the answer."""
     from bench_images import content_bytes
 
     total = content_bytes(node.containerd)

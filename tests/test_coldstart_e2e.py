@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -30,8 +31,9 @@ from conftest import needs_fuse
 from containerd_helpers import HAVE_CONTAINERD
 from coldstart_node import ColdStartNode, ColdStartStore, reference_embeddings
 
-pytestmark = [needs_fuse, pytest.mark.skipif(not HAVE_CONTAINERD,
-                                             reason="needs root, containerd, ctr and runc")]
+needs_containers = pytest.mark.skipif(
+    not (HAVE_CONTAINERD and shutil.which("docker-registry") and shutil.which("skopeo")),
+    reason="needs root, containerd, ctr, runc, docker-registry and skopeo (Debian packages)")
 
 REQUESTS, CLIENTS = 80, 12
 TEXTS_PER_REQUEST = 4
@@ -54,11 +56,7 @@ def corpus(n: int, seed: int = 11) -> list[str]:
 
 @pytest.fixture(scope="module")
 def minilm_image():
-    import sys
-
-    from coldstart_node import ROOT
-    sys.path.insert(0, str(ROOT / "bench"))
-    from images import ImageBuildError, build_image, recipes
+    from images import ImageBuildError, build_image, recipes  # bench/, on sys.path by coldstart_node
     if "minilm-serve" not in recipes():
         pytest.skip("bench/images.py has no minilm-serve recipe")
     try:
@@ -85,6 +83,25 @@ def node(store, tmp_path):
         n.stop()
 
 
+def test_node_settings_are_what_the_scaler_accepts(tmp_path):
+    """The TOML a node writes for its proxy (defaults, the test's, the bench's standby) is
+    read by the scaler's own loader into valid configs: a misspelt key fails here."""
+    from scaler._config import _TABLES, build, load_toml
+
+    from coldstart_node import DEFAULT_SETTINGS, merged, toml_text
+    for extra in ({}, SETTINGS, {"policy": {"standby": 1, "min_standby": 1}}):
+        tables = merged(DEFAULT_SETTINGS, extra)
+        path = tmp_path / "scaler.toml"
+        path.write_text(toml_text(tables))
+        loaded = load_toml(path)
+        assert loaded == tables
+        for name, table in loaded.items():
+            cfg = build(_TABLES[name], table)
+            assert all(getattr(cfg, k) == v for k, v in table.items()), name
+
+
+@needs_fuse
+@needs_containers
 def test_burst_from_zero_to_n_and_back_to_zero_answers_everything_and_leaves_nothing(node):
     run_chain(node)
 
