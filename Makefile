@@ -8,10 +8,17 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config containerd runc docker-registry skopeo umoci busybox-static debootstrap
 BENCH_APT_PACKAGES := s3fs rclone
 
-.PHONY: demo test install system-deps bench clean
+.PHONY: demo demo-coldstart test install system-deps bench clean
 
 demo: install
 	$(PY) -m p2pfs.demo
+
+# The whole cold-start chain once (a few minutes; the first run also builds the replica
+# image from Debian and the local torch wheel, cached under /var/tmp/p2pfs-bench-images):
+# a request at zero replicas through p2pfs-scaler's containerd actuator, baseline beside
+# p2pfs, with every stage's seconds. Results go to a temp file, not bench/.
+demo-coldstart: install
+	$(PY) bench/bench_coldstart.py --rounds 1 --json $${TMPDIR:-/tmp}/p2pfs-demo-coldstart.json
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
