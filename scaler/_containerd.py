@@ -4,10 +4,13 @@ For each replica: pull the image once (through CRI by default, so the p2pfs snap
 gets the layer labels it serves layers lazily by; later replicas wait on the same pull),
 run the host setup command if one is set, then `ctr containers create` with host
 networking, the configured bind mounts (read-only by default) and `replica_cmd` split
-into argv (`{port}` filled in). The replica's foreground process is `ctr tasks start`,
-which forwards signals to the task, so the actuator's SIGTERM-then-SIGKILL stops the
-container's process as it stops a local one; cleanup then kills what is left, deletes
-the task and the container (and with it its snapshot).
+into argv (`{port}` filled in). The replica's foreground process is `ctr tasks start`.
+Stop signals go to the task through containerd (`ctr tasks kill`), never to that ctr
+process: killed while it is still creating the task, it would leave containerd to finish
+a task nobody deletes (a shim and a `runc init` outliving everything; seen in the chain
+test before this). The actuator resends SIGTERM each second, so a task created after the
+first one still gets it; when the task ends, ctr exits. Cleanup then deletes the task
+(until containerd says there is none) and the container (and with it its snapshot).
 
 Container ids are `<id_prefix>-<proxy pid>-<replica id>`: two proxies on a node never
 collide, and on start the actuator removes containers of its prefix whose proxy process
@@ -19,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -69,6 +73,10 @@ class ContainerdRunner:
 
     def argv(self, replica_id: str, port: int) -> list[str]:
         return [*self._ctr_base(), "tasks", "start", self.container_id(replica_id)]
+
+    async def signal(self, replica_id: str, pid: int, sig: int) -> None:
+        await self._ctr("tasks", "kill", "-s", signal.Signals(sig).name,
+                        self.container_id(replica_id), what="task kill", check=False)
 
     async def cleanup(self, replica_id: str) -> None:
         await self._remove(self.container_id(replica_id))
@@ -132,13 +140,17 @@ class ContainerdRunner:
                 await self._remove(cid)
 
     async def _remove(self, cid: str) -> None:
-        await self._ctr("tasks", "kill", "-s", "SIGKILL", cid, what="task kill", check=False)
-        # The killed task needs a moment to be reaped before it can be deleted.
-        for _ in range(50):
+        """Delete the task (--force kills it first) until containerd has none, then the
+        container; bounded by ctr_timeout_s."""
+        deadline = trio.current_time() + self.config.ctr_timeout_s
+        while True:
             r = await self._ctr("tasks", "delete", "--force", cid, what="task delete", check=False)
-            if r.returncode == 0 or b"not found" in r.stderr:
+            if b"not found" in r.stderr:
                 break
-            await trio.sleep(0.1)
+            if trio.current_time() > deadline:
+                log.warning("could not delete the task of %s: %s", cid, _last_line(r.stderr))
+                break
+            await trio.sleep(0.1)  # deleted, or not deletable yet: look again
         r = await self._ctr("containers", "delete", cid, what="container delete", check=False)
         if r.returncode != 0 and b"not found" not in r.stderr:
             log.warning("could not delete container %s: %s", cid, _last_line(r.stderr))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -27,7 +26,7 @@ from ._config import LocalConfig
 from ._dispatch import Endpoint
 from ._errors import ActuatorError, ProtocolError, ReplicaError
 from ._policy import Fleet
-from ._runner import Prepared, ProcessRunner, Runner
+from ._runner import Prepared, ProcessRunner, Runner, signal_group as _signal_group
 from ._starts import Start, StartLog, parse_ready_body
 
 log = logging.getLogger("scaler.local")
@@ -259,7 +258,7 @@ class LocalActuator:
                     r.routed = False
                     await self._hooks.drain(r.id, self.config.drain_timeout_s)
                 if r.process is not None:
-                    await self._terminate(r.process)
+                    await self._terminate(r, r.process)
                 with trio.move_on_after(self.config.stop_timeout_s + 30):
                     await self.runner.cleanup(r.id)
             del self._replicas[r.id]
@@ -285,19 +284,21 @@ class LocalActuator:
             raise ReplicaError(f"exited with {proc.returncode} before ready")
         raise ReplicaError(f"not ready within {self.config.start_timeout_s}s")
 
-    async def _terminate(self, proc: trio.Process) -> None:
-        if proc.returncode is None and proc.poll() is None:
-            _signal_group(proc.pid, signal.SIGTERM)
-            with trio.move_on_after(self.config.stop_timeout_s):
+    async def _terminate(self, r: _Replica, proc: trio.Process) -> None:
+        """SIGTERM through the runner (again each second: a container's task may not
+        exist yet when the first is sent), SIGKILL after stop_timeout_s, and only then,
+        if the foreground process still lives, SIGKILL to its group."""
+        if proc.returncode is not None or proc.poll() is not None:
+            return
+        with trio.move_on_after(self.config.stop_timeout_s):
+            while proc.poll() is None:
+                await self.runner.signal(r.id, proc.pid, signal.SIGTERM)
+                with trio.move_on_after(1.0):
+                    await proc.wait()
+        if proc.returncode is None:
+            await self.runner.signal(r.id, proc.pid, signal.SIGKILL)
+            with trio.move_on_after(5.0):
                 await proc.wait()
-            if proc.returncode is None:
-                _signal_group(proc.pid, signal.SIGKILL)
-                await proc.wait()
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    # The group is the one this actuator created for the replica (start_new_session).
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
+        if proc.returncode is None:
+            _signal_group(proc.pid, signal.SIGKILL)
+            await proc.wait()

@@ -3,9 +3,11 @@ local processes and containers. `LocalActuator` owns the lifecycle (spawn, probe
 drain, stop) and asks a `Runner` for the rest:
 
     prepare(id, port) -> Prepared    before the process: pull, host setup, create (timed)
-    argv(id, port)                   the foreground process whose life is the replica's;
-                                     started in its own process group, SIGTERM then
-                                     SIGKILL to that group stops it
+    argv(id, port)                   the foreground process whose life is the replica's,
+                                     started in its own process group
+    signal(id, pid, sig)             deliver a stop signal (SIGTERM, later SIGKILL) to the
+                                     replica: to the group for a process, to the task
+                                     through containerd for a container
     cleanup(id)                      after it ended, however it ended (idempotent; also
                                      after a failed prepare)
 
@@ -15,6 +17,7 @@ drain, stop) and asks a `Runner` for the rest:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,6 +35,8 @@ class Runner(Protocol):
 
     def argv(self, replica_id: str, port: int) -> list[str]: ...
 
+    async def signal(self, replica_id: str, pid: int, sig: int) -> None: ...
+
     async def cleanup(self, replica_id: str) -> None: ...
 
 
@@ -47,5 +52,17 @@ class ProcessRunner:
     def argv(self, replica_id: str, port: int) -> list[str]:
         return ["/bin/sh", "-c", f"exec {self.replica_cmd.replace('{port}', str(port))}"]
 
+    async def signal(self, replica_id: str, pid: int, sig: int) -> None:
+        signal_group(pid, sig)
+
     async def cleanup(self, replica_id: str) -> None:
         return None
+
+
+def signal_group(pid: int, sig: int) -> None:
+    """`sig` to the process group `pid` leads (one the actuator created for the replica,
+    with start_new_session); nothing if it is gone."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass

@@ -184,6 +184,15 @@ def run_chain(node: ColdStartNode) -> dict:
     # Back to zero after the grace: the actuator removed every container it started.
     node.wait_idle(timeout=120)
     assert not node.containers() and not node.tasks()
+
+    def shims() -> list[str]:  # a shim exits a moment after its task is deleted
+        out = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout
+        return [ln for ln in out.splitlines() if "containerd-shim" in ln and " Z" not in ln
+                and str(node.containerd.socket) in ln]
+    deadline = time.monotonic() + 15
+    while shims() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not shims(), shims()  # no task containerd finished for a ctr that was stopped
     assert not node.active_snapshots(), node.active_snapshots()
     left = [m for m in node.mounts_below(paths) if "fuse.p2pfs" not in m]
     assert not left, left  # no container rootfs; the two p2pfs mounts stay until the node stops

@@ -166,3 +166,41 @@ class _NoHooks:
 
     def gone(self, ep_id) -> None:
         return None
+
+
+def _shims(prefix: str) -> list[str]:
+    """containerd-shim processes serving a container of ours (found, never killed, here)."""
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [ln for ln in out.splitlines() if "containerd-shim" in ln and f"-id {prefix}-" in ln]
+
+
+@needs_containerd
+async def test_a_replica_stopped_while_its_task_is_created_leaves_nothing(
+        tmp_path, www, containerd_factory, busybox_ref, registry):  # noqa: F811
+    # Before: SIGTERM went to `ctr tasks start` itself; arriving while ctr was still
+    # creating the task, it killed ctr and containerd finished a task nobody deleted (a
+    # shim and a `runc init` outlived the test). Now the signal goes to the task.
+    prefix = "t-stopearly"
+    ctd = containerd_factory(snapshotter="overlayfs", registries=[registry.host])
+    cfg = ContainerdConfig(image=busybox_ref, snapshotter="overlayfs", address=str(ctd.socket),
+                           mounts=(f"{www}:/www",), id_prefix=prefix)
+    act = LocalActuator(_local(), ContainerdRunner(cfg, CMD))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(act.run, _NoHooks())
+        # ctr's task creation takes tens to hundreds of ms after it starts: stop at
+        # several points of it.
+        for delay in (0.0, 0.02, 0.05, 0.08, 0.12, 0.17, 0.25, 0.35):
+            act.set_target(1, 0)
+            with trio.fail_after(90):
+                while not any(s.process_started for s in act.start_records()[-1:]):
+                    await trio.sleep(0.002)
+            await trio.sleep(delay)
+            act.set_target(0, 0)
+            with trio.fail_after(60):
+                while act.pids():
+                    await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    await trio.sleep(1.0)
+    assert not [c for c in ctd.ctr("containers", "ls", "-q").stdout.split() if c.startswith(prefix)]
+    assert not [t for t in ctd.ctr("tasks", "ls", "-q").stdout.split() if t.startswith(prefix)]
+    assert not _shims(prefix)
