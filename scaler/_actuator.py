@@ -50,3 +50,6 @@ class Actuator(Protocol):
 
     def start_records(self) -> list[Start]:
         """The newest replica starts, oldest first (empty where starts are not seen)."""
+
+    def start_sums(self) -> dict[tuple[str, str], tuple[int, float]]:
+        """(kind, stage) -> (starts counted, sum of seconds), over every start so far."""

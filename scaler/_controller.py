@@ -101,7 +101,7 @@ class Controller:
 
     def _start_metrics(self) -> dict:
         starts = self.actuator.start_records()
-        sums = getattr(getattr(self.actuator, "starts", None), "sums", {})
+        sums = self.actuator.start_sums()
         last: tuple = ()
         if starts:
             newest = starts[-1]
@@ -111,7 +111,7 @@ class Controller:
                 "last_start": last}
 
     def status(self) -> dict:
-        """The `/-/status` document (docs/SCALER.md, "Status"): replicas by state, the
+        """The `/-/status` document (docs/FORMAT.md, "Scaler status"): replicas by state, the
         decision, the queue, every replica and the newest starts with their stages."""
         s = self.dispatcher.statistics()
         f = self.actuator.fleet()

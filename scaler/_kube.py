@@ -83,6 +83,9 @@ class KubernetesActuator:
     def start_records(self) -> list:
         return []
 
+    def start_sums(self) -> dict:
+        return {}
+
     async def run(self, hooks: Hooks, *,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()

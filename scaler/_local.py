@@ -116,6 +116,9 @@ class LocalActuator:
     def start_records(self) -> list[Start]:
         return self.starts.recent()
 
+    def start_sums(self) -> dict[tuple[str, str], tuple[int, float]]:
+        return dict(self.starts.sums)
+
     def pids(self) -> list[int]:
         return [r.process.pid for r in self._replicas.values() if r.process is not None]
 

@@ -24,11 +24,7 @@ from __future__ import annotations
 import collections
 import json
 from dataclasses import dataclass
-from typing import Any, Iterable
-
-COLD_STAGES = ("provision", "image", "weights", "server_init", "first_answer")
-PROMOTION_STAGES = ("promote", "first_answer")
-
+from typing import Any
 
 @dataclass(eq=False)
 class Start:

@@ -55,6 +55,9 @@ class StaticActuator:
     def start_records(self):
         return []
 
+    def start_sums(self):
+        return {}
+
 
 def replica_cmd(delay: float = 0.08, die_flag: Path | None = None, weights_s: float = 0.0) -> str:
     cmd = f"{sys.executable} {HERE} --port {{port}} --delay {delay} --weights-s {weights_s}"
