@@ -24,8 +24,9 @@ editing one rebuilds only that layer.
 
 Needs root (debootstrap, chroot, overlay mounts), debootstrap (`make test` installs it),
 the apt mirror Debian's own sources name, and pip's index for the Python packages. The
-benchmark builds all three; of the tests, only tests/test_replica_image.py builds one
-(`minilm-serve`, from the cache when its layers are there).
+image benchmark builds the first two, bench_coldstart.py the third; of the tests,
+tests/test_replica_image.py and tests/test_coldstart_e2e.py build `minilm-serve` (from the
+cache when its layers are there).
 """
 
 from __future__ import annotations
