@@ -33,7 +33,7 @@ from ._fill import FillSink, open_clients
 from ._format import Header
 from ._index import Checkpoint, check_shards, resolve
 from ._io import Shard
-from ._p2pfs import Prefetcher, mount_of
+from ._p2pfs import Prefetcher, mount_of, open_local
 from ._pipeline import Pipeline, Ring
 from ._plan import plan_aligned, plan_reads
 from .errors import DeviceError, IndexFileError, ReadError
@@ -52,6 +52,7 @@ class Tuning:
     slots: int = 6                    # staging ring slots (>= threads, so readers never idle)
     window: int = 256 * MiB           # streaming: how far readers may run ahead of the consumer
     prefetch: bool = True             # ask p2pfs to fetch files in load order
+    local: bool = True                # on p2pfs: read the daemon's local copy when it is whole
     fill: bool = True                 # on p2pfs, CPU: have the daemon write into our memory
     fill_inflight: int = 16           # fill requests in flight (one chunk each)
 
@@ -127,16 +128,24 @@ class _Session:
 
     def _open(self) -> None:
         t = self.tuning
-        for p in self.ckpt.shards:
-            self.shards.append(Shard.open(p))
+        paths = list(self.ckpt.shards)
+        on_p2pfs = [p for p in paths if mount_of(p) is not None]
+        local = open_local(on_p2pfs) if t.local and on_p2pfs else None
+        fds = dict(zip(on_p2pfs, local or ()))
+        #: Where the bytes come from: "local" (files on disk, p2pfs's local copies
+        #: included), "fill" (the daemon writes our memory) or "mount" (FUSE reads).
+        self.source = "local" if len(on_p2pfs) == len(fds) else "mount"
+        for p in paths:
+            self.shards.append(Shard.open(p, fds.pop(p, None)))
         _check(self.ckpt, [s.header for s in self.shards], [s.path for s in self.shards])
         sizes = [s.header.data_size for s in self.shards]
         seg = t.segment_size
         clients = None
         if (self.device.type == "cpu" and t.fill and not (self.copy and self.streaming)
-                and all(mount_of(s.path) is not None for s in self.shards)):
+                and self.source == "mount" and len(on_p2pfs) == len(paths)):
             clients = open_clients(self.shards)
         if clients is not None:
+            self.source = "fill"
             self.sink = FillSink(self.shards, clients)
             self._release.append(self.sink.close)
             plan = plan_aligned(sizes, [s.header.data_start for s in self.shards],
@@ -160,7 +169,8 @@ class _Session:
             bufs = HOST_RINGS.get(t.slots, seg)
             self._release.append(lambda: HOST_RINGS.put(t.slots, seg, bufs))
             self.sink = StagedSink(self.shards, Ring(bufs, wait=lambda i: None))
-        self._prefetch = Prefetcher([s.path for s in self.shards]) if t.prefetch else None
+        self._prefetch = (Prefetcher([s.path for s in self.shards])
+                          if t.prefetch and self.source == "mount" else None)
         if self._prefetch is not None:
             self._prefetch.__enter__()
         self.pipeline = Pipeline(plan_reads(sizes, seg), self.sink, threads=t.threads,

@@ -38,9 +38,11 @@ class Shard:
     header: Header
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> "Shard":
+    def open(cls, path: str | os.PathLike[str], fd: int | None = None) -> "Shard":
+        """`fd`: an open descriptor of the same bytes to read instead of `path` (the local
+        copy a p2pfs daemon hands out); the Shard owns it from here on."""
         p = Path(path)
-        fd = open_regular(p)
+        fd = open_regular(p) if fd is None else fd
         try:
             size = os.fstat(fd).st_size
             prefix = os.pread(fd, _format.PREFIX, 0)

@@ -75,6 +75,8 @@ class Metrics:
         self.prefetched_chunks = 0
         self.fill_requests = 0  # control-socket `fill` requests answered (ok or not)
         self.fill_bytes = 0     # bytes written into clients' memory by `fill`
+        self.local_opens = 0       # local copies handed out whole (`open`)
+        self.local_open_bytes = 0  # their sizes
         self.peer_served_bytes = 0  # chunk bytes this node served to peers
         # More metric families, collected at scrape time (the peer node adds its own).
         self.families: list[Callable[[], list[Metric]]] = []
@@ -108,6 +110,8 @@ class Metrics:
             "prefetched_chunks": self.prefetched_chunks,
             "fill_requests": self.fill_requests,
             "fill_bytes": self.fill_bytes,
+            "local_opens": self.local_opens,
+            "local_open_bytes": self.local_open_bytes,
             "peer_served_bytes": self.peer_served_bytes,
             **{k: g() for k, g in dict(self.gauges).items()},
         }
@@ -141,6 +145,10 @@ class Metrics:
                       "Control-socket fill requests (file ranges written into a client's memory).",
                       self.fill_requests)
         yield counter("fill_bytes", "Bytes written into clients' memory by fill.", self.fill_bytes)
+        yield counter("local_opens", "Local copies of whole files handed to clients (open).",
+                      self.local_opens)
+        yield counter("local_open_bytes", "Bytes of the local copies handed out by open.",
+                      self.local_open_bytes)
         yield counter("peer_served_bytes", "Chunk bytes served to peers.", self.peer_served_bytes)
         yield self.fetch_latency.family("p2pfs_fetch_seconds", "Latency of origin requests.")
         yield self.read_latency.family("p2pfs_read_seconds", "Latency of FUSE reads.")

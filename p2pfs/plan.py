@@ -5,6 +5,7 @@ Pure functions over manifest entries; no I/O.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Callable, Sequence, TypeVar
 
@@ -14,15 +15,38 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
+class Spot:
+    """Where a chunk sits in the local copy of a file (the disk cache keeps files whole,
+    docs/FORMAT.md "Disk cache"): the file's content id, the chunk's offset in the file,
+    the file's size."""
+
+    file: str
+    at: int
+    fsize: int
+
+
+@dataclass(frozen=True, slots=True)
 class ChunkLoc:
-    """A chunk and the object key of the blob that holds it."""
+    """A chunk, the object key of the blob that holds it, and, where the chunk is read as
+    part of a file, its spot in that file (None: a chunk asked for alone, e.g. by a peer)."""
 
     key: str
     ref: ChunkRef
+    spot: Spot | None = None
 
     @property
     def digest(self) -> str:
         return self.ref.sha256
+
+
+def file_id(entry: Entry) -> str:
+    """A file's content id: the sha256 of its chunk list (digests and sizes, in order). Two
+    files with the same bytes cut into the same chunks share it, and so their local copy,
+    across models, revisions and image layers; any other difference gives another id."""
+    h = hashlib.sha256(b"p2pfs-file 1\n")
+    for c in entry.chunks:
+        h.update(f"{c.sha256} {c.size}\n".encode())
+    return h.hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

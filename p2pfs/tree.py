@@ -13,7 +13,7 @@ import stat
 from dataclasses import dataclass, field
 
 from .manifest import Entry, Manifest
-from .plan import ChunkLoc
+from .plan import ChunkLoc, Spot, file_id
 
 ROOT_INODE = 1
 
@@ -29,6 +29,7 @@ class Node:
     parent: int = ROOT_INODE
     nlink: int = 1
     model: str = ""  # mount-relative path of the model this node belongs to
+    _file_id: str = ""  # the entry's content id (plan.file_id), computed on first use
 
     @property
     def size(self) -> int:
@@ -38,10 +39,19 @@ class Node:
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.st_mode)
 
-    def locs(self, span: range) -> list[ChunkLoc]:
+    @property
+    def file_id(self) -> str:
         assert self.entry is not None
-        chunks = self.entry.chunks
-        return [ChunkLoc(self.blob_prefix + self.blobs[chunks[i].blob], chunks[i]) for i in span]
+        if not self._file_id:
+            self._file_id = file_id(self.entry)
+        return self._file_id
+
+    def locs(self, span: range) -> list[ChunkLoc]:
+        entry = self.entry
+        assert entry is not None
+        chunks, starts, fid = entry.chunks, entry.starts, self.file_id
+        return [ChunkLoc(self.blob_prefix + self.blobs[chunks[i].blob], chunks[i],
+                         Spot(fid, starts[i], entry.size)) for i in span]
 
 
 @dataclass

@@ -5,6 +5,7 @@ then `gpuload warm` and loads through the mount (with the prefetch hint). Needs 
 from __future__ import annotations
 
 import os
+import time
 import subprocess
 import sys
 
@@ -126,16 +127,49 @@ def test_cpu_loads_are_filled_by_the_daemon_unless_told_not_to(mounted):
     src, model = mounted
     want = gpuload.load(src)
     before = _fill_bytes(model.parent)
-    got = gpuload.load(model)
+    got = gpuload.load(model, local=False)  # earlier tests made the files local
     shards = sorted(model.glob("*.safetensors"))
     assert _fill_bytes(model.parent) - before >= sum(p.stat().st_size for p in shards)
     assert _same(got, want)
     got["a0"].zero_()
-    streamed = dict(gpuload.iter_tensors(model))
+    streamed = dict(gpuload.iter_tensors(model, local=False))
     assert _same(streamed, want)
 
     before = _fill_bytes(model.parent)
-    assert _same(gpuload.load(model, fill=False), want)
-    assert _same(gpuload.load_file(shards[1], fill=False, copy=True),
+    assert _same(gpuload.load(model, fill=False, local=False), want)
+    assert _same(gpuload.load_file(shards[1], fill=False, copy=True, local=False),
                  {k: v for k, v in want.items() if not k.startswith("a")})
     assert _fill_bytes(model.parent) == before
+
+
+def _status(mnt) -> dict:
+    import json
+    r = p2pfs("status", "--json", mnt, env=dict(os.environ))
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_a_whole_local_copy_is_loaded_from_local_disk(mounted):
+    """Once every chunk of a shard is on the daemon's disk and checked (sealed), a load is
+    handed the local copy (`open` over the control socket) and maps it like a local file:
+    neither fill nor FUSE carries a byte. Its tensors are the file's, and ours: writing to
+    them changes neither the cached copy nor a later load."""
+    src, model = mounted
+    want = gpuload.load(src)
+    gpuload.warm(model)
+    shards = sorted(model.glob("*.safetensors"))
+    deadline = time.monotonic() + 30
+    while _status(model.parent)["cache_sealed_files"] < len(shards):
+        assert time.monotonic() < deadline, "the warmed files were never sealed"
+        time.sleep(0.1)
+    before = _status(model.parent)
+    got = gpuload.load(model)
+    after = _status(model.parent)
+    assert _same(got, want)
+    assert after["local_opens"] - before["local_opens"] == len(shards)
+    assert after["local_open_bytes"] - before["local_open_bytes"] == sum(p.stat().st_size for p in shards)
+    assert after["fill_bytes"] == before["fill_bytes"]
+    assert after["read_bytes"] == before["read_bytes"]
+    got["a0"].zero_()  # a private mapping: the copy on disk stays as it was
+    assert _same(gpuload.load(model), want)
+    assert _same(gpuload.load(model, copy=True), want)

@@ -1,4 +1,5 @@
-"""ControlServer: the daemon's end of the control socket (status, metrics, prefetch, fill).
+"""ControlServer: the daemon's end of the control socket (status, metrics, prefetch, fill,
+open).
 
 Per connection, in order: the peer's credentials (SO_PEERCRED, taken by the kernel at
 connect) must be root, the daemon's own user or the configured group, else one
@@ -88,6 +89,21 @@ class Connection:
         with trio.move_on_after(self.send_timeout):
             try:
                 await self.stream.send_all(_wire.encode(obj))
+                return
+            except (trio.ClosedResourceError, OSError) as exc:
+                raise trio.BrokenResourceError(str(exc)) from None
+        raise trio.BrokenResourceError(f"client read nothing for {self.send_timeout:g} s")
+
+    async def send_fd(self, obj: dict[str, Any], fd: int) -> None:
+        """One reply line with `fd` attached (SCM_RIGHTS). The line is small, so one
+        sendmsg on the Unix socket takes it whole."""
+        data = _wire.encode(obj)
+        with trio.move_on_after(self.send_timeout):
+            try:
+                sent = await self.stream.socket.sendmsg(
+                    [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
+                if sent < len(data):
+                    await self.stream.send_all(data[sent:])
                 return
             except (trio.ClosedResourceError, OSError) as exc:
                 raise trio.BrokenResourceError(str(exc)) from None
@@ -218,7 +234,7 @@ class ControlServer:
                 f"already; try again", _wire.BUSY))
             return
         try:
-            await self._dispatch(conn)
+            await self._dispatch(conn, peer)
         except BaseException as exc:  # noqa: BLE001 - sorted below; cancellation re-raised
             exc = _unwrap(exc)
             if isinstance(exc, (trio.Cancelled, KeyboardInterrupt, SystemExit)):
@@ -236,7 +252,7 @@ class ControlServer:
                 raise
             await _refuse(conn, reply)
 
-    async def _dispatch(self, conn: Connection) -> None:
+    async def _dispatch(self, conn: Connection, peer: _wire.Peer) -> None:
         with trio.move_on_after(self.limits.idle_timeout) as waited:
             line = await conn.next_line()
         fds, dropped = conn.take_fds()
@@ -265,6 +281,8 @@ class ControlServer:
             await conn.send({"ok": True, **self.status()})
         elif op == "metrics":
             await conn.send({"ok": True, "text": self.metrics_text()})
+        elif op == "open":
+            await self._open(conn, _wire.path_of(req), peer)
         elif op == "refresh":
             paths = _wire.parse_refresh(req)
             if self.refresh is None:
@@ -315,6 +333,33 @@ class ControlServer:
             raise
         await conn.send({"ok": True, "done": total, "total": total, "chunks": len(locs),
                          "seconds": round(time.monotonic() - t0, 3)})
+
+    async def _open(self, conn: Connection, path: str, peer: _wire.Peer) -> None:
+        """Hand the client a read-only descriptor of the file's local copy, if it is whole
+        on disk and sealed (DiskCache.seal): the client maps a local file, no FUSE in the
+        way. Otherwise a NOT_LOCAL error: the client reads another way, e.g. `fill`."""
+        node = self.tree.lookup_path(path)
+        if node is None or node.entry is None or node.entry.type != "file":
+            raise ProtocolError(f"not a regular file in the mount: {path!r}")
+        e = node.entry
+        if not peer.groups and peer.uid != 0:
+            peer = peer_of(conn.stream.socket, with_groups=True)
+        if not _wire.may_read(peer, uid=e.uid, gid=e.gid, mode=e.mode):
+            await conn.send(_wire.error(f"permission denied: uid {peer.uid} may not read "
+                                        f"{path!r} on the mount", _wire.PERMISSION_DENIED))
+            return
+        fd = None if not e.chunks else await self.store.open_local(node.file_id)
+        if fd is None:
+            await conn.send(_wire.error(
+                f"{path!r} is not whole on local disk; read it through the mount or fill",
+                _wire.NOT_LOCAL, size=e.size))
+            return
+        try:
+            await conn.send_fd({"ok": True, "size": e.size}, fd)
+            self.store.metrics.local_opens += 1
+            self.store.metrics.local_open_bytes += e.size
+        finally:
+            os.close(fd)  # a descriptor of our own local file: closing it cannot block
 
     def _warn(self, kind: str, msg: str, *args: Any) -> None:
         """At most one line per kind every 10 s: a client hammering us must not fill the log."""

@@ -26,10 +26,11 @@ PERMISSION_DENIED = "permission_denied"  # SO_PEERCRED: not root, the daemon's u
 BUSY = "busy"                            # the daemon serves max_connections already
 TIMEOUT = "timeout"                      # the client sent nothing (or read nothing) in time
 FAILED = "failed"                        # the op was valid but failed (store, cache, ...)
+NOT_LOCAL = "not_local"                  # open: the file is not whole on local disk (yet)
 INTERNAL = "internal"                    # a bug of ours (logged with a traceback)
 
 #: The file descriptors each op takes with its first line.
-OP_FDS = {"status": 0, "metrics": 0, "prefetch": 0, "fill": 1, "refresh": 0}
+OP_FDS = {"status": 0, "metrics": 0, "prefetch": 0, "fill": 1, "refresh": 0, "open": 0}
 #: Most paths one refresh request may name.
 MAX_REFRESH_PATHS = 1024
 
@@ -215,6 +216,19 @@ def may_connect(peer: Peer, *, daemon_uid: int, group: int | None) -> bool:
     if peer.uid in (0, daemon_uid):
         return True
     return group is not None and (peer.gid == group or group in peer.groups)
+
+
+def may_read(peer: Peer, *, uid: int, gid: int, mode: int) -> bool:
+    """Whether the mount would let `peer` read a file of this owner and mode (the kernel's
+    owner / group / other rule; root reads everything). The `open` op hands out the bytes
+    themselves, so it checks what FUSE would have."""
+    if peer.uid == 0:
+        return True
+    if peer.uid == uid:
+        return bool(mode & 0o400)
+    if peer.gid == gid or gid in peer.groups:
+        return bool(mode & 0o040)
+    return bool(mode & 0o004)
 
 
 def denied(peer: Peer, group_name: str | None) -> dict[str, Any]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
+import struct
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -130,3 +132,60 @@ def refresh(mountpoint: str | os.PathLike[str], paths: list[str] | None = None, 
     if not last.get("ok"):
         raise P2PFSError(f"refresh of {mountpoint} failed: {last.get('error', 'no answer')}")
     return last
+
+
+def open_local(path: str | os.PathLike[str], *, timeout: float | None = 60.0) -> int | None:
+    """A read-only descriptor of the local copy of a file on a p2pfs mount, if the daemon
+    holds it whole and checked on local disk (the caller owns it: map it, read it, close
+    it); None if it is not local yet (read through the mount, or `fill`). Raises
+    ConfigError if `path` is not on a p2pfs mount, P2PFSError if the daemon refuses
+    (e.g. permission_denied) or fails. The first open of a file just written may wait
+    while the daemon reads back and checks what it has not checked yet."""
+    mnt = find_mount(path)
+    if mnt is None:
+        raise ConfigError(f"{path} is not on a p2pfs mount")
+    sock_path = control_socket(mnt)
+    req = {"op": "open", "path": mount_relative(path, mnt)}
+    with connect(sock_path, timeout=timeout) as s:
+        try:
+            s.sendall(json.dumps(req).encode() + b"\n")
+            data, fds = _recv_line_with_fds(s, sock_path)
+        except TimeoutError:
+            raise P2PFSError(f"the p2pfs daemon at {sock_path} sent nothing for {timeout:g} s") from None
+        except OSError as exc:
+            raise P2PFSError(f"connection to the p2pfs daemon at {sock_path} failed: "
+                             f"{exc.strerror or exc}") from None
+    try:
+        msg = _reply(data, sock_path)
+        if msg.get("ok") and len(fds) == 1:
+            fd = fds.pop()
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_size == msg.get("size"):
+                return fd
+            os.close(fd)
+            raise ProtocolError(f"the p2pfs daemon at {sock_path} sent a descriptor that is not "
+                                f"the file's local copy")
+        if msg.get("code") == "not_local":
+            return None
+        raise P2PFSError(f"open of {path} failed: {msg.get('error', 'no answer')}")
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _recv_line_with_fds(s: socket.socket, where: str) -> tuple[bytes, list[int]]:
+    """One reply line and the descriptors that came with it."""
+    buf, fds = b"", []
+    space = socket.CMSG_SPACE(4 * 4)
+    while b"\n" not in buf:
+        if len(buf) > MAX_REPLY:
+            raise ProtocolError(f"the p2pfs daemon at {where} sent a reply line longer than "
+                                f"{MAX_REPLY} bytes")
+        data, anc, _, _ = s.recvmsg(1 << 16, space)
+        for level, kind, raw in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(struct.unpack(f"{len(raw) // 4}i", raw[:len(raw) // 4 * 4]))
+        if not data:
+            break
+        buf += data
+    return buf.partition(b"\n")[0], fds

@@ -37,7 +37,7 @@ from ..errors import (CacheFull, FetchTimeout, InternalError, P2PFSError, PeerMi
 from ..failures import RecentFailures
 from ..metrics import Metrics
 from ..origin import Origin
-from ..plan import ChunkLoc, coalesce, coalesce_items
+from ..plan import ChunkLoc, Spot, coalesce, coalesce_items
 from ._flights import Flight, FlightTable
 from ._memory import Buffer, MemoryTier
 from ._tiers import DiskTier, OriginTier, Slot, Tier
@@ -64,12 +64,14 @@ class ChunkStore:
         self.owner_tiers: list[Tier] = [self.disk_tier, *([owner_peers] if owner_peers else []),
                                         self.origin_tier]
         self._failed = RecentFailures(fetch.fail_fast)
-        self._wb_send, self._wb_recv = trio.open_memory_channel[tuple[str, Buffer, str | None]](
-            cache.writeback_queue)
+        self._wb_send, self._wb_recv = trio.open_memory_channel[
+            tuple[ChunkLoc, Buffer, str | None]](cache.writeback_queue)
         self._wb_pending: dict[str, trio.Event] = {}
         self._wb_workers = cache.writeback_workers
         self._fill_writes = trio.Semaphore(max(1, cache.writeback_queue))
         self._nursery: trio.Nursery | None = None
+        self._sealer = trio.CapacityLimiter(1)  # one file read back at a time
+        self._sealing: set[str] = set()
 
     # -- lifecycle ------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -275,7 +277,7 @@ class ChunkStore:
 
         async def one(batch: Sequence[ChunkLoc]) -> None:
             try:
-                todo = [loc for loc in batch if loc.digest not in self.disk]
+                todo = [loc for loc in batch if not self.disk.holds(loc.digest, loc.spot)]
                 if todo:
                     buf = aligned_empty(sum(loc.ref.size for loc in todo))
                     await self.fill(todo, buf)
@@ -293,7 +295,7 @@ class ChunkStore:
         for digest in digests:
             if (pending := self._wb_pending.get(digest)) is not None:
                 await pending.wait()
-        lost = sum(1 for d in digests if d not in self.disk)
+        lost = len({loc.digest for loc in locs if not self.disk.holds(loc.digest, loc.spot)})
         if lost:
             stats = self.disk.stats()
             raise CacheFull(
@@ -308,14 +310,15 @@ class ChunkStore:
         for loc in locs:
             view = buf[pos:pos + loc.ref.size]
             pos += loc.ref.size
-            if loc.digest not in self.disk and loc.digest not in self._wb_pending:
+            if not self.disk.holds(loc.digest, loc.spot) and loc.digest not in self._wb_pending:
                 done = self._wb_pending[loc.digest] = trio.Event()
                 try:
-                    ok = await trio.to_thread.run_sync(self.disk.write, loc.digest, view)
+                    ok = await trio.to_thread.run_sync(self.disk.write, loc.digest, view, None,
+                                                       loc.spot)
                 finally:
                     del self._wb_pending[loc.digest]
                     done.set()
-                self._count_write(ok)
+                self._count_write(ok, loc.spot)
 
     # -- the one load path ----------------------------------------------------------------
     async def _load(self, slots: list[Slot], tiers: list[Tier], writes: trio.Nursery | None,
@@ -401,7 +404,7 @@ class ChunkStore:
         if new[0].owned:
             for slot in new:
                 try:
-                    self._wb_send.send_nowait((slot.loc.digest, slot.dest, slot.xxh))
+                    self._wb_send.send_nowait((slot.loc, slot.dest, slot.xxh))
                     self._wb_pending[slot.loc.digest] = trio.Event()
                 except trio.WouldBlock:
                     self.metrics.writeback_dropped += 1
@@ -409,12 +412,12 @@ class ChunkStore:
             for slot in new:
                 await self._fill_writes.acquire()
                 self._wb_pending[slot.loc.digest] = trio.Event()
-                writes.start_soon(self._deferred_write, slot.loc.digest, slot.dest, slot.xxh)
+                writes.start_soon(self._deferred_write, slot.loc, slot.dest, slot.xxh)
         else:
             def write_all() -> list[bool]:
-                return [self.disk.write(s.loc.digest, s.dest, s.xxh) for s in new]
-            for ok in await trio.to_thread.run_sync(write_all):
-                self._count_write(ok)
+                return [self.disk.write(s.loc.digest, s.dest, s.xxh, s.loc.spot) for s in new]
+            for slot, ok in zip(new, await trio.to_thread.run_sync(write_all)):
+                self._count_write(ok, slot.loc.spot)
 
     def _fail(self, slot: Slot, error: BaseException, *, record: bool = True) -> None:
         if self.flights.fail(slot.flight, error) and record and isinstance(error, P2PFSError):
@@ -431,32 +434,63 @@ class ChunkStore:
         return data
 
     # -- write-back -----------------------------------------------------------------------
-    async def _deferred_write(self, digest: str, chunk: memoryview, xxh: str) -> None:
+    async def _deferred_write(self, loc: ChunkLoc, chunk: memoryview, xxh: str) -> None:
         try:
-            ok = await trio.to_thread.run_sync(self.disk.write, digest, chunk, xxh)
+            ok = await trio.to_thread.run_sync(self.disk.write, loc.digest, chunk, xxh, loc.spot)
         finally:
-            self._wb_done(digest)
+            self._wb_done(loc.digest)
             self._fill_writes.release()
-        self._count_write(ok)
+        self._count_write(ok, loc.spot)
 
     async def _writeback_worker(self) -> None:
-        async for digest, data, xxh in self._wb_recv:
+        async for loc, data, xxh in self._wb_recv:
             try:
-                ok = await trio.to_thread.run_sync(self.disk.write, digest, data, xxh)
+                ok = await trio.to_thread.run_sync(self.disk.write, loc.digest, data, xxh,
+                                                   loc.spot)
             finally:
-                self._wb_done(digest)
-            self._count_write(ok)
+                self._wb_done(loc.digest)
+            self._count_write(ok, loc.spot)
 
     def _wb_done(self, digest: str) -> None:
         done = self._wb_pending.pop(digest, None)
         if done is not None:
             done.set()
 
-    def _count_write(self, ok: bool) -> None:
+    def _count_write(self, ok: bool, spot: Spot | None = None) -> None:
         if ok:
             self.metrics.writeback_done += 1
+            if spot is not None:
+                self._seal_soon(spot.file)
         else:
             self.metrics.errors["writeback"] += 1
+
+    # -- whole files ----------------------------------------------------------------------
+    def _seal_soon(self, fid: str) -> None:
+        """Once a file is whole on disk, read back in the background what came from memory
+        we do not own, and seal it (DiskCache.seal), so that the next load of it is handed
+        the local file instead of reading through the mount."""
+        if fid in self._sealing or self._nursery is None or not self.disk.needs_seal(fid):
+            return
+        self._sealing.add(fid)
+        self._nursery.start_soon(self._seal, fid)
+
+    async def _seal(self, fid: str) -> bool:
+        try:
+            async with self._sealer:
+                return await trio.to_thread.run_sync(self.disk.seal, fid)
+        finally:
+            self._sealing.discard(fid)
+
+    async def open_local(self, fid: str) -> int | None:
+        """A read-only descriptor of the local copy of the file with content id `fid`, if
+        it is whole and checked (sealed now if it is whole but not sealed yet); None if
+        any of it is not on local disk. The caller owns the descriptor."""
+        if not self.disk.complete(fid):
+            return None
+        async with self._sealer:
+            if not await trio.to_thread.run_sync(self.disk.seal, fid):
+                return None
+        return await trio.to_thread.run_sync(self.disk.open_sealed, fid)
 
 
 def first_failure(exc: BaseException) -> BaseException | None:

@@ -77,10 +77,16 @@ class DiskTier:
         out: list[Outcome] = [False] * len(slots)
 
         async def one(i: int, slot: Slot) -> None:
+            loc = slot.loc
             async with self._limiter:
-                ok = await trio.to_thread.run_sync(self.disk.read_into, slot.loc.digest, slot.dest)
+                ok = await trio.to_thread.run_sync(self.disk.read_into, loc.digest, slot.dest,
+                                                   loc.spot)
             if ok:  # else a miss; the disk cache counts why (corrupt, read error, raced)
                 out[i] = True
+                if loc.spot is not None and not self.disk.holds(loc.digest, loc.spot):
+                    # Held for another file (or loose): write it into this file's copy too,
+                    # so the file becomes whole on disk and can be handed out.
+                    slot.xxh = self.disk.xxh_of(loc.digest)
                 self.metrics.hits["disk"] += 1
                 self.metrics.bytes_by_source["disk"] += slot.loc.ref.size
 
