@@ -23,7 +23,7 @@ from p2pfs.diskcache import DiskCache
 from p2pfs.manifest import Manifest
 from p2pfs.origin import parse_url
 
-from conftest import needs_fuse, p2pfs_cmd
+from conftest import needs_fuse, p2pfs_cmd, wait_for
 
 NOBODY = 65534
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user (nobody)")
@@ -62,7 +62,8 @@ def assert_private(cache: Path) -> None:
             for rel in found}
     assert found == want
     assert any(rel.startswith("manifests/") for rel in found) and "lock" in found
-    assert sum(1 for rel in found if rel.startswith("chunks/") and rel.count("/") == 2) == 2
+    assert "index" in found and "format" in found
+    assert sum(1 for rel in found if rel.startswith("files/") and rel.count("/") == 2) == 2
 
 
 @pytest.mark.parametrize("umask", [0o000, 0o022, 0o077, 0o277])
@@ -177,8 +178,11 @@ def test_a_file_denied_on_the_mount_is_denied_in_the_cache(seaweed, open_dir, mo
     assert (m.path / "secret.bin").read_bytes() == secret  # root reads it: now cached
     got = as_nobody([m.path / "secret.bin", m.path / "public.txt"])
     assert got == {str(m.path / "secret.bin"): "EACCES", str(m.path / "public.txt"): "ok"}
-    chunk_files = [p for p in (cache / "chunks").rglob("*") if p.is_file()]
-    assert len(chunk_files) >= 3
+    wait_for(lambda: m.status()["writeback_pending"] == 0, what="write-back")
+    public = (src / "public.txt").read_bytes()
+    data_files = sorted((p for p in (cache / "files").rglob("*") if p.is_file()),
+                        key=lambda p: p.stat().st_size)
+    assert [p.read_bytes() for p in data_files] == [public, secret]  # their local copies
     entries = sorted(p for p in cache.rglob("*") if not p.is_socket())
     assert cache / "p2pfs.log" in entries and any(p.parent.name == "manifests" for p in entries)
     got = as_nobody(entries)
