@@ -220,7 +220,7 @@ class DiskCache:
                 for at, ch in sorted(live.items()):
                     self._add_locked((fid, at), ch, f)
                 f.sealed = fid in sealed and f.held == fsize
-            doomed = [self._forget_locked(k, held=0) for k in self._lru.evict()]
+            doomed = self._evict_held_locked()  # a sealed file goes whole
             self._rewrite_index_locked()
         self._apply(doomed)
 
@@ -594,7 +594,13 @@ class DiskCache:
     # -- removal --------------------------------------------------------------------------
     def remove(self, digest: str) -> None:
         with self._lock:
-            doomed = [self._drop_chunk_locked(k) for k in list(self._where.get(digest, ()))]
+            doomed = []
+            for key in list(self._where.get(digest, ())):
+                f = self._files.get(key[0])
+                if f is None or key not in self._chunks:
+                    continue  # went with a sealed file dropped whole just before
+                doomed += (self._drop_file_locked(key[0]) if f.sealed or f.sealing
+                           else [self._drop_chunk_locked(key)])
         self._apply(doomed)
 
     def _refresh_mtime(self, fid: str, path: Path) -> None:
@@ -653,9 +659,13 @@ class DiskCache:
         f.ats.discard(at)
         f.held -= ch.size
         path = self._path(fid)
-        if not f.ats and not f.writers:
-            del self._files[fid]
-            self._touched.pop(fid, None)
+        # A sealed file goes whole (its callers forget all its chunks at once): unlinked at
+        # its first chunk, never punched, so a holder of its descriptor never sees a hole.
+        whole = f.sealed or f.sealing
+        if whole or not f.ats and not f.writers:
+            if not f.ats and not f.writers:
+                del self._files[fid]
+                self._touched.pop(fid, None)
             self._freeing.add(fid)
             return _Free("unlink", path, 0, 0, held, fid)
         self._freeing.add(key)
