@@ -584,7 +584,11 @@ class DiskCache:
         except FileNotFoundError:
             return None
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size != f.fsize:
+        with self._lock:
+            # Evicted since we looked, the path may name a new, unsealed copy by now: the
+            # file we opened is the sealed one only if its bookkeeping is still in place.
+            still = self._files.get(fid) is f and f.sealed
+        if not still or not stat.S_ISREG(st.st_mode) or st.st_size != f.fsize:
             os.close(fd)
             return None
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
@@ -841,6 +845,10 @@ def _punch(path: Path, at: int, size: int) -> None:
 
 def _punch_fd(fd: int, at: int, size: int) -> None:
     try:
+        if at + size >= os.fstat(fd).st_size:
+            # A range to the file's end takes its last block too: a partial block is only
+            # zeroed, its block kept, bytes on disk that the budget no longer counts.
+            size += -(at + size) % ALIGN
         _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, at, size)
     except OSError:
         log.debug("disk cache: could not punch %d+%d", at, size, exc_info=True)

@@ -558,6 +558,36 @@ def test_restart_over_budget_evicts_sealed_files_whole(tmp_path):
     assert c2.stats().sealed_files == 1
 
 
+def test_open_sealed_never_hands_out_a_new_copy_made_while_it_opened(tmp_path, monkeypatch):
+    # The race: open_sealed looked the file up, then, before it opened the path, the file
+    # was evicted and a new, unsealed (sparse) copy of it started. The hook runs that
+    # eviction and write at the moment of the open; the cache and the files are real.
+    c, f = sealed(tmp_path, "race", 3, budget=4 * C)
+    other = FakeFile("race-other", 3)
+    target = str(data_path(tmp_path, f.fid))
+    real_open = os.open
+    armed = [True]
+
+    def open_hook(path, flags, *args, **kwargs):
+        if armed[0] and str(path) == target and not flags & (os.O_WRONLY | os.O_RDWR):
+            armed[0] = False
+            other.write(c)  # evicts the sealed file whole
+            f.write(c, 0)  # a new copy of it, one chunk of three
+            assert not c.complete(f.fid)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_hook)
+    fd = c.open_sealed(f.fid)
+    monkeypatch.undo()
+    assert not armed[0]
+    if fd is not None:
+        try:
+            assert os.pread(fd, f.fsize, 0) == f.data
+        finally:
+            os.close(fd)
+    assert c.open_sealed(f.fid) is None
+
+
 def test_removing_a_chunk_of_a_sealed_file_never_leaves_a_hole_under_a_holder(tmp_path):
     c, f = sealed(tmp_path, "rm", 3)
     fd = c.open_sealed(f.fid)
