@@ -137,6 +137,38 @@ def test_a_corrupt_chunk_in_a_file_is_punched_out_its_neighbours_kept(tmp_path):
     assert c.read(chunks[0][0]) == chunks[0][1] and c.read(chunks[2][0]) == chunks[2][1]
 
 
+def test_an_evicted_tail_chunk_leaves_no_block_behind(tmp_path):
+    """A file's last chunk is short: punching just its bytes only zeroes its last block,
+    which stays allocated (before the fix: 4 KiB per such file held on disk that the budget
+    no longer counted). Evicted, or punched out at scan, it takes its whole block."""
+    size = 2 * 4096
+    (d0, x0), = same_prefix_chunks(1, size)
+    tail = b"t" * 100
+    dt = hashlib.sha256(tail).hexdigest()
+    fid = hashlib.sha256(b"a file with a tail").hexdigest()
+    fsize = size + len(tail)
+    c = DiskCache(tmp_path, size + len(tail))
+    c.scan()
+    assert c.write(dt, tail, spot=Spot(fid, size, fsize))
+    assert c.write(d0, x0, spot=Spot(fid, 0, fsize))
+    f = data_file(tmp_path, fid)
+    assert allocated(f) == size + 4096
+    c.remove(dt)
+    assert dt not in c and d0 in c and allocated(f) == size == c.stats().used_bytes
+    # At scan: the tail's bytes written, its record torn by a crash.
+    c.close()
+    c1 = DiskCache(tmp_path, 1 << 20)
+    c1.scan()  # the index rewritten: the tail's old record is gone
+    c1.close()
+    with open(f, "r+b") as fh:
+        fh.seek(size)
+        fh.write(tail)
+    assert allocated(f) == size + 4096
+    c2 = DiskCache(tmp_path, 1 << 20)
+    c2.scan()
+    assert d0 in c2 and dt not in c2 and allocated(f) == size == c2.stats().used_bytes
+
+
 def test_scan_punches_torn_writes_and_removes_foreign_files(tmp_path):
     """After a crash: data no index record names (a write torn before its record was
     appended) is punched out of its data file, so the budget counts what the disk holds; a
