@@ -159,6 +159,9 @@ class DiskCache:
         self._where: dict[str, list[Key]] = {}
         self._files: dict[str, _File] = {}
         self._writing: set[Key] = set()
+        #: Records in the index whose chunk is not added yet (its write is ending): a
+        #: rewrite of the index meanwhile must keep them.
+        self._recorded: dict[Key, bytes] = {}
         self._freeing: set[object] = set()  # spots being punched, files being unlinked
         self._gen = itertools.count()
         self._index_fd: int | None = None
@@ -486,7 +489,8 @@ class DiskCache:
                 _write_at(path, data, spot.at, spot.fsize, self.direct_io)
                 ch = _Chunk(digest, size, xxh, checked, next(self._gen))
                 with self._lock:
-                    self._append_locked(_record(spot.file, spot.at, spot.fsize, ch))
+                    line = self._recorded[key] = _record(spot.file, spot.at, spot.fsize, ch)
+                    self._append_locked(line)
             except OSError as exc:
                 ch = None
                 _punch(path, spot.at, size)
@@ -498,6 +502,7 @@ class DiskCache:
         finally:
             with self._room:
                 self._writing.discard(key)
+                self._recorded.pop(key, None)
                 f = self._files[spot.file]
                 f.writers -= 1
                 doomed = []
@@ -717,6 +722,9 @@ class DiskCache:
             out = bytearray()
             for (fid, at), ch in self._chunks.items():  # LRU order is the files' mtimes
                 out += _record(fid, at, self._files[fid].fsize, ch)
+                lines += 1
+            for line in self._recorded.values():
+                out += line
                 lines += 1
             for fid, f in self._files.items():
                 if f.sealed:

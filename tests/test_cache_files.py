@@ -20,6 +20,7 @@ import pytest
 import xxhash
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
+from p2pfs import diskcache
 from p2pfs._buffers import aligned_empty
 from p2pfs.diskcache import DiskCache
 from p2pfs.errors import ConfigError
@@ -823,3 +824,47 @@ def _run_ops(c, root, budget, files, ops, held):
         for fd, data in held:  # whatever happened since, a holder sees the whole file
             assert os.pread(fd, len(data), 0) == data
     c.close()
+
+
+# -- the index compacted at run time --------------------------------------------------------------
+@pytest.mark.parametrize("slack", [0, 1, 3])
+def test_compacting_the_index_keeps_the_record_of_every_chunk_written(tmp_path, monkeypatch, slack):
+    monkeypatch.setattr(diskcache, "COMPACT_SLACK", slack)
+    f = FakeFile("compact", 6)
+    c = open_cache(tmp_path)
+    for i in range(len(f.chunks)):
+        f.write(c, i)
+        c.remove(f.chunks[i][0])  # churn: index lines that are no live record
+        f.write(c, i)
+    assert c.seal(f.fid)
+    c.close()
+    assert len((tmp_path / "index").read_bytes().splitlines()) <= 3 * (len(f.chunks) + 1) + slack
+    c2 = open_cache(tmp_path)
+    assert c2.stats().chunks == len(f.chunks) and c2.stats().sealed_files == 1
+    for digest, part, spot in f.chunks:
+        assert c2.holds(digest, spot) and c2.read(digest) == part
+
+
+def test_compacting_the_index_keeps_records_of_writes_in_flight(tmp_path, monkeypatch):
+    monkeypatch.setattr(diskcache, "COMPACT_SLACK", 0)
+    files = [FakeFile(f"cf{k}", 8) for k in range(4)]
+    c = open_cache(tmp_path)
+    errors: list[BaseException] = []
+
+    def writer(f: FakeFile) -> None:
+        try:
+            f.write(c)
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(f,)) for f in files]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    c.close()
+    c2 = open_cache(tmp_path)
+    assert c2.stats().chunks == sum(len(f.chunks) for f in files)
+    for f in files:
+        assert c2.complete(f.fid)
