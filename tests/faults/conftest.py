@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import xxhash
 
 from conftest import Mount, p2pfs_cmd, wait_for
 
@@ -205,24 +207,132 @@ def check_daemon(m: Mount, what: str, *, memory: int = FAULT_MEMORY) -> dict:
     return s
 
 
-def chunk_files(cache_dir: Path) -> list[Path]:
-    """The chunk files of a cache dir (`chunks/<2 hex>/<sha256>.<xxh3>`), temp files not."""
-    return sorted(p for p in (cache_dir / "chunks").glob("*/*") if not p.name.startswith("."))
+# -- the disk cache on disk (format 2, docs/FORMAT.md "Disk cache") ------------------------
+BLOCK = 4096
+SEEK_DATA = getattr(os, "SEEK_DATA", 3)
+SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One chunk the cache index names: at `at` of the data file `path` (of `fsize` bytes)."""
+
+    path: Path
+    at: int
+    fsize: int
+    size: int
+    sha256: str
+    xxh3: str
+
+
+def data_files(cache_dir: Path) -> list[Path]:
+    """Everything at a data file's depth under `files/` (whatever it is: a damaged cache
+    may hold a directory or a FIFO there)."""
+    return sorted((cache_dir / "files").glob("*/*"))
+
+
+def index_records(cache_dir: Path) -> list[Record]:
+    """The chunk records of the index, replayed as the scan does: a later record of a spot
+    wins, a file id names one size (its first record's), a torn line names nothing. At run
+    time the index also holds records of chunks evicted since (their ranges holes)."""
+    by_spot: dict[tuple[str, int], Record] = {}
+    sizes: dict[str, int] = {}
+    try:
+        raw = (cache_dir / "index").read_bytes()
+    except FileNotFoundError:
+        return []
+    for line in raw.splitlines(keepends=True):
+        parts = line.decode("ascii", "replace").split()
+        if not line.endswith(b"\n") or len(parts) != 8 or parts[0] != "c":
+            continue
+        _, fid, at, fsize, size, digest, xxh, _ = parts
+        if sizes.setdefault(fid, int(fsize)) != int(fsize):
+            continue
+        path = cache_dir / "files" / fid[:2] / fid
+        by_spot[(fid, int(at))] = Record(path, int(at), int(fsize), int(size), digest, xxh)
+    return sorted(by_spot.values(), key=lambda r: (str(r.path), r.at))
+
+
+def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """The ranges of a file that hold data (SEEK_DATA/SEEK_HOLE: block granular)."""
+    out, pos = [], 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, SEEK_DATA)
+        except OSError:  # ENXIO: no data after pos
+            break
+        end = os.lseek(fd, start, SEEK_HOLE)
+        out.append((start, end))
+        pos = end
+    return out
+
+
+def _covered(extent: tuple[int, int], ranges: list[tuple[int, int]]) -> bool:
+    """Whether `extent` lies within the union of `ranges` widened to whole blocks."""
+    merged: list[list[int]] = []
+    for a, b in sorted((a - a % BLOCK, -(-b // BLOCK) * BLOCK) for a, b in ranges):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return any(a <= extent[0] and extent[1] <= b for a, b in merged)
+
+
+@dataclass
+class CacheOnDisk:
+    chunks: int     # chunks whose bytes are on disk and match their record's xxh3
+    bytes: int      # their sizes (what the daemon's budget counts)
+    allocated: int  # blocks the data files hold
+
+
+def check_cache(cache_dir: Path) -> CacheOnDisk:
+    """What a cache dir holds, checked: call it while the daemon is idle (after its scan,
+    or with nothing being written). Every entry under `files/` is a regular data file in
+    its own directory that a record names; the bytes of every chunk recorded whose range
+    holds data match the record's xxh3 (a torn or corrupt chunk would not); and no data
+    file holds data outside its chunks (a torn write, an evicted chunk's bytes: punched)."""
+    records = index_records(cache_dir)
+    by_path: dict[Path, list[Record]] = {}
+    for r in records:
+        by_path.setdefault(r.path, []).append(r)
+    for sub in (cache_dir / "files").iterdir():
+        assert sub.is_dir() and not sub.is_symlink(), f"{sub.name}: no directory, left in files/"
+    live, allocated = [], 0
+    for path in data_files(cache_dir):
+        st = path.lstat()
+        assert stat.S_ISREG(st.st_mode), f"{path.name}: {stat.filemode(st.st_mode)} left in the cache"
+        mine = by_path.get(path)
+        assert mine, f"{path.name}: a data file no record names, left in the cache"
+        assert st.st_size == mine[0].fsize, f"{path.name}: {st.st_size} bytes, recorded {mine[0].fsize}"
+        allocated += st.st_blocks * 512
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            extents = data_extents(fd, st.st_size)
+            here = [r for r in mine if any(a <= r.at and r.at + r.size <= b for a, b in extents)]
+            for r in here:
+                got = os.pread(fd, r.size, r.at)
+                assert xxhash.xxh3_64_hexdigest(got) == r.xxh3, f"{path.name}+{r.at}: torn or corrupt chunk"
+            for e in extents:
+                assert _covered(e, [(r.at, r.at + r.size) for r in here]), \
+                    f"{path.name}: data at {e} that no chunk record names"
+        finally:
+            os.close(fd)
+        assert here, f"{path.name}: a data file with no chunk in it"
+        live += here
+    return CacheOnDisk(len(live), sum(r.size for r in live), allocated)
 
 
 def cache_bytes(cache_dir: Path) -> int:
-    """Bytes of chunk files (temp files included) under a cache dir. Counted by inode: a
-    directory listing is not atomic against renames, so a temp file renamed into place
-    while we walk can be listed under both names."""
-    sizes: dict[int, int] = {}
-    for root, _, files in os.walk(cache_dir / "chunks"):
+    """Bytes the data files under a cache dir hold on disk (allocated blocks: a data file
+    is created sparse at its file's size, and evicted chunks are holes)."""
+    total = 0
+    for root, _, files in os.walk(cache_dir / "files"):
         for f in files:
             try:
-                st = os.lstat(os.path.join(root, f))
+                total += os.lstat(os.path.join(root, f)).st_blocks * 512
             except FileNotFoundError:
                 continue
-            sizes[st.st_ino] = st.st_size
-    return sum(sizes.values())
+    return total
 
 
 def fuse_abort(m: Mount) -> bool:

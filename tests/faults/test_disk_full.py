@@ -13,11 +13,10 @@ import threading
 import time
 
 import pytest
-import xxhash
 
 from conftest import drop_page_cache, needs_fuse, wait_for
 
-from .conftest import (FIGURES, MiB, assert_served, check_daemon, chunk_files,
+from .conftest import (BLOCK, FIGURES, MiB, assert_served, check_cache, check_daemon,
                        publish_dir, unique)
 
 pytestmark = needs_fuse
@@ -39,48 +38,31 @@ def forty_mib(seaweed, tmp_path_factory) -> dict:
 
 
 def _snapshot_bytes(cache) -> int:
-    """Bytes of chunk files under `cache`, from a walk that is not a snapshot: a file
-    evicted while we walk may be counted beside the file that replaced it (seen: +2 bytes,
-    a tiny chunk). Files gone by the end of the walk are taken back out, so the figure
-    never exceeds what existed at once. That can miss an overshoot shorter than a walk;
-    the exact invariant (usage <= budget before and after every rename) is tested in
-    tests/test_cache.py, this is the system-level check."""
-    seen: dict[str, tuple[int, int]] = {}
-    for root, _, names in os.walk(cache / "chunks"):
+    """Bytes the data files under `cache` hold on disk (allocated blocks), from a walk
+    that is not a snapshot: a hole punched while we walk may be counted beside the chunk
+    written into the room it made. So every file is measured twice, all once and then all
+    again, and counted at the lesser of its two sizes: an overshoot shorter than a walk can
+    be missed; the exact invariant (usage <= budget before and after every write of chunk
+    bytes) is tested in tests/test_cache.py, this is the system-level check."""
+    first: dict[str, int] = {}
+    for root, _, names in os.walk(cache / "files"):
         for n in names:
             p = os.path.join(root, n)
             try:
-                st = os.lstat(p)
+                first[p] = os.lstat(p).st_blocks * 512
             except FileNotFoundError:
                 continue
-            seen[p] = (st.st_ino, st.st_size)
-    alive: dict[int, int] = {}  # inode -> size, for inodes still there under a name we saw
-    for p, (ino, size) in seen.items():
+    total = 0
+    for p, size in first.items():
         try:
-            if os.lstat(p).st_ino == ino:
-                alive[ino] = size
+            total += min(size, os.lstat(p).st_blocks * 512)
         except FileNotFoundError:
             pass
-    renamed = {ino: size for ino, size in seen.values()
-               if ino not in alive and _exists_elsewhere(cache, ino)}
-    return sum(alive.values()) + sum(renamed.values())
-
-
-def _exists_elsewhere(cache, ino: int) -> bool:
-    """Whether inode `ino` still exists under another name (a temp file renamed into
-    place during the walk): it then counts once."""
-    for root, _, names in os.walk(cache / "chunks"):
-        for n in names:
-            try:
-                if os.lstat(os.path.join(root, n)).st_ino == ino:
-                    return True
-            except FileNotFoundError:
-                pass
-    return False
+    return total
 
 
 class UsageSampler:
-    """The most bytes of chunk files seen under a cache dir, sampled every few ms."""
+    """The most bytes of data files seen under a cache dir, sampled every few ms."""
 
     def __init__(self, cache) -> None:
         self.cache, self.peak, self._stop = cache, 0, threading.Event()
@@ -107,12 +89,15 @@ def read_all(m, files: dict[str, bytes]) -> None:
 
 
 def accounting_matches_disk(m) -> dict:
+    """With the daemon idle: what it counts is what the disk holds (valid chunks, no data
+    outside them: `check_cache`), and the allocated blocks are those chunks' (rounded up to
+    whole blocks at their ends: at most one block per data file more)."""
     wait_for(lambda: m.status()["writeback_pending"] == 0, what="write-back")
     s = m.status()
-    on_disk = sum(f.stat().st_size for f in chunk_files(m.cache_dir))
-    assert s["cache_used_bytes"] == on_disk, f"the daemon counts {s['cache_used_bytes']}, disk has {on_disk}"
-    for f in chunk_files(m.cache_dir):
-        assert xxhash.xxh3_64_hexdigest(f.read_bytes()) == f.name.partition(".")[2], f"torn {f.name}"
+    found = check_cache(m.cache_dir)
+    assert (s["cache_used_bytes"], s["cache_chunks"]) == (found.bytes, found.chunks), \
+        f"the daemon counts {s['cache_used_bytes']} bytes in {s['cache_chunks']} chunks, disk has {found}"
+    assert found.bytes <= found.allocated <= found.bytes + s["cache_files"] * BLOCK, found
     return s
 
 
