@@ -138,6 +138,26 @@ def sealed(root: Path, name: str, n: int, budget: int = 64 * C) -> tuple[DiskCac
     return c, f
 
 
+def before_open(monkeypatch, path: Path, action, *, kind: str) -> list[bool]:
+    """Run `action` once, just before the cache opens `path` to `kind` ("read", "punch":
+    open for writing without creating): the moment a race would strike. The cache and the
+    files stay real; returns a flag that turns False once the action ran."""
+    real_open = os.open
+    target = str(path)
+    armed = [True]
+
+    def open_hook(p, flags, *args, **kwargs):
+        writes = bool(flags & (os.O_WRONLY | os.O_RDWR))
+        is_kind = not writes if kind == "read" else writes and not flags & os.O_CREAT
+        if armed[0] and str(p) == target and is_kind:
+            armed[0] = False
+            action()
+        return real_open(p, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_hook)
+    return armed
+
+
 def read_back(cache: DiskCache, digest: str, size: int, prefer: Spot | None = None) -> bytes | None:
     dest = memoryview(bytearray(size))
     return bytes(dest) if cache.read_into(digest, dest, prefer=prefer) else None
@@ -565,19 +585,14 @@ def test_open_sealed_never_hands_out_a_new_copy_made_while_it_opened(tmp_path, m
     # eviction and write at the moment of the open; the cache and the files are real.
     c, f = sealed(tmp_path, "race", 3, budget=4 * C)
     other = FakeFile("race-other", 3)
-    target = str(data_path(tmp_path, f.fid))
-    real_open = os.open
-    armed = [True]
 
-    def open_hook(path, flags, *args, **kwargs):
-        if armed[0] and str(path) == target and not flags & (os.O_WRONLY | os.O_RDWR):
-            armed[0] = False
-            other.write(c)  # evicts the sealed file whole
-            f.write(c, 0)  # a new copy of it, one chunk of three
-            assert not c.complete(f.fid)
-        return real_open(path, flags, *args, **kwargs)
+    def evict_and_start_a_new_copy():
+        other.write(c)  # evicts the sealed file whole
+        f.write(c, 0)  # a new copy of it, one chunk of three
+        assert not c.complete(f.fid)
 
-    monkeypatch.setattr(os, "open", open_hook)
+    armed = before_open(monkeypatch, data_path(tmp_path, f.fid), evict_and_start_a_new_copy,
+                        kind="read")
     fd = c.open_sealed(f.fid)
     monkeypatch.undo()
     assert not armed[0]
@@ -868,3 +883,68 @@ def test_compacting_the_index_keeps_records_of_writes_in_flight(tmp_path, monkey
     assert c2.stats().chunks == sum(len(f.chunks) for f in files)
     for f in files:
         assert c2.complete(f.fid)
+
+
+# -- races: a read or write meeting an eviction ---------------------------------------------------
+def test_a_read_that_meets_the_eviction_of_its_chunk_is_a_race_not_corruption(tmp_path, monkeypatch):
+    f = FakeFile("read-race", 3)
+    c = open_cache(tmp_path, budget=3 * C)
+    f.write(c)
+    other = FakeFile("read-race-other", 3)
+    path = data_path(tmp_path, f.fid)
+    # Between the lookup and the open, all of f is evicted (its last hole: the file unlinked).
+    armed = before_open(monkeypatch, path, lambda: other.write(c), kind="read")
+    got = c.read(f.chunks[1][0])
+    monkeypatch.undo()
+    assert not armed[0] and got is None and not path.exists()
+    s = c.stats()
+    assert (s.raced, s.corrupt_dropped, s.read_errors, s.chunks) == (1, 0, 0, 3)
+    for digest, part, spot in other.chunks:
+        assert c.read(digest) == part
+
+
+def test_a_read_that_meets_a_hole_punched_under_it_is_a_race_not_corruption(
+        tmp_path, monkeypatch):
+    f = FakeFile("read-race2", 3)
+    c = open_cache(tmp_path, budget=3 * C)
+    f.write(c)
+    other = FakeFile("read-race2-other", 1)
+    digest = f.chunks[0][0]
+
+    def evict_it():  # the read touched chunk 0: make chunk 1 and 2 newer, then evict it
+        f.write(c, 1, 2)
+        assert c.read(f.chunks[1][0]) and c.read(f.chunks[2][0])
+        other.write(c)
+        assert not c.holds(digest, f.chunks[0][2])
+
+    path = data_path(tmp_path, f.fid)
+    armed = before_open(monkeypatch, path, evict_it, kind="read")
+    got = c.read(digest)
+    monkeypatch.undo()
+    assert not armed[0] and got is None and is_hole(path, 0)
+    s = c.stats()
+    assert (s.raced, s.corrupt_dropped, s.read_errors, s.chunks) == (1, 0, 0, 3)
+
+
+def test_a_write_to_a_spot_being_punched_waits_for_the_punch(tmp_path, monkeypatch):
+    f = FakeFile("punch-race", 3)
+    c = open_cache(tmp_path, budget=3 * C)
+    f.write(c)
+    digest, part, spot = f.chunks[0]
+    other = FakeFile("punch-race-other", 1)
+    rewrite = threading.Thread(target=lambda: f.write(c, 0))
+
+    def write_the_spot_again():
+        rewrite.start()
+        rewrite.join(0.5)
+        # Had it written now, the punch that follows would leave a hole under its record.
+        assert rewrite.is_alive(), "the write did not wait for the punch"
+
+    armed = before_open(monkeypatch, data_path(tmp_path, f.fid), write_the_spot_again,
+                        kind="punch")
+    other.write(c)  # evicts chunk 0: its hole is punched under the hook
+    monkeypatch.undo()
+    rewrite.join()
+    assert not armed[0]
+    assert c.holds(digest, spot) and c.read(digest) == part
+    assert c.stats().corrupt_dropped == 0 and c.stats().used_bytes <= 3 * C
