@@ -100,3 +100,74 @@ def test_the_clients_import_no_trio():
                          timeout=60, env={**os.environ})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+class FdDaemon(FakeDaemon):
+    """Answers one line with a descriptor attached."""
+
+    def __init__(self, path: Path, answer: bytes, fd: int) -> None:
+        self.fd = fd
+        super().__init__(path, answer)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            import array
+            conn.sendmsg([self.answer], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                          array.array("i", [self.fd]))])
+            conn.close()
+
+
+def _fd_mount(tmp_path, answer: bytes, fd: int) -> tuple[Path, FdDaemon]:
+    root = tmp_path / "mnt"
+    root.mkdir()
+    sock = tmp_path / "ctl.sock"
+    daemon = FdDaemon(sock, answer, fd)
+    os.setxattr(root, client.CONTROL_XATTR, str(sock).encode())
+    return root, daemon
+
+
+def test_open_local_takes_the_descriptor_of_the_local_copy(tmp_path):
+    copy = tmp_path / "copy"
+    copy.write_bytes(b"0123456789")
+    fd = os.open(copy, os.O_RDONLY)
+    root, daemon = _fd_mount(tmp_path, b'{"ok": true, "size": 10}\n', fd)
+    try:
+        got = client.open_local(root, mountpoint=root)
+        assert got is not None and os.pread(got, 20, 0) == b"0123456789"
+        os.close(got)
+    finally:
+        daemon.close()
+        os.close(fd)
+
+
+@pytest.mark.parametrize("what", ["wrong-size", "pipe"])
+def test_open_local_refuses_a_descriptor_that_is_not_the_file(tmp_path, what):
+    if what == "pipe":
+        r, w = os.pipe()
+        fd, extra = r, [w]
+    else:
+        (tmp_path / "short").write_bytes(b"abc")
+        fd, extra = os.open(tmp_path / "short", os.O_RDONLY), []
+    root, daemon = _fd_mount(tmp_path, b'{"ok": true, "size": 10}\n', fd)
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(ProtocolError, match="not the file's local copy"):
+            client.open_local(root, mountpoint=root)
+        assert len(os.listdir("/proc/self/fd")) == before  # the received one was closed
+    finally:
+        daemon.close()
+        for d in [fd, *extra]:
+            os.close(d)
+
+
+def test_open_local_not_local_is_none_and_refusals_raise(mount_like):
+    root = mount_like(b'{"ok": false, "code": "not_local", "error": "x"}\n')
+    assert client.open_local(root, mountpoint=root) is None
+    root = mount_like(b'{"ok": false, "code": "permission_denied", "error": "permission denied: uid 5"}\n')
+    with pytest.raises(P2PFSError, match="permission denied"):
+        client.open_local(root, mountpoint=root)

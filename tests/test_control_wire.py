@@ -150,3 +150,23 @@ def test_limits_are_checked():
         _wire.ControlLimits(max_connections=0)
     with pytest.raises(ValueError):
         _wire.ControlLimits(idle_timeout=0)
+
+
+@pytest.mark.parametrize("peer, mode, ok", [
+    (_wire.Peer(1, 0, 0), 0o000, True),            # root reads everything
+    (_wire.Peer(1, 1000, 100), 0o400, True),       # the owner, owner bits
+    (_wire.Peer(1, 1000, 100), 0o044, False),      # the owner class decides, not group/other
+    (_wire.Peer(1, 2000, 100), 0o040, True),       # primary group
+    (_wire.Peer(1, 2000, 5, (100,)), 0o040, True),  # supplementary group
+    (_wire.Peer(1, 2000, 100), 0o404, False),      # the group class decides, not other
+    (_wire.Peer(1, 2000, 5), 0o004, True),         # other
+    (_wire.Peer(1, 2000, 5), 0o640, False),
+])
+def test_open_checks_what_the_mount_would(peer, mode, ok):
+    assert _wire.may_read(peer, uid=1000, gid=100, mode=mode) is ok
+
+
+def test_open_takes_no_descriptors():
+    _wire.check_fds("open", 0, False)
+    with pytest.raises(ProtocolError):
+        _wire.check_fds("open", 1, False)

@@ -46,6 +46,9 @@ def mounted(tmp_path_factory):
           **{f"b{i}": "model-00002-of-00002.safetensors" for i in range(4)},
           "z": "model-00002-of-00002.safetensors"}
     (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    # Another model with a file nothing else reads (three chunks and a bit), for open_local.
+    (root / "src" / "other").mkdir()
+    (root / "src" / "other" / "notes.bin").write_bytes(os.urandom(3 * (4 << 20) + 12345))
     # weed takes its S3 identity from the environment it starts in, and create_bucket signs
     # in this process: both need the credentials; we put the environment back afterwards.
     creds = {"AWS_ACCESS_KEY_ID": "gpuload", "AWS_SECRET_ACCESS_KEY": "gpuload",
@@ -60,8 +63,9 @@ def mounted(tmp_path_factory):
         server.start()
         env = {**os.environ, "AWS_ENDPOINT_URL": server.endpoint}
         server.create_bucket("models")
-        r = p2pfs("publish", src, "s3://models/tiny", env=env)
-        assert r.returncode == 0, r.stderr
+        for name in ("tiny", "other"):
+            r = p2pfs("publish", root / "src" / name, f"s3://models/{name}", env=env)
+            assert r.returncode == 0, r.stderr
         r = p2pfs("mount", "s3://models", mnt, "--cache-dir", root / "cache", env=env)
         assert r.returncode == 0, r.stdout + r.stderr
         mounted_ok = True
@@ -173,3 +177,34 @@ def test_a_whole_local_copy_is_loaded_from_local_disk(mounted):
     got["a0"].zero_()  # a private mapping: the copy on disk stays as it was
     assert _same(gpuload.load(model), want)
     assert _same(gpuload.load(model, copy=True), want)
+
+
+def test_open_local_hands_out_only_whole_checked_copies(mounted):
+    """`open` answers not_local (None) until every chunk of the file is on local disk and
+    the file is sealed; then a read-only descriptor whose bytes are the file's. A partly
+    read file is not handed out; a directory is refused."""
+    from p2pfs.control.client import open_local
+    from p2pfs.errors import P2PFSError
+
+    src, model = mounted
+    notes = model.parent / "other" / "notes.bin"
+    want = (src.parent / "other" / "notes.bin").read_bytes()
+    assert open_local(notes) is None
+    with open(notes, "rb") as f:
+        assert f.read(1 << 20) == want[:1 << 20]
+    assert open_local(notes) is None  # one chunk of four is not the file
+    assert notes.read_bytes() == want
+    deadline = time.monotonic() + 30
+    while (fd := open_local(notes)) is None:
+        assert time.monotonic() < deadline, "a file read whole never became local"
+        time.sleep(0.1)
+    try:
+        st = os.fstat(fd)
+        assert st.st_size == notes.stat().st_size
+        assert os.pread(fd, st.st_size + 1, 0) == want
+        with pytest.raises(OSError):
+            os.write(fd, b"x")  # read-only: the loader cannot change the cached copy
+    finally:
+        os.close(fd)
+    with pytest.raises(P2PFSError, match="not a regular file"):
+        open_local(model)

@@ -134,14 +134,16 @@ def refresh(mountpoint: str | os.PathLike[str], paths: list[str] | None = None, 
     return last
 
 
-def open_local(path: str | os.PathLike[str], *, timeout: float | None = 60.0) -> int | None:
+def open_local(path: str | os.PathLike[str], *, timeout: float | None = 60.0,
+               mountpoint: str | os.PathLike[str] | None = None) -> int | None:
     """A read-only descriptor of the local copy of a file on a p2pfs mount, if the daemon
     holds it whole and checked on local disk (the caller owns it: map it, read it, close
     it); None if it is not local yet (read through the mount, or `fill`). Raises
     ConfigError if `path` is not on a p2pfs mount, P2PFSError if the daemon refuses
     (e.g. permission_denied) or fails. The first open of a file just written may wait
-    while the daemon reads back and checks what it has not checked yet."""
-    mnt = find_mount(path)
+    while the daemon reads back and checks what it has not checked yet. `mountpoint`: the
+    mount holding `path`, if the caller knows it already."""
+    mnt = find_mount(path) if mountpoint is None else Path(mountpoint)
     if mnt is None:
         raise ConfigError(f"{path} is not on a p2pfs mount")
     sock_path = control_socket(mnt)
