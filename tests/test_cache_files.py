@@ -948,3 +948,39 @@ def test_a_write_to_a_spot_being_punched_waits_for_the_punch(tmp_path, monkeypat
     assert not armed[0]
     assert c.holds(digest, spot) and c.read(digest) == part
     assert c.stats().corrupt_dropped == 0 and c.stats().used_bytes <= 3 * C
+
+
+# -- chunks that do not fill whole blocks ---------------------------------------------------------
+def test_a_punched_chunk_sharing_its_blocks_is_never_sealed_as_zeros_after_restart(tmp_path):
+    # Chunks of 5000 bytes: the middle one shares both its blocks with its neighbours, so
+    # its eviction can only zero it (no block is freed) and its range still reads as data.
+    size = 5000
+    rnd = random.Random(5000)
+    parts = [rnd.randbytes(size) for _ in range(3)]
+    fid, fsize = fid_of("unaligned"), 3 * size
+    chunks = [(sha(p), p, Spot(fid, i * size, fsize)) for i, p in enumerate(parts)]
+    c = open_cache(tmp_path, budget=3 * size)
+    for digest, part, spot in chunks:
+        assert c.write(digest, part, spot=spot)
+    c.read(chunks[0][0]), c.read(chunks[2][0])
+    other = b"o" * size
+    assert c.write(sha(other), other)  # evicts the middle chunk, the least recent
+    assert not c.holds(chunks[1][0], chunks[1][2])
+    c.remove(sha(other))
+    c.close()
+    c2 = open_cache(tmp_path, budget=3 * size)
+    assert c2.read(chunks[0][0]) == parts[0] and c2.read(chunks[2][0]) == parts[2]
+    # Filled as a reader would (each chunk written at its spot unless the cache holds it),
+    # then sealed: a seal that finds a bad chunk drops it and the file is filled again.
+    for _ in range(2):
+        for digest, part, spot in chunks:
+            assert c2.write(digest, part, spot=spot)
+        if c2.seal(fid):
+            break
+    fd = c2.open_sealed(fid)
+    assert fd is not None
+    try:
+        assert os.pread(fd, fsize, 0) == b"".join(parts)
+    finally:
+        os.close(fd)
+    assert c2.read(chunks[1][0]) == parts[1]
