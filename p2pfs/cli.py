@@ -460,6 +460,8 @@ def format_status(r: dict[str, Any]) -> str:
             ("disk", f"{get('cache_used_bytes', _bytes)} of {get('cache_budget_bytes', _bytes)}"),
             ("chunks", f"{get('cache_chunks')} ({get('cache_evicted_chunks')} evicted, "
                        f"{get('cache_corrupt_dropped')} corrupt dropped)"),
+            ("files", f"{get('cache_files')} ({get('cache_sealed_files')} whole and checked; "
+                      f"{get('local_opens')} handed out)"),
             ("memory", get("memory_cache_bytes", _bytes)),
             ("hit ratio", get("hit_ratio", lambda v: f"{v:.1%}")),
         ]),
