@@ -613,8 +613,8 @@ def test_enospc_evicts_and_later_writes_succeed(tmp_path):
                        capture_output=True, text=True)
     if r.returncode != 0:
         pytest.skip(f"needs root to mount a 1 MiB tmpfs: {r.stderr.strip()}")
+    c = DiskCache(mnt, 64 << 20)
     try:
-        c = DiskCache(mnt, 64 << 20)
         c.scan()
         chunks = [chunk(i, 300_000) for i in range(8)]
         results = [c.write(d, data) for d, data in chunks]
@@ -629,4 +629,6 @@ def test_enospc_evicts_and_later_writes_succeed(tmp_path):
         assert [f.name for f in data_files(mnt)] == sorted(d for d, _ in chunks if d in c)
         assert sum(f.stat().st_size for f in data_files(mnt)) == c.stats().used_bytes
     finally:
-        subprocess.run(["umount", str(mnt)], check=False)
+        c.close()  # its index is open: the tmpfs would stay busy, mounted
+        r = subprocess.run(["umount", str(mnt)], capture_output=True, text=True)
+        assert r.returncode == 0, f"could not unmount the test's tmpfs: {r.stderr.strip()}"
