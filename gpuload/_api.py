@@ -49,6 +49,7 @@ class Tuning:
     threads: int = 4                  # reader threads (requests in flight)
     segment_size: int = 16 * MiB      # pread size = staging slot size (staged/direct/CUDA)
     map_segment_size: int = 32 * MiB  # populate granularity for the mmap path
+    inline_below: int = 512 * MiB     # mmap path, local, page cache warm: below it, no threads
     slots: int = 6                    # staging ring slots (>= threads, so readers never idle)
     window: int = 256 * MiB           # streaming: how far readers may run ahead of the consumer
     prefetch: bool = True             # ask p2pfs to fetch files in load order
@@ -173,8 +174,13 @@ class _Session:
                           if t.prefetch and self.source == "mount" else None)
         if self._prefetch is not None:
             self._prefetch.__enter__()
+        # A small local file already in the page cache is populated in the calling thread:
+        # cheaper than starting readers. Cold, readers win (docs/GPULOAD.md, "Small files").
+        inline = (isinstance(self.sink, MapSink) and self.source == "local"
+                  and sum(sizes) < t.inline_below and self.sink.cached())
         self.pipeline = Pipeline(plan_reads(sizes, seg), self.sink, threads=t.threads,
-                                 sizes=sizes, window=t.window if self.streaming else None)
+                                 sizes=sizes, window=t.window if self.streaming else None,
+                                 inline=inline)
         self.pipeline.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -193,6 +199,8 @@ class _Session:
         info = self.shards[file].header.tensors[k]
         if isinstance(self.sink, StagedSink):
             return _tensors.view(self.sink.take(file, k), info, base=-info.begin)
+        if isinstance(self.sink, MapSink):
+            return self.sink.tensor(file, info)
         base = (self.shards[file].header.data_start
                 if isinstance(self.sink, (MapSink, FillSink)) else 0)
         return _tensors.view(self.sink.buffer(file), info, base=base)

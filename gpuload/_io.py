@@ -133,15 +133,37 @@ def readinto_exact(fd: int, buf: memoryview, offset: int, path: Path) -> None:
 _LIBC = None
 
 
-def madvise(addr: int, length: int, advice: int) -> int:
-    """madvise(2) without the GIL; 0 or the errno."""
+def _libc() -> ctypes.CDLL:
     global _LIBC
     if _LIBC is None:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         libc.madvise.restype = ctypes.c_int
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+        libc.mincore.restype = ctypes.c_int
         _LIBC = libc
-    return 0 if _LIBC.madvise(addr, length, advice) == 0 else ctypes.get_errno()
+    return _LIBC
+
+
+def madvise(addr: int, length: int, advice: int) -> int:
+    """madvise(2) without the GIL; 0 or the errno."""
+    return 0 if _libc().madvise(addr, length, advice) == 0 else ctypes.get_errno()
+
+
+def looks_cached(mm: mmap.mmap, length: int, samples: int = 32) -> bool:
+    """Whether the first `length` bytes behind `mm` seem to be in the page cache: mincore(2)
+    of `samples` pages spread evenly, first and last included. A guess that only chooses
+    how to read (a whole mincore of 300 MB costs ~6 ms here, the samples ~0.05 ms); an
+    error counts as not cached."""
+    if length <= 0:
+        return True
+    pages = (length + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    base, vec = address(mm), ctypes.create_string_buffer(1)
+    for i in range(min(samples, pages)):
+        page = i * (pages - 1) // max(1, min(samples, pages) - 1)
+        if _libc().mincore(base + page * mmap.PAGESIZE, 1, vec) != 0 or not vec.raw[0] & 1:
+            return False
+    return True
 
 
 def address(mm: mmap.mmap) -> int:

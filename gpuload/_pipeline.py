@@ -18,6 +18,10 @@ Invariants:
   on a condition variable rather than racing ahead and growing memory.
 - The first error stops every thread and is re-raised in the consumer; `close()` stops the
   readers and joins them: no thread outlives its Pipeline.
+- `inline`: no reader threads at all. The consumer's own thread processes segments, in plan
+  order, when `wait_until` or `join` needs them. For a small local load this is faster,
+  warm and cold: starting and joining the threads costs more than the parallel requests
+  save (docs/GPULOAD.md, "Small files").
 """
 
 from __future__ import annotations
@@ -41,12 +45,14 @@ class Sink(Protocol):
 
 class Pipeline:
     def __init__(self, segments: Sequence[Segment], sink: Sink, *, threads: int,
-                 sizes: Sequence[int], window: int | None = None) -> None:
+                 sizes: Sequence[int], window: int | None = None, inline: bool = False) -> None:
         """`sizes`: every file's data-section size; `window`: how many bytes readers may
-        run ahead of a streaming consumer (None: no bound, for whole-checkpoint loads)."""
+        run ahead of a streaming consumer (None: no bound, for whole-checkpoint loads);
+        `inline`: process segments in the consumer's thread, `threads` unused."""
         self.segments = segments
         self.sink = sink
-        self.nthreads = max(1, threads)
+        self.inline = inline
+        self.nthreads = 0 if inline else max(1, threads)
         self.window = window
         self.marks = [Watermark() for _ in sizes]
         self._base = [0, *itertools.accumulate(sizes)][:len(sizes)]
@@ -105,6 +111,9 @@ class Pipeline:
     def wait_until(self, file: int, end: int) -> None:
         """Block until file `file`'s data section is done up to `end`; re-raise a reader's
         error. Also tells readers the consumer got this far (the window moves)."""
+        if self.inline:
+            self._process_inline(file, end)
+            return
         with self._cond:
             self._consumer = max(self._consumer, self._base[file] + end)
             self._cond.notify_all()
@@ -115,8 +124,30 @@ class Pipeline:
                     raise RuntimeError("gpuload pipeline ended before its plan was done")
                 self._cond.wait()
 
+    def _process_inline(self, file: int | None, end: int = 0) -> None:
+        """Process segments in order until file `file` is done to `end` (None: all of them).
+        Runs in the consumer's thread; a sink error propagates from here, and is raised
+        again by any later call (its segment is not retried)."""
+        if self._error is not None:
+            raise self._error
+        while file is None or self.marks[file].done_to < end:
+            if self._cursor >= len(self.segments):
+                if file is None:
+                    return
+                raise RuntimeError("gpuload pipeline ended before its plan was done")
+            seg = self.segments[self._cursor]
+            self._cursor += 1
+            try:
+                self.sink.process(seg)
+            except BaseException as exc:
+                self._error = exc
+                raise
+            self.marks[seg.file].complete(seg.offset, seg.length)
+
     def join(self) -> None:
         """Wait for every segment; re-raise the first error."""
+        if self.inline:
+            self._process_inline(None)
         for t in self._threads:
             t.join()
         if self._error is not None:
