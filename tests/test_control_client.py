@@ -38,8 +38,11 @@ class FakeDaemon:
             if self.answer is None:
                 self.held.append(conn)
                 continue
-            conn.sendall(self.answer)
+            self.reply(conn)
             conn.close()
+
+    def reply(self, conn: socket.socket) -> None:
+        conn.sendall(self.answer)
 
     def close(self) -> None:
         self.sock.shutdown(socket.SHUT_RDWR)
@@ -109,17 +112,10 @@ class FdDaemon(FakeDaemon):
         self.fd = fd
         super().__init__(path, answer)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            conn.recv(65536)
-            import array
-            conn.sendmsg([self.answer], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                          array.array("i", [self.fd]))])
-            conn.close()
+    def reply(self, conn: socket.socket) -> None:
+        import array
+        conn.sendmsg([self.answer], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                      array.array("i", [self.fd]))])
 
 
 def _fd_mount(tmp_path, answer: bytes, fd: int) -> tuple[Path, FdDaemon]:
