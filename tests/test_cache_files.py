@@ -992,3 +992,53 @@ def test_a_punched_chunk_sharing_its_blocks_is_never_sealed_as_zeros_after_resta
     finally:
         os.close(fd)
     assert c2.read(chunks[1][0]) == parts[1]
+
+
+def _resident(path: Path) -> float:
+    """The share of `path`'s pages in the page cache (mincore of a mapping)."""
+    import mmap
+
+    import numpy as np
+
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), size, prot=mmap.PROT_READ)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+        pages = (size + BLOCK - 1) // BLOCK
+        vec = ctypes.create_string_buffer(pages)
+        a = np.frombuffer(mm, dtype=np.uint8)
+        assert libc.mincore(ctypes.c_void_p(a.ctypes.data), size, vec) == 0
+        del a
+        return sum(b & 1 for b in vec.raw) / pages
+    finally:
+        mm.close()
+
+
+@pytest.mark.parametrize("into_page_cache", [True, False])
+def test_a_seal_for_an_open_leaves_the_checked_pages_for_the_loader(tmp_path, into_page_cache):
+    """Sealing a file about to be handed out reads its unchecked chunks through the page
+    cache (the loader then maps the pages just checked, not the disk a second time); a
+    background seal reads with O_DIRECT and leaves the page cache alone."""
+    f = FakeFile("paged", 8)
+    c = open_cache(tmp_path)
+    for digest, part, spot in f.chunks:  # from memory we do not own: unchecked
+        buf = aligned_empty(len(part))
+        buf[:] = part
+        assert c.write(digest, buf, xxhash.xxh3_64_hexdigest(part), spot)
+    path = data_path(tmp_path, f.fid)
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    if _resident(path) > 0.1:
+        pytest.skip("this filesystem keeps the pages cached (no O_DIRECT or DONTNEED here)")
+    assert c.seal(f.fid, into_page_cache=into_page_cache)
+    share = _resident(path)
+    assert share > 0.9 if into_page_cache else share < 0.1
+    fd = c.open_sealed(f.fid)
+    try:
+        assert os.pread(fd, f.fsize, 0) == f.data
+    finally:
+        os.close(fd)

@@ -488,7 +488,8 @@ class ChunkStore:
         if not self.disk.complete(fid):
             return None
         async with self._sealer:
-            if not await trio.to_thread.run_sync(self.disk.seal, fid):
+            if not await trio.to_thread.run_sync(
+                    lambda: self.disk.seal(fid, into_page_cache=True)):
                 return None
         return await trio.to_thread.run_sync(self.disk.open_sealed, fid)
 
