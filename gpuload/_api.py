@@ -136,8 +136,12 @@ class _Session:
         #: Where the bytes come from: "local" (files on disk, p2pfs's local copies
         #: included), "fill" (the daemon writes our memory) or "mount" (FUSE reads).
         self.source = "local" if len(on_p2pfs) == len(fds) else "mount"
-        for p in paths:
-            self.shards.append(Shard.open(p, fds.pop(p, None)))
+        try:
+            for p in paths:
+                self.shards.append(Shard.open(p, fds.pop(p, None)))
+        finally:
+            for fd in fds.values():  # a shard failed to open: the rest are ours to close
+                os.close(fd)
         _check(self.ckpt, [s.header for s in self.shards], [s.path for s in self.shards])
         sizes = [s.header.data_size for s in self.shards]
         seg = t.segment_size
