@@ -39,6 +39,7 @@ All methods are synchronous and thread-safe: the daemon calls them through
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import itertools
@@ -212,13 +213,16 @@ class DiskCache:
             log.warning("disk cache %s: set the modes of %d entries to 0700 (directories) and "
                         "0600 (files), so that other users cannot read the cache", self.dir, fixed)
         on_disk.sort()  # least recently used first: the LRU order survives a restart
+        found = []
+        for _, fid, path in on_disk:  # the data I/O, before the lock
+            live = _check_file(path, records[fid][0], records[fid][1])
+            if live:
+                found.append((fid, live))
+            else:
+                _remove(path)
         with self._lock:
-            for _, fid, path in on_disk:
-                fsize, chunks = records[fid]
-                live = _check_file(path, fsize, chunks)
-                if not live:
-                    _remove(path)
-                    continue
+            for fid, live in found:
+                fsize = records[fid][0]
                 f = self._files[fid] = _File(fsize)
                 for at, ch in sorted(live.items()):
                     self._add_locked((fid, at), ch, f)
@@ -869,25 +873,13 @@ def _punch_fd(fd: int, at: int, size: int) -> None:
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    import ctypes
-
-    libc = _libc()
-    if libc.fallocate(fd, mode, ctypes.c_long(offset), ctypes.c_long(length)) != 0:
+    if _LIBC.fallocate(fd, mode, offset, length) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
 
 
-_LIBC = None
-
-
-def _libc():
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-
-        _LIBC = ctypes.CDLL(None, use_errno=True)
-        _LIBC.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-    return _LIBC
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 
 
 def _make_subdir(path: Path) -> None:
