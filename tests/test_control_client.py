@@ -141,6 +141,20 @@ def test_open_local_takes_the_descriptor_of_the_local_copy(tmp_path):
         os.close(fd)
 
 
+def _fds_of(fd: int) -> list[int]:
+    """This process's descriptors that refer to the same open object as `fd`."""
+    want = os.fstat(fd)
+    out = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            st = os.fstat(int(name))
+        except OSError:
+            continue  # the listing's own descriptor, or one closed meanwhile
+        if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
+            out.append(int(name))
+    return sorted(out)
+
+
 @pytest.mark.parametrize("what", ["wrong-size", "pipe"])
 def test_open_local_refuses_a_descriptor_that_is_not_the_file(tmp_path, what):
     if what == "pipe":
@@ -151,10 +165,13 @@ def test_open_local_refuses_a_descriptor_that_is_not_the_file(tmp_path, what):
         fd, extra = os.open(tmp_path / "short", os.O_RDONLY), []
     root, daemon = _fd_mount(tmp_path, b'{"ok": true, "size": 10}\n', fd)
     try:
-        before = len(os.listdir("/proc/self/fd"))
+        mine = sorted([fd, *extra])  # a pipe's two ends are one inode
+        assert _fds_of(fd) == mine
         with pytest.raises(ProtocolError, match="not the file's local copy"):
             client.open_local(root, mountpoint=root)
-        assert len(os.listdir("/proc/self/fd")) == before  # the received one was closed
+        # The received copy was closed: only the sender's own descriptors are left.
+        # (Counted by identity: the fake daemon's thread may still hold its connection.)
+        assert _fds_of(fd) == mine
     finally:
         daemon.close()
         for d in [fd, *extra]:
