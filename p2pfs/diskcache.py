@@ -437,7 +437,7 @@ class DiskCache:
 
     # -- write ----------------------------------------------------------------------------
     def write(self, digest: str, data: bytes | memoryview, xxh: str | None = None,
-              spot: Spot | None = None) -> bool:
+              spot: Spot | None = None, *, owned: bool = False) -> bool:
         """Store a verified chunk at `spot` (None: loose), evicting first so the budget
         holds throughout. False if it could not be stored (disk full, I/O error, bigger
         than the whole budget, a spot that does not fit its file). Waits while writes in
@@ -445,7 +445,9 @@ class DiskCache:
 
         `xxh`: the xxh3 of the verified bytes, taken earlier. Then `data` may be memory
         someone else can change while we write (a fill client's): the chunk is recorded
-        unchecked, so a change is caught on read-back and by the seal, never served."""
+        unchecked, so a change is caught on read-back and by the seal, never served.
+        `owned`: `data` is the daemon's own verified buffer, which nobody changes; the
+        chunk is recorded checked with `xxh` (the seal need not read it back)."""
         size = len(data)
         spot = spot or loose(digest, size)
         key = (spot.file, spot.at)
@@ -485,7 +487,7 @@ class DiskCache:
         path = self._path(spot.file)
         ch = None
         try:
-            checked = xxh is None
+            checked = xxh is None or owned
             if xxh is None:
                 xxh = xxhash.xxh3_64_hexdigest(data)
             try:

@@ -301,6 +301,26 @@ def test_an_unchecked_chunk_that_reads_back_right_is_sealed_and_survives_restart
     assert c2.stats().sealed_files == 1 and not c2.needs_seal(f.fid)
 
 
+def test_chunks_from_the_daemons_own_buffers_are_checked_and_not_read_back(tmp_path, monkeypatch):
+    """A write-back of the daemon's own verified buffer (owned) is recorded checked, so
+    the seal reads back only what came from a fill client's memory."""
+    f = FakeFile("owned", 3)
+    c = open_cache(tmp_path)
+    (d0, p0, s0), (d1, p1, s1), (d2, p2, s2) = f.chunks
+    assert c.write(d0, p0, xxh=xxhash.xxh3_64_hexdigest(p0), spot=s0, owned=True)
+    assert c.write(d1, p1, xxh=xxhash.xxh3_64_hexdigest(p1), spot=s1, owned=True)
+    assert c.write(d2, p2, xxh=xxhash.xxh3_64_hexdigest(p2), spot=s2)  # a fill client's
+    read_back = []
+    real = c._load
+    monkeypatch.setattr(c, "_load", lambda found, *a, **k: read_back.append(found.key) or
+                        real(found, *a, **k))
+    assert c.seal(f.fid)
+    assert read_back == [(f.fid, s2.at)]
+    c.close()
+    c2 = open_cache(tmp_path)  # the records say checked: a restart keeps the seal
+    assert c2.stats().sealed_files == 1 and not c2.needs_seal(f.fid)
+
+
 # -- 4. eviction: holes in unsealed files, sealed files whole ---------------------------------
 def test_evicting_from_an_unsealed_file_punches_only_that_chunk(tmp_path):
     f = FakeFile("unsealed", 3)

@@ -307,9 +307,9 @@ async def test_fill_with_deferred_writes_keeps_memory_changed_after_the_answer_o
     gate = threading.Event()
     write = store.disk.write
 
-    def gated_write(*args):
+    def gated_write(*args, **kw):
         gate.wait(10)
-        return write(*args)
+        return write(*args, **kw)
 
     store.disk.write = gated_write
     dest = bytearray(2 * CHUNK)

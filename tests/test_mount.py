@@ -187,6 +187,20 @@ def test_eviction_keeps_cache_under_a_tiny_budget(published, seaweed, mount_fact
     assert s["cache_used_bytes"] <= on_disk <= 3 * MiB
 
 
+def test_chunks_read_through_the_mount_are_written_back_checked(published, seaweed, tmp_path,
+                                                              mount_factory):
+    # The daemon's own verified buffers: the write-back records them checked (index field 8),
+    # so sealing the file reads nothing back (only a fill client's memory needs that).
+    cache = tmp_path / "c"
+    m = mount_factory(published["url"], seaweed.endpoint, cache_dir=cache)
+    target = m.path / "synthetic" / "sub" / "exact.bin"
+    assert sha(target) == sha(published["synthetic"] / "sub" / "exact.bin")
+    wait_for(lambda: m.status()["cache_sealed_files"] == 1, what="the file read sealed")
+    records = [line.split() for line in (cache / "index").read_text().splitlines()
+               if line.startswith("c ")]
+    assert len(records) == 2 and all(r[7] == "1" for r in records), records
+
+
 def test_corrupted_cache_file_is_detected_and_refetched(published, seaweed, tmp_path, mount_factory):
     cache = tmp_path / "c"
     m = mount_factory(published["url"], seaweed.endpoint, cache_dir=cache)

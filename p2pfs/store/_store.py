@@ -24,6 +24,7 @@ Concurrency invariants (docs/ARCHITECTURE.md, "One chunk path"):
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Callable, Sequence
 
@@ -445,8 +446,10 @@ class ChunkStore:
     async def _writeback_worker(self) -> None:
         async for loc, data, xxh in self._wb_recv:
             try:
-                ok = await trio.to_thread.run_sync(self.disk.write, loc.digest, data, xxh,
-                                                   loc.spot)
+                # The queue carries only the daemon's own buffers (see _land): checked.
+                ok = await trio.to_thread.run_sync(
+                    functools.partial(self.disk.write, owned=True), loc.digest, data, xxh,
+                    loc.spot)
             finally:
                 self._wb_done(loc.digest)
             self._count_write(ok, loc.spot)
