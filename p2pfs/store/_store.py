@@ -402,7 +402,7 @@ class ChunkStore:
         new = [s for s in landed if s.xxh is not None and s.loc.digest not in self._wb_pending]
         if not new:
             return
-        if new[0].owned:
+        if all(s.owned for s in new):  # only these go to the queue recorded checked
             for slot in new:
                 try:
                     self._wb_send.send_nowait((slot.loc, slot.dest, slot.xxh))
