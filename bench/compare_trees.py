@@ -22,6 +22,7 @@ for i in range(pairs):
         args = [a.replace("{json}", str(j)) for a in cmd]
         env = {**os.environ, "PYTHONPATH": tree}
         t0 = time.time()
-        r = subprocess.run([sys.executable, *args], cwd=tree, env=env, timeout=3600,
-                           stdout=open(out / f"{tag}-{i}.log", "w"), stderr=subprocess.STDOUT)
+        with open(out / f"{tag}-{i}.log", "w") as logf:
+            r = subprocess.run([sys.executable, *args], cwd=tree, env=env, timeout=3600,
+                               stdout=logf, stderr=subprocess.STDOUT)
         print(f"{tag} {i}: rc {r.returncode} in {time.time() - t0:.0f} s", flush=True)
