@@ -5,7 +5,9 @@ fetched by then and in total, for the two images of bench/images.py.
                                            [--images debian-python,torch-serve] [--rate BYTES/S]
 
 Every round is a fresh node: a new containerd (its own root, so an empty content store and
-no snapshots), and for the p2pfs variants a fresh p2pfs cache. The pull goes through CRI's
+no snapshots), and for the p2pfs variants a fresh p2pfs cache. The clock starts once the
+node's services are up (containerd's socket; for p2pfs also the mount, the snapshotter's
+socket and its object store, which it opens in the background). The pull goes through CRI's
 ImageService (as kubelet pulls) and the container runs with `ctr run`; the clock starts when
 PullImage is sent and stops at the container's first stdout byte. The registry sits behind
 a counting TCP relay on loopback (tests/peer_helpers.StoreRelay): "registry bytes" are what
@@ -47,7 +49,7 @@ sys.path[:0] = [str(ROOT), str(HERE), str(ROOT / "tests")]
 from containerd_helpers import Containerd  # noqa: E402
 from image_helpers import RegistryServer  # noqa: E402
 from images import BenchImage, build_image, push_bench_images  # noqa: E402
-from peer_helpers import StoreRelay  # noqa: E402
+from peer_helpers import StoreRelay, free_port  # noqa: E402
 from snapshotter._cri import ImageService  # noqa: E402
 
 OUT = HERE / "out"
@@ -214,8 +216,14 @@ class P2pfsNode:
                                      proxy_socket=self.snapshotter.socket,
                                      registries=bench.registry_mirror)
         self.containerd.start()
-        self.snapshotter.args += ["--containerd-root", str(self.containerd.root)]
+        metrics_addr = f"127.0.0.1:{free_port(['127.0.0.1'])}"
+        self.snapshotter.args += ["--containerd-root", str(self.containerd.root),
+                                  "--metrics-addr", metrics_addr]
         self.snapshotter.start()
+        # A node serves pulls once its services are up: the snapshotter opens its object
+        # store in the background after its socket, and that start-up (imports, the S3
+        # client) must not be timed as the pull's (kubelet pulls on a Ready node).
+        self.store_open_s = self.snapshotter.wait_store_open(metrics_addr)
 
     def layers_on_mount(self, image: BenchImage) -> int:
         return sum((self.mount.path / layer.digest.removeprefix("sha256:")).is_dir()

@@ -126,6 +126,7 @@ class OriginLoop:
         self._error: BaseException | None = None
         self._token: Any = None
         self._send: Any = None
+        self._t0 = time.monotonic()
         self._thread = threading.Thread(target=self._main, name="oci-origin", daemon=True)
 
     def start(self, *, wait: bool = True) -> "OriginLoop":
@@ -136,6 +137,14 @@ class OriginLoop:
             self._wait_open()
         return self
 
+    def state(self) -> str:
+        """"opening", "open" or "failed: <why>" (the snapshotter's status reports it: until
+        it is open, a pull's metadata jobs wait for it, and this process's start-up work
+        competes with the node's first container for the CPU)."""
+        if not self._ready.is_set():
+            return "opening"
+        return f"failed: {self._error}" if self._error is not None else "open"
+
     def _wait_open(self) -> None:
         if not self._ready.wait(self.timeout):
             raise OriginUnavailable(f"{self.root}: the object store did not open in {self.timeout}s")
@@ -145,11 +154,14 @@ class OriginLoop:
     def _main(self) -> None:
         import trio
 
+        self._t0 = time.monotonic()
         try:
             trio.run(self._serve)
         except BaseException as exc:  # noqa: BLE001 - reported to start() or logged
             if not self._ready.is_set():
-                self._error = exc
+                self._error = _leaf(exc)
+                log.warning("object store %s did not open: %s (pulls work; the image metadata "
+                            "mirror does not until the snapshotter restarts)", self.root, self._error)
                 self._ready.set()
             else:
                 log.error("the mirror's object store loop stopped: %s", exc)
@@ -167,6 +179,8 @@ class OriginLoop:
                     self._send = send
                     self._token = trio.lowlevel.current_trio_token()
                     self._ready.set()
+                    log.info("object store %s open (%.2f s after start)", self.root,
+                             time.monotonic() - self._t0)
                     async for fn, args, result in recv:
                         nursery.start_soon(self._one, origin, fn, args, result)
 
@@ -281,6 +295,13 @@ class MirrorReader:
 
 
 # -- writes: recording the images this node pulls ------------------------------------------
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The first exception inside (nested) exception groups: the one that says why."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
 
 class ImageRecorder:
     """Stores, once per (image reference, manifest digest), what a node needs to resolve

@@ -168,6 +168,7 @@ def serve(config: ServeConfig, *, stop: threading.Event | None = None) -> None:
                 "unavailable": int(reg.get_sample_value("p2pfs_snapshotter_unavailable_total") or 0),
                 "conversions": converter.status() if converter is not None else None,
                 "mirror": mirror.url if mirror is not None else None,
+                "object_store": oci_loop.state() if oci_loop is not None else None,
             }
 
         metrics = None
@@ -286,7 +287,8 @@ def status_cmd(metrics_addr: str, as_json: bool, timeout: float) -> None:
                   f"{conv.get('locked_elsewhere', 0)} by another node, {conv.get('failed', 0)} failed, "
                   f"{conv.get('dropped', 0)} dropped" + (f" (last error: {conv['last_error']})"
                                                          if conv.get("last_error") else "")
-                  if st.get("conversions") is not None else "  conversions  off"))
+                  if st.get("conversions") is not None else "  conversions  off")
+               + f"\n  object store {st.get('object_store') or 'none (no --layers)'}")
 
 
 @main.command("pull")

@@ -53,6 +53,7 @@ from conftest import Mount, p2pfs_cmd  # noqa: E402
 from containerd_helpers import Containerd  # noqa: E402
 from image_helpers import RegistryServer  # noqa: E402
 from image_node import Snapshotter  # noqa: E402
+from peer_helpers import free_port  # noqa: E402
 
 MODEL = "all-MiniLM-L6-v2"
 MODEL_URL = f"s3://models/{MODEL}"
@@ -229,8 +230,13 @@ class ColdStartNode:
         self.containerd = Containerd(self.dir / "containerd", snapshotter="p2pfs",
                                      proxy_socket=self.snapshotter.socket,
                                      registries=[store.registry.host]).start()
-        self.snapshotter.args += ["--containerd-root", str(self.containerd.root)]
+        metrics_addr = f"127.0.0.1:{free_port(['127.0.0.1'])}"
+        self.snapshotter.args += ["--containerd-root", str(self.containerd.root),
+                                  "--metrics-addr", metrics_addr]
         self.snapshotter.start()
+        # Up means up: the snapshotter opens its object store in the background after its
+        # socket; that start-up work is the node's, not the first request's.
+        self.snapshotter.wait_store_open(metrics_addr)
         deadline = time.monotonic() + 15
         while self.containerd.ctr("snapshots", "--snapshotter", "p2pfs", "ls",
                                   check=False).returncode != 0:

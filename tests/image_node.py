@@ -84,6 +84,24 @@ class Snapshotter:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def wait_store_open(self, metrics_addr: str, timeout: float = 30.0) -> float:
+        """Seconds until `serve --metrics-addr METRICS_ADDR` reports its object store open
+        (it opens in the background after the socket is up). Raises on failure or timeout."""
+        import urllib.request
+
+        t0 = time.monotonic()
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://{metrics_addr}/status", timeout=5) as resp:
+                    state = json.loads(resp.read()).get("object_store")
+            except OSError:
+                state = "opening"  # the endpoint starts a moment after the socket
+            if state == "open":
+                return time.monotonic() - t0
+            if state is None or state.startswith("failed") or time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"snapshotter object store: {state}\n" + self.log_text()[-2000:])
+            time.sleep(0.02)
+
 
 class ImageNode:
     """Mount + snapshotter + containerd. `mount_factory` and `containerd_factory` are the

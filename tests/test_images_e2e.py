@@ -117,6 +117,10 @@ def test_first_pull_converts_and_a_fresh_node_starts_lazily(
                                     "--json"], capture_output=True, text=True, check=True).stdout)
     assert st["layers"] == {"remote": 0, "local": len(image["layers"])}, st
     assert st["conversions"]["converted"] == len(image["layers"]) and not st["conversions"]["failed"]
+    assert st["object_store"] == "open", st
+    text = subprocess.run([*SNAPSHOTTER, "status", "--metrics-addr", f"127.0.0.1:{port}"],
+                          capture_output=True, text=True, check=True).stdout
+    assert "object store open" in text, text
     out = node1.containerd.run_container(image["ref"], "n1", ["/bin/cat", "/etc/app/c.conf"])
     assert out.output.strip() == "c=3"
 

@@ -19,6 +19,7 @@ from image_helpers import registry  # noqa: F401 - fixture
 from p2pfs.origin import parse_url
 from snapshotter._mirror import MirrorServer, RouteError, route
 from snapshotter._ocistore import (IMAGE_REF_LABEL, MANIFEST_DIGEST_LABEL, ImageRecorder,
+                                   OriginUnavailable,
                                    MirrorReader, OriginLoop, TagRecord, blob_key, tag_key)
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -307,3 +308,25 @@ def test_recorder_failure_is_counted_and_retried_later(store, tmp_path):
         assert not rec.seen({IMAGE_REF_LABEL: "x"})  # no manifest digest: nothing to record
     finally:
         rec.close()
+
+
+def test_loop_state_says_opening_open_or_why_it_failed(tmp_path, caplog):
+    from p2pfs.config import S3Config
+
+    (tmp_path / "bucket").mkdir()
+    loop = OriginLoop(parse_url(f"file://{tmp_path}/bucket//layers"))
+    assert loop.state() == "opening"  # not started: nothing is open yet
+    loop.start()
+    try:
+        assert loop.state() == "open"
+    finally:
+        loop.close()
+    bad = OriginLoop(parse_url("s3://models/x"), S3Config(endpoint_url="http://[not-a-host"))
+    with caplog.at_level("WARNING", logger="snapshotter"):
+        with pytest.raises(OriginUnavailable):
+            bad.start()
+    try:
+        assert bad.state().startswith("failed: "), bad.state()
+        assert "did not open" in caplog.text
+    finally:
+        bad.close()
