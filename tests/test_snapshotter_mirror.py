@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from image_helpers import registry  # noqa: F401 - fixture
+from p2pfs.errors import OriginUnavailable
 from p2pfs.origin import parse_url
 from snapshotter._mirror import MirrorServer, RouteError, route
 from snapshotter._ocistore import (IMAGE_REF_LABEL, MANIFEST_DIGEST_LABEL, ImageRecorder,
-                                   OriginUnavailable,
                                    MirrorReader, OriginLoop, TagRecord, blob_key, tag_key)
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
