@@ -49,7 +49,7 @@ sys.path[:0] = [str(ROOT), str(HERE), str(ROOT / "tests")]
 from containerd_helpers import Containerd  # noqa: E402
 from image_helpers import RegistryServer  # noqa: E402
 from images import BenchImage, build_image, push_bench_images  # noqa: E402
-from peer_helpers import StoreRelay, free_port  # noqa: E402
+from peer_helpers import StoreRelay  # noqa: E402
 from snapshotter._cri import ImageService  # noqa: E402
 
 OUT = HERE / "out"
@@ -211,19 +211,17 @@ class P2pfsNode:
         self.mount = Mount(layers_url, mp, self.cache, store.endpoint,
                            ["--allow-empty", "--config", str(self.dir / "p2pfs.toml")]).start()
         self.snapshotter = Snapshotter(self.dir / "snap", layers_mount=mp, layers_url=layers_url,
-                                       endpoint=store.endpoint, plain_http=(bench.registry.host,))
+                                       endpoint=store.endpoint, plain_http=(bench.registry.host,), status=True)
         self.containerd = Containerd(self.dir / "containerd", snapshotter="p2pfs",
                                      proxy_socket=self.snapshotter.socket,
                                      registries=bench.registry_mirror)
         self.containerd.start()
-        metrics_addr = f"127.0.0.1:{free_port(['127.0.0.1'])}"
-        self.snapshotter.args += ["--containerd-root", str(self.containerd.root),
-                                  "--metrics-addr", metrics_addr]
+        self.snapshotter.args += ["--containerd-root", str(self.containerd.root)]
         self.snapshotter.start()
         # A node serves pulls once its services are up: the snapshotter opens its object
         # store in the background after its socket, and that start-up (imports, the S3
         # client) must not be timed as the pull's (kubelet pulls on a Ready node).
-        self.store_open_s = self.snapshotter.wait_store_open(metrics_addr)
+        self.snapshotter.wait_store_open()
 
     def layers_on_mount(self, image: BenchImage) -> int:
         return sum((self.mount.path / layer.digest.removeprefix("sha256:")).is_dir()

@@ -126,7 +126,7 @@ class OriginLoop:
         self._error: BaseException | None = None
         self._token: Any = None
         self._send: Any = None
-        self._t0 = time.monotonic()
+        self._t0 = 0.0  # when the loop's thread began opening the store
         self._thread = threading.Thread(target=self._main, name="oci-origin", daemon=True)
 
     def start(self, *, wait: bool = True) -> "OriginLoop":

@@ -53,7 +53,6 @@ from conftest import Mount, p2pfs_cmd  # noqa: E402
 from containerd_helpers import Containerd  # noqa: E402
 from image_helpers import RegistryServer  # noqa: E402
 from image_node import Snapshotter  # noqa: E402
-from peer_helpers import free_port  # noqa: E402
 
 MODEL = "all-MiniLM-L6-v2"
 MODEL_URL = f"s3://models/{MODEL}"
@@ -224,19 +223,17 @@ class ColdStartNode:
                                   ["--allow-empty", "--config", str(config)]).start()
         self.snapshotter = Snapshotter(self.dir / "snap", layers_mount=layers,
                                        layers_url=store.layers_url, endpoint=store.endpoint,
-                                       plain_http=(store.registry.host,))
+                                       plain_http=(store.registry.host,), status=True)
         # containerd dials its proxy plugin lazily: start it first, then the snapshotter
         # with containerd's root (as tests/image_node.ImageNode does).
         self.containerd = Containerd(self.dir / "containerd", snapshotter="p2pfs",
                                      proxy_socket=self.snapshotter.socket,
                                      registries=[store.registry.host]).start()
-        metrics_addr = f"127.0.0.1:{free_port(['127.0.0.1'])}"
-        self.snapshotter.args += ["--containerd-root", str(self.containerd.root),
-                                  "--metrics-addr", metrics_addr]
+        self.snapshotter.args += ["--containerd-root", str(self.containerd.root)]
         self.snapshotter.start()
         # Up means up: the snapshotter opens its object store in the background after its
         # socket; that start-up work is the node's, not the first request's.
-        self.snapshotter.wait_store_open(metrics_addr)
+        self.snapshotter.wait_store_open()
         deadline = time.monotonic() + 15
         while self.containerd.ctr("snapshots", "--snapshotter", "p2pfs", "ls",
                                   check=False).returncode != 0:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import p2pfs_cmd
+from peer_helpers import free_port
 
 SNAPSHOTTER = [sys.executable, "-m", "snapshotter.cli"]
 #: Every snapshotter process started; conftest's autouse fixture stops what a test left.
@@ -38,7 +39,8 @@ class Snapshotter:
 
     def __init__(self, root: Path, *, layers_mount: Path | None, layers_url: str | None,
                  endpoint: str, containerd_root: Path | None = None,
-                 plain_http: tuple[str, ...] = (), extra: tuple[str, ...] = ()) -> None:
+                 plain_http: tuple[str, ...] = (), extra: tuple[str, ...] = (),
+                 status: bool = False) -> None:
         self.root = root
         self.short = Path(tempfile.mkdtemp(prefix="p2pfs-sn-", dir="/tmp"))
         self.socket = self.short / "s.sock"
@@ -53,6 +55,10 @@ class Snapshotter:
         for host in plain_http:
             self.args += ["--plain-http", host]
         self.args += list(extra)
+        #: With `status`: the HOST:PORT of `serve --metrics-addr` (its /status), else None.
+        self.metrics_addr = f"127.0.0.1:{free_port(['127.0.0.1'])}" if status else None
+        if self.metrics_addr:
+            self.args += ["--metrics-addr", self.metrics_addr]
         self.env = {**os.environ, "AWS_ENDPOINT_URL": endpoint}
         self.proc: subprocess.Popen | None = None
 
@@ -84,11 +90,14 @@ class Snapshotter:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def wait_store_open(self, metrics_addr: str, timeout: float = 30.0) -> float:
-        """Seconds until `serve --metrics-addr METRICS_ADDR` reports its object store open
-        (it opens in the background after the socket is up). Raises on failure or timeout."""
+    def wait_store_open(self, timeout: float = 30.0) -> float:
+        """Seconds until the snapshotter (made with `status=True`) reports its object store
+        open (it opens in the background after the socket is up). Raises on failure or
+        timeout."""
         import urllib.request
 
+        assert self.metrics_addr, "wait_store_open needs Snapshotter(..., status=True)"
+        metrics_addr = self.metrics_addr
         t0 = time.monotonic()
         while True:
             try:
