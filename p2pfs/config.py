@@ -69,9 +69,18 @@ class CacheConfig:
     size: int = setting(100 * GiB, ge=0, le=1024 * TiB, size=True)
     #: In-memory chunk cache (recently read and read-ahead chunks).
     memory_size: int = setting(512 * MiB, ge=0, le=1024 * TiB, size=True)
-    #: Chunks waiting to be written back; when full, write-back of new chunks is skipped
-    #: (counted in metrics) rather than making a reader wait for the disk.
-    writeback_queue: int = setting(32, ge=1, le=65536)
+    #: Touch the memory tier's memory (up to 1 GiB) once at start, so the first reads
+    #: fault in no fresh pages (the daemon's resident memory starts at that size).
+    memory_prefault: bool = True
+    #: Chunks waiting to be written back, at most this many and `writeback_bytes` bytes;
+    #: when full, write-back of new chunks is skipped (counted in metrics) rather than
+    #: making a reader wait for the disk.
+    writeback_queue: int = setting(8192, ge=1, le=65536)
+    writeback_bytes: int = setting(256 * MiB, ge=0, le=1024 * TiB, size=True)
+    #: Write-back waits while fewer CPUs than this are idle (and the queue is under half
+    #: full): a busy node's CPU goes to its readers (a container starting), the disk gets
+    #: the idle rest; 0 writes at once.
+    writeback_idle_cpus: float = setting(1.0, ge=0, le=4096)
     #: Threads writing chunks back to disk.
     writeback_workers: int = setting(2, ge=1, le=64)
 

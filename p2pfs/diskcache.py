@@ -191,6 +191,11 @@ class DiskCache:
         if (self.dir / "chunks").exists():
             self._migrate_v1(records)
         on_disk: list[tuple[int, str, Path]] = []
+        # Every subdirectory exists from here on, so a write never creates one: on a
+        # fresh cache, 256 mkdirs (each an inode search of the file system) would land on
+        # a node's first reads, and every write would cost a mkdir syscall to find out.
+        for sub in (f"{i:02x}" for i in range(256)):
+            _make_subdir(self.files_dir / sub)
         for sub in os.scandir(self.files_dir):
             st = _lstat(sub.path)
             if st is None:
@@ -491,8 +496,11 @@ class DiskCache:
             if xxh is None:
                 xxh = xxhash.xxh3_64_hexdigest(data)
             try:
-                _make_subdir(path.parent)
-                _write_at(path, data, spot.at, spot.fsize, self.direct_io)
+                try:
+                    _write_at(path, data, spot.at, spot.fsize, self.direct_io)
+                except FileNotFoundError:  # its subdirectory was removed under us
+                    _make_subdir(path.parent)
+                    _write_at(path, data, spot.at, spot.fsize, self.direct_io)
                 ch = _Chunk(digest, size, xxh, checked, next(self._gen))
                 with self._lock:
                     line = self._recorded[key] = _record(spot.file, spot.at, spot.fsize, ch)

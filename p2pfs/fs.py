@@ -284,6 +284,7 @@ def _guard(name: str, fn):
 
     @functools.wraps(fn)
     async def handler(self: "Operations", *args):
+        self.metrics.fuse_ops[name] += 1
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError:

@@ -78,6 +78,7 @@ class Metrics:
         self.local_opens = 0       # local copies handed out whole (`open`)
         self.local_open_bytes = 0  # their sizes
         self.peer_served_bytes = 0  # chunk bytes this node served to peers
+        self.fuse_ops = Counter()   # FUSE requests answered, by operation (lookup, read, ...)
         # More metric families, collected at scrape time (the peer node adds its own).
         self.families: list[Callable[[], list[Metric]]] = []
         # Gauges read at collection time (set by the daemon).
@@ -113,6 +114,7 @@ class Metrics:
             "local_opens": self.local_opens,
             "local_open_bytes": self.local_open_bytes,
             "peer_served_bytes": self.peer_served_bytes,
+            "fuse_ops": dict(self.fuse_ops),
             **{k: g() for k, g in dict(self.gauges).items()},
         }
 
@@ -150,6 +152,8 @@ class Metrics:
         yield counter("local_open_bytes", "Bytes of the local copies handed out by open.",
                       self.local_open_bytes)
         yield counter("peer_served_bytes", "Chunk bytes served to peers.", self.peer_served_bytes)
+        yield by("fuse_ops", "FUSE requests answered (with data or an error), by operation.",
+                 "op", dict(self.fuse_ops))
         yield self.fetch_latency.family("p2pfs_fetch_seconds", "Latency of origin requests.")
         yield self.read_latency.family("p2pfs_read_seconds", "Latency of FUSE reads.")
         for name, g in sorted(dict(self.gauges).items()):

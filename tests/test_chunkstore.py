@@ -449,3 +449,84 @@ async def test_a_bug_of_ours_is_an_internal_error_not_the_stores(tmp_path, caplo
         await with_store(store, body)
     assert store.metrics.errors["internal"] == 1
     assert any(r.exc_info and "a bug" in str(r.exc_info[1]) for r in caplog.records)
+
+
+def _gated_store(tmp_path: Path, origin, idle: list, **cache) -> ChunkStore:
+    """A store whose write-back sees `idle[0]` idle CPUs (a fake /proc/stat reading)."""
+    from p2pfs.store._idle import IdleCpus
+
+    store = make_store(tmp_path, origin)
+    store_cache = CacheConfig(memory_size=3 * CHUNK, **cache)
+    store = ChunkStore(origin, store.disk, fetch=store.cfg, cache=store_cache, metrics=Metrics())
+    total = [0.0]
+
+    def read() -> float:
+        total[0] += idle[0] * IdleCpus.WINDOW
+        return total[0]
+
+    store._idle = IdleCpus(1.0, read=read, clock=_StepClock(IdleCpus.WINDOW))
+    return store
+
+
+class _StepClock:
+    """Each reading one window later than the last (so every check takes a sample)."""
+
+    def __init__(self, step: float) -> None:
+        self.t, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        self.t += self.step
+        return self.t
+
+
+async def test_write_back_waits_for_idle_cpu_and_goes_once_there_is_some(tmp_path):
+    data, locs = blob(tmp_path)
+    origin = Counting(tmp_path / "origin")
+    idle = [0.2]  # a busy machine: a fifth of a CPU idle
+    store = _gated_store(tmp_path, origin, idle, writeback_bytes=64 * CHUNK)
+
+    async def body():
+        assert b"".join(await store.get(locs[:4])) == data[:4 * CHUNK]
+        await trio.sleep(0.5)
+        assert store.writeback_pending == 4 and store.metrics.writeback_done == 0
+        idle[0] = 1.5
+        with trio.fail_after(5):
+            while store.writeback_pending:
+                await trio.sleep(0.05)
+        assert store.metrics.writeback_done == 4 and all(loc.digest in store.disk for loc in locs[:4])
+
+    await with_store(store, body)
+
+
+async def test_a_half_full_write_back_queue_goes_on_a_busy_machine_and_a_full_one_drops(tmp_path):
+    data, locs = blob(tmp_path)
+    origin = Counting(tmp_path / "origin")
+    store = _gated_store(tmp_path, origin, [0.0], writeback_bytes=4 * CHUNK, writeback_workers=1)
+
+    async def body():
+        # 10 chunks read into a queue of 4 chunks' bytes: some are dropped, and what is
+        # queued is written while the queue is half full, although no CPU is idle.
+        assert b"".join(await store.get(locs)) == data
+        with trio.fail_after(5):
+            while store.writeback_pending > 1:
+                await trio.sleep(0.05)
+        await trio.sleep(0.3)
+        dropped = store.metrics.writeback_dropped
+        assert dropped > 0
+        # the last one is under half full: it waits for idle CPU
+        assert store.writeback_pending == 1
+        assert store.metrics.writeback_done == len(locs) - dropped - 1
+
+    await with_store(store, body)
+
+
+def test_a_fresh_cache_has_every_subdirectory_and_a_removed_one_comes_back(tmp_path):
+    disk = DiskCache(tmp_path / "cache", 1 << 30)
+    disk.scan()
+    subs = sorted(p.name for p in (tmp_path / "cache" / "files").iterdir())
+    assert subs == [f"{i:02x}" for i in range(256)]
+    data = os.urandom(CHUNK)
+    digest = hashlib.sha256(data).hexdigest()
+    (tmp_path / "cache" / "files" / digest[:2]).rmdir()
+    assert disk.write(digest, data)
+    assert disk.read(digest) == data

@@ -199,6 +199,8 @@ def test_chunks_read_through_the_mount_are_written_back_checked(published, seawe
     records = [line.split() for line in (cache / "index").read_text().splitlines()
                if line.startswith("c ")]
     assert len(records) == 2 and all(r[7] == "1" for r in records), records
+    ops = m.status()["fuse_ops"]  # every FUSE request is counted by operation
+    assert ops["lookup"] >= 3 and ops["open"] >= 1 and ops["read"] >= 1, ops
 
 
 def test_corrupted_cache_file_is_detected_and_refetched(published, seaweed, tmp_path, mount_factory):

@@ -40,6 +40,7 @@ from ..metrics import Metrics
 from ..origin import Origin
 from ..plan import ChunkLoc, Spot, coalesce, coalesce_items
 from ._flights import Flight, FlightTable
+from ._idle import IdleCpus
 from ._memory import Buffer, MemoryTier
 from ._tiers import DiskTier, OriginTier, Slot, Tier
 
@@ -69,7 +70,12 @@ class ChunkStore:
             tuple[ChunkLoc, Buffer, str | None]](cache.writeback_queue)
         self._wb_pending: dict[str, trio.Event] = {}
         self._wb_workers = cache.writeback_workers
-        self._fill_writes = trio.Semaphore(max(1, cache.writeback_queue))
+        self._wb_bytes = 0  # bytes of the chunks in the write-back queue
+        self._wb_limit = cache.writeback_bytes
+        self._idle = IdleCpus(cache.writeback_idle_cpus)
+        # A fill's writes in progress, counted in its largest chunks (32 at the defaults).
+        self._fill_writes = trio.Semaphore(max(1, min(cache.writeback_queue,
+                                                      cache.writeback_bytes // fetch.max_request)))
         self._nursery: trio.Nursery | None = None
         self._sealer = trio.CapacityLimiter(1)  # one file read back at a time
         self._sealing: set[str] = set()
@@ -209,7 +215,7 @@ class ChunkStore:
 
         Disk writes of new bytes: without `writes`, done before returning. With it,
         started as tasks in that nursery (whose owner keeps `dest` mapped until they end),
-        at most `cache.writeback_queue` at once, so the caller is answered without waiting
+        at most `writeback_bytes / max_request` at once, so the caller is answered without waiting
         for the disk. `dest` is the caller's memory and may change once we answer: the
         xxh3 the cache files are named by is taken from the verified bytes before that, so
         a write of changed bytes is caught on read-back, never served."""
@@ -404,9 +410,13 @@ class ChunkStore:
             return
         if all(s.owned for s in new):  # only these go to the queue recorded checked
             for slot in new:
+                size = slot.loc.ref.size
                 try:
+                    if self._wb_bytes + size > self._wb_limit:
+                        raise trio.WouldBlock
                     self._wb_send.send_nowait((slot.loc, slot.dest, slot.xxh))
                     self._wb_pending[slot.loc.digest] = trio.Event()
+                    self._wb_bytes += size
                 except trio.WouldBlock:
                     self.metrics.writeback_dropped += 1
         elif writes is not None:
@@ -445,14 +455,24 @@ class ChunkStore:
 
     async def _writeback_worker(self) -> None:
         async for loc, data, xxh in self._wb_recv:
+            await self._cpu_to_spare()
             try:
                 # The queue carries only the daemon's own buffers (see _land): checked.
                 ok = await trio.to_thread.run_sync(
                     functools.partial(self.disk.write, owned=True), loc.digest, data, xxh,
                     loc.spot)
             finally:
+                self._wb_bytes -= loc.ref.size
                 self._wb_done(loc.digest)
             self._count_write(ok, loc.spot)
+
+    async def _cpu_to_spare(self) -> None:
+        """Return once enough CPU is idle (`cache.writeback_idle_cpus`), or at once while
+        the queue is at least half full. Write-back is the background half of a read: on
+        a node whose cores are busy (a container starting on few of them), creating and
+        writing the cache's files would take CPU from the very readers it follows."""
+        while self._wb_bytes * 2 < self._wb_limit and not self._idle.enough():
+            await trio.sleep(IdleCpus.WINDOW)
 
     def _wb_done(self, digest: str) -> None:
         done = self._wb_pending.pop(digest, None)

@@ -20,7 +20,7 @@ from typing import Awaitable, Callable, Protocol, Sequence, TypeVar
 
 import trio
 
-from .._buffers import aligned_empty
+from .._buffers import BufferPool
 from ..config import FetchConfig
 from ..diskcache import DiskCache
 from ..errors import FetchTimeout, IntegrityError, OriginError, P2PFSError, is_temp_failure
@@ -113,6 +113,10 @@ class OriginTier:
         self.cfg = cfg
         self.metrics = metrics
         self._limiter = trio.CapacityLimiter(cfg.concurrency)
+        # Staging for runs that cannot be received in place; enough kept for half the
+        # requests in flight at their largest.
+        self.staging = BufferPool(keep=max(cfg.max_request, cfg.concurrency * cfg.max_request // 2),
+                                  largest=BufferPool.size_class(cfg.max_request))
 
     async def read_into(self, slots: Sequence[Slot], deadline: float) -> list[Outcome]:
         out: list[Outcome] = [False] * len(slots)
@@ -132,28 +136,37 @@ class OriginTier:
         length = last.ref.offset + last.ref.length - first.ref.offset
         direct = (all(s.loc.ref.compression == "none" for s in slots)
                   and all(b.follows(a) for a, b in zip(slots, slots[1:])))
-        stored = (slots[0].buf[slots[0].pos:slots[0].pos + length] if direct
-                  else aligned_empty(length))
+        if direct:
+            stored, staging = slots[0].buf[slots[0].pos:slots[0].pos + length], None
+        else:
+            staging, stored = self.staging.take(length)
         try:
-            await self.call(lambda left: self.origin.get_range_into(
-                first.key, first.ref.offset, stored, timeout=left), deadline)
-        except P2PFSError as exc:
-            for i, _ in run:
-                out[i] = exc
-            return
-        self.metrics.bytes_by_source["origin"] += length
+            try:
+                await self.call(lambda left: self.origin.get_range_into(
+                    first.key, first.ref.offset, stored, timeout=left), deadline)
+            except P2PFSError as exc:
+                for i, _ in run:
+                    out[i] = exc
+                return
+            self.metrics.bytes_by_source["origin"] += length
 
-        def place_all() -> list[str | IntegrityError]:
-            results: list[str | IntegrityError] = []
-            for s in slots:
-                at = s.loc.ref.offset - first.ref.offset
-                try:
-                    results.append(place_verified(s.loc, stored[at:at + s.loc.ref.length], s.dest))
-                except IntegrityError as exc:
-                    results.append(exc)
-            return results
+            def place_all() -> list[str | IntegrityError]:
+                results: list[str | IntegrityError] = []
+                for s in slots:
+                    at = s.loc.ref.offset - first.ref.offset
+                    try:
+                        results.append(place_verified(s.loc, stored[at:at + s.loc.ref.length], s.dest))
+                    except IntegrityError as exc:
+                        results.append(exc)
+                return results
 
-        results = await trio.to_thread.run_sync(place_all)
+            results = await trio.to_thread.run_sync(place_all)
+        finally:
+            # Nothing writes into it once the calls above return (neither a receive nor
+            # the placing thread is abandoned on cancellation), so it can be reused.
+            if staging is not None:
+                del stored
+                self.staging.give(staging)
         for (i, slot), res in zip(run, results):
             if isinstance(res, IntegrityError):
                 self.metrics.errors["integrity"] += 1

@@ -13,20 +13,32 @@ from ..plan import ChunkLoc
 Buffer = bytes | bytearray | memoryview
 
 
-def _inflate(loc: ChunkLoc, stored: Buffer, source: str) -> bytes:
+def _inflate_into(loc: ChunkLoc, stored: Buffer, dest: memoryview, source: str) -> None:
+    """Decompress the zstd frame `stored` straight into `dest` (no intermediate object:
+    a fresh one per chunk costs a page-faulted allocation and a second copy)."""
     ref = loc.ref
     try:
-        # zstd allocates what the frame header declares and ignores max_output_size
-        # then: a 65 KB frame may declare 2 GiB. Check the declaration first, so memory
-        # per chunk is bounded by the manifest's (bounded) size.
+        # Refuse a frame that declares another size before any of it is inflated (the
+        # manifest's size bounds the work; `dest` bounds the memory either way).
         declared = zstandard.frame_content_size(stored)
         if declared not in (-1, ref.size):
             raise IntegrityError(f"{loc.key}@{ref.offset}: zstd frame declares {declared} "
                                  f"bytes, the manifest {ref.size}", source=source)
-        return zstandard.ZstdDecompressor().decompress(stored, max_output_size=ref.size)
+        reader = zstandard.ZstdDecompressor().stream_reader(stored, read_size=max(1, len(stored)))
+        got = 0
+        while got < ref.size:
+            n = reader.readinto(dest[got:ref.size])
+            if not n:
+                break
+            got += n
+        extra = bool(reader.read(1)) if got == ref.size else False
     except zstandard.ZstdError as exc:
         raise IntegrityError(f"{loc.key}@{ref.offset}: bad zstd frame ({exc})",
                              source=source) from None
+    if got != ref.size or extra:
+        raise IntegrityError(f"{loc.key}@{ref.offset}: zstd frame holds "
+                             f"{'more than ' if extra else ''}{got} bytes, the manifest "
+                             f"{ref.size}", source=source)
 
 
 def check_plain(loc: ChunkLoc, data: Buffer, source: str = "origin") -> None:
@@ -45,9 +57,8 @@ def place_verified(loc: ChunkLoc, stored: Buffer, dest: memoryview, source: str 
     disk cache files them under. Nothing unchecked is left in `dest` on success; on an
     IntegrityError `dest` holds garbage that nobody may read."""
     if loc.ref.compression == "zstd":
-        plain = _inflate(loc, stored, source)
-        check_plain(loc, plain, source)
-        dest[:] = plain
+        _inflate_into(loc, stored, dest, source)
+        check_plain(loc, dest, source)
     else:
         if stored is not dest:
             dest[:] = stored
