@@ -70,8 +70,9 @@ class CacheConfig:
     #: In-memory chunk cache (recently read and read-ahead chunks).
     memory_size: int = setting(512 * MiB, ge=0, le=1024 * TiB, size=True)
     #: Touch the memory tier's memory (up to 1 GiB) once at start, so the first reads
-    #: fault in no fresh pages (the daemon's resident memory starts at that size).
-    memory_prefault: bool = True
+    #: fault in no fresh pages: for long-lived node daemons on VMs where fresh memory is
+    #: slow (here 2.3 s per 512 MiB); resident memory starts at that size.
+    memory_prefault: bool = False
     #: Chunks waiting to be written back, at most this many and `writeback_bytes` bytes;
     #: when full, write-back of new chunks is skipped (counted in metrics) rather than
     #: making a reader wait for the disk.

@@ -94,3 +94,10 @@ def test_idle_cpus_are_the_idle_seconds_gained_per_second():
     assert IdleCpus(0, read=lambda: None).enough()
     assert IdleCpus(1.0, read=lambda: None).enough()  # cannot tell: writes go ahead
     assert proc_stat_idle() is None or proc_stat_idle() > 0
+
+
+def test_prefault_touches_the_heap_it_is_asked_for():
+    from p2pfs.daemon import prefault_heap
+
+    assert prefault_heap(8 << 20) == 8 << 20
+    assert prefault_heap(3 << 20) == 0  # under one piece: nothing to do
