@@ -221,6 +221,7 @@ def test_write_errors_are_reported_not_raised(tmp_path):
     c = DiskCache(tmp_path, 10_000)
     c.scan()
     d, data = chunk(9)
+    (tmp_path / "files" / d[:2]).rmdir()  # made by scan; replaced under the daemon:
     (tmp_path / "files" / d[:2]).write_bytes(b"a file where a directory should be")
     assert c.write(d, data) is False
     s = c.stats()
@@ -404,7 +405,7 @@ def test_concurrent_writes_stay_within_the_budget(tmp_path, monkeypatch, where):
     c = DiskCache(tmp_path, budget)
     c.scan()
     sub = data_dir(tmp_path, chunks, spots)
-    sub.mkdir()
+    sub.mkdir(exist_ok=True)  # made by scan
     peak = [0]
     stop = threading.Event()
 
