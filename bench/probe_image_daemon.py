@@ -1,0 +1,109 @@
+"""Probe: what a p2pfs daemon does during one cold container start (bench/RESULTS.md,
+"Images: the daemon's work during a cold start").
+
+    sudo .venv/bin/python bench/probe_image_daemon.py [--image torch-serve] [--rounds 8]
+         [--ab "[cache]\\nwriteback_idle_cpus = 0\\n"] [--perf]
+
+Runs bench_images' `p2pfs-prefetch` variant (a fresh node on a converted prefix with
+recorded start-up lists) ROUNDS times; with --ab, odd rounds append that TOML to the node's
+config (an A/B comparison of settings in one run, interleaved). Per round: time to first
+output, the daemon's CPU seconds (user+system, /proc) over pull + run, write-back done and
+pending at the first output, and done/dropped at exit; FUSE requests by operation once.
+--perf records the daemon with `perf record -g` (files under /tmp/probe-image-daemon/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE), str(HERE.parent / "tests")]
+
+import bench_images as B  # noqa: E402
+from image_helpers import RegistryServer  # noqa: E402
+from images import build_image, push_bench_images  # noqa: E402
+
+OUT = Path("/tmp/probe-image-daemon")
+
+
+def daemon_cpu(pid: int) -> float:
+    f = Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--image", default="torch-serve")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--ab", default="", help="TOML appended to the config of odd rounds")
+    ap.add_argument("--perf", action="store_true")
+    args = ap.parse_args()
+    nodes: list = []
+    init = B.P2pfsNode.__init__
+
+    def remember(self, *a, **k):
+        init(self, *a, **k)
+        nodes.append(self)
+
+    B.P2pfsNode.__init__ = remember
+    run = B._pull_and_run
+
+    def measured(bench, node, image, ref, cid, snap, meter=None):
+        n = nodes[-1]
+        if "prefetch" not in cid:
+            return run(bench, node, image, ref, cid, snap, meter)
+        OUT.mkdir(exist_ok=True)
+        perf = subprocess.Popen(["perf", "record", "-F", "499", "-g", "-p", str(n.mount.pid), "-o",
+                                 str(OUT / f"{cid}.perf")], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL) if args.perf else None
+        at_first = {}
+
+        def meter_first():
+            st = n.mount.status()
+            at_first.update(done=st["writeback_done"], pending=st["writeback_pending"])
+            return meter()
+
+        c0 = daemon_cpu(n.mount.pid)
+        s = run(bench, node, image, ref, cid, snap, meter_first if meter else None)
+        cpu = daemon_cpu(n.mount.pid) - c0
+        if perf:
+            perf.send_signal(2)
+            perf.wait()
+        st = n.mount.status()
+        print(json.dumps({"round": cid, "conf": os.environ.get("P2PFS_BENCH_TOML", "") and "B" or "A",
+                          "first_output_s": round(s.seconds_to_first_output, 2),
+                          "daemon_cpu_s": round(cpu, 2), "writeback_at_first_output": at_first,
+                          "writeback_done": st["writeback_done"],
+                          "writeback_dropped": st["writeback_dropped"],
+                          "fuse_ops": st.get("fuse_ops")}), flush=True)
+        return s
+
+    B._pull_and_run = measured
+    images = {args.image: build_image(args.image)}
+    workdir = Path(tempfile.mkdtemp(prefix="p2pfs-probe-", dir="/var/tmp"))
+    (workdir / "nodes").mkdir()
+    registry = RegistryServer(workdir / "registry").start()
+    try:
+        refs = push_bench_images(registry, images)
+        bench = B.Bench(workdir=workdir, node_dir=workdir / "nodes", registry=registry, relay=None)
+        for r in range(args.rounds):
+            os.environ["P2PFS_BENCH_TOML"] = args.ab if args.ab and r % 2 else ""
+            os.sync()
+            B.p2pfs_lazy_prefetch(bench, images[args.image], refs[args.image], r)
+    finally:
+        B.close_store()
+        registry.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if os.geteuid() != 0:
+        sys.exit("needs root (containerd, FUSE)")
+    main()
