@@ -78,9 +78,9 @@ class CacheConfig:
     #: making a reader wait for the disk.
     writeback_queue: int = setting(8192, ge=1, le=65536)
     writeback_bytes: int = setting(256 * MiB, ge=0, le=1024 * TiB, size=True)
-    #: Write-back waits while fewer CPUs than this are idle (and the queue is under half
-    #: full): a busy node's CPU goes to its readers (a container starting), the disk gets
-    #: the idle rest; 0 writes at once.
+    #: Write-back waits while fewer CPUs than this are idle (at most 3 s, and not while the
+    #: queue is half full): a busy node's CPU goes to its readers (a container starting),
+    #: the disk gets the idle rest; 0 writes at once.
     writeback_idle_cpus: float = setting(1.0, ge=0, le=4096)
     #: Threads writing chunks back to disk.
     writeback_workers: int = setting(2, ge=1, le=64)

@@ -530,3 +530,23 @@ def test_a_fresh_cache_has_every_subdirectory_and_a_removed_one_comes_back(tmp_p
     (tmp_path / "cache" / "files" / digest[:2]).rmdir()
     assert disk.write(digest, data)
     assert disk.read(digest) == data
+
+
+async def test_write_back_on_a_machine_that_stays_busy_waits_a_bounded_time(tmp_path, monkeypatch):
+    from p2pfs.store import _store
+
+    monkeypatch.setattr(_store, "WRITEBACK_MAX_DEFER_S", 0.6)
+    data, locs = blob(tmp_path)
+    origin = Counting(tmp_path / "origin")
+    store = _gated_store(tmp_path, origin, [0.0], writeback_bytes=64 * CHUNK)
+
+    async def body():
+        assert b"".join(await store.get(locs[:2])) == data[:2 * CHUNK]
+        await trio.sleep(0.2)
+        assert store.metrics.writeback_done == 0  # no idle CPU: waiting
+        with trio.fail_after(5):
+            while store.writeback_pending:
+                await trio.sleep(0.05)
+        assert store.metrics.writeback_done == 2
+
+    await with_store(store, body)

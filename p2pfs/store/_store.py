@@ -46,6 +46,10 @@ from ._tiers import DiskTier, OriginTier, Slot, Tier
 
 log = logging.getLogger("p2pfs.store")
 
+#: The longest a chunk's write-back waits for idle CPU (a container's start is a burst of
+#: seconds; a node that is busy for longer writes back anyway).
+WRITEBACK_MAX_DEFER_S = 3.0
+
 
 class ChunkStore:
     def __init__(self, origin: Origin, disk: DiskCache, *, fetch: FetchConfig,
@@ -67,7 +71,7 @@ class ChunkStore:
                                         self.origin_tier]
         self._failed = RecentFailures(fetch.fail_fast)
         self._wb_send, self._wb_recv = trio.open_memory_channel[
-            tuple[ChunkLoc, Buffer, str | None]](cache.writeback_queue)
+            tuple[ChunkLoc, Buffer, str | None, float]](cache.writeback_queue)
         self._wb_pending: dict[str, trio.Event] = {}
         self._wb_workers = cache.writeback_workers
         self._wb_bytes = 0  # bytes of the chunks in the write-back queue
@@ -414,7 +418,7 @@ class ChunkStore:
                 try:
                     if self._wb_bytes + size > self._wb_limit:
                         raise trio.WouldBlock
-                    self._wb_send.send_nowait((slot.loc, slot.dest, slot.xxh))
+                    self._wb_send.send_nowait((slot.loc, slot.dest, slot.xxh, trio.current_time()))
                     self._wb_pending[slot.loc.digest] = trio.Event()
                     self._wb_bytes += size
                 except trio.WouldBlock:
@@ -454,8 +458,8 @@ class ChunkStore:
         self._count_write(ok, loc.spot)
 
     async def _writeback_worker(self) -> None:
-        async for loc, data, xxh in self._wb_recv:
-            await self._cpu_to_spare()
+        async for loc, data, xxh, queued in self._wb_recv:
+            await self._cpu_to_spare(queued)
             try:
                 # The queue carries only the daemon's own buffers (see _land): checked.
                 ok = await trio.to_thread.run_sync(
@@ -466,13 +470,18 @@ class ChunkStore:
                 self._wb_done(loc.digest)
             self._count_write(ok, loc.spot)
 
-    async def _cpu_to_spare(self) -> None:
-        """Return once enough CPU is idle (`cache.writeback_idle_cpus`), or at once while
-        the queue is at least half full. Write-back is the background half of a read: on
-        a node whose cores are busy (a container starting on few of them), creating and
-        writing the cache's files would take CPU from the very readers it follows."""
+    async def _cpu_to_spare(self, queued: float) -> None:
+        """Return once enough CPU is idle (`cache.writeback_idle_cpus`), at once while the
+        queue is at least half full, and at the latest WRITEBACK_MAX_DEFER_S after the
+        chunk was queued (a node that stays busy still writes everything back). Write-back
+        is the background half of a read: on a node whose cores are busy (a container
+        starting on few of them), creating and writing the cache's files would take CPU
+        from the very readers it follows."""
         while self._wb_bytes * 2 < self._wb_limit and not self._idle.enough():
-            await trio.sleep(IdleCpus.WINDOW)
+            left = queued + WRITEBACK_MAX_DEFER_S - trio.current_time()
+            if left <= 0:
+                return
+            await trio.sleep(min(IdleCpus.WINDOW, left))
 
     def _wb_done(self, digest: str) -> None:
         done = self._wb_pending.pop(digest, None)
