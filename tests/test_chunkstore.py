@@ -455,9 +455,10 @@ def _gated_store(tmp_path: Path, origin, idle: list, **cache) -> ChunkStore:
     """A store whose write-back sees `idle[0]` idle CPUs (a fake /proc/stat reading)."""
     from p2pfs.store._idle import IdleCpus
 
-    store = make_store(tmp_path, origin)
-    store_cache = CacheConfig(memory_size=3 * CHUNK, **cache)
-    store = ChunkStore(origin, store.disk, fetch=store.cfg, cache=store_cache, metrics=Metrics())
+    disk = DiskCache(tmp_path / "cache", 1 << 30)
+    disk.scan()
+    store = ChunkStore(origin, disk, fetch=FetchConfig(max_request=4 * CHUNK, read_timeout=2.0),
+                       cache=CacheConfig(memory_size=3 * CHUNK, **cache), metrics=Metrics())
     total = [0.0]
 
     def read() -> float:

@@ -15,8 +15,8 @@ from p2pfs.plan import ChunkLoc
 from p2pfs.store import place_verified
 
 
-def _loc(plain: bytes, stored: bytes, size: int | None = None) -> ChunkLoc:
-    return ChunkLoc("blob", ChunkRef(blob=0, offset=0, length=len(stored), size=len(plain) if size is None else size,
+def _loc(plain: bytes, stored: bytes) -> ChunkLoc:
+    return ChunkLoc("blob", ChunkRef(blob=0, offset=0, length=len(stored), size=len(plain),
                                      compression="zstd", sha256=hashlib.sha256(plain).hexdigest()))
 
 
@@ -36,17 +36,17 @@ def test_a_zstd_chunk_is_inflated_into_its_destination_and_checked():
 def test_a_bad_zstd_chunk_is_refused(case):
     good = zstandard.ZstdCompressor().compress(PLAIN)
     unsized = zstandard.ZstdCompressor(write_content_size=False)
-    stored, plain, size = {
-        "truncated": (good[:-20], PLAIN, None),
+    stored = {
+        "truncated": good[:-20],
         # no declared size, and more content than the manifest names (its prefix is right)
-        "longer": (unsized.compress(PLAIN + b"x" * 100), PLAIN, None),
-        "other bytes": (zstandard.ZstdCompressor().compress(PLAIN[::-1]), PLAIN, None),
-        "declares other size": (zstandard.ZstdCompressor().compress(PLAIN + b"y"), PLAIN, None),
-        "not zstd": (b"\0" * 100, PLAIN, None),
+        "longer": unsized.compress(PLAIN + b"x" * 100),
+        "other bytes": zstandard.ZstdCompressor().compress(PLAIN[::-1]),
+        "declares other size": zstandard.ZstdCompressor().compress(PLAIN + b"y"),
+        "not zstd": b"\0" * 100,
     }[case]
-    dest = memoryview(bytearray(len(plain)))
+    dest = memoryview(bytearray(len(PLAIN)))
     with pytest.raises(IntegrityError):
-        place_verified(_loc(plain, stored, size), stored, dest)
+        place_verified(_loc(PLAIN, stored), stored, dest)
 
 
 def test_a_frame_declaring_a_huge_size_is_refused_before_it_is_inflated():

@@ -416,13 +416,14 @@ class ChunkStore:
             for slot in new:
                 size = slot.loc.ref.size
                 try:
-                    if self._wb_bytes + size > self._wb_limit:
-                        raise trio.WouldBlock
-                    self._wb_send.send_nowait((slot.loc, slot.dest, slot.xxh, trio.current_time()))
-                    self._wb_pending[slot.loc.digest] = trio.Event()
-                    self._wb_bytes += size
+                    if self._wb_bytes + size <= self._wb_limit:
+                        self._wb_send.send_nowait((slot.loc, slot.dest, slot.xxh, trio.current_time()))
+                        self._wb_pending[slot.loc.digest] = trio.Event()
+                        self._wb_bytes += size
+                        continue
                 except trio.WouldBlock:
-                    self.metrics.writeback_dropped += 1
+                    pass
+                self.metrics.writeback_dropped += 1  # the queue is full (bytes or chunks)
         elif writes is not None:
             for slot in new:
                 await self._fill_writes.acquire()

@@ -165,7 +165,6 @@ class OriginTier:
             # Nothing writes into it once the calls above return (neither a receive nor
             # the placing thread is abandoned on cancellation), so it can be reused.
             if staging is not None:
-                del stored
                 self.staging.give(staging)
         for (i, slot), res in zip(run, results):
             if isinstance(res, IntegrityError):
