@@ -2,7 +2,7 @@
 "Images: the daemon's work during a cold start").
 
     sudo .venv/bin/python bench/probe_image_daemon.py [--image torch-serve] [--rounds 8]
-         [--ab "[cache]\\nwriteback_idle_cpus = 0\\n"] [--perf]
+         [--ab "[cache]\\nwriteback_idle_cpus = 0\\n"] [--perf] [--again]
 
 Runs bench_images' `p2pfs-prefetch` variant (a fresh node on a converted prefix with
 recorded start-up lists) ROUNDS times; with --ab, odd rounds append that TOML to the node's
@@ -10,6 +10,9 @@ config (an A/B comparison of settings in one run, interleaved). Per round: time 
 output, the daemon's CPU seconds (user+system, /proc) over pull + run, write-back done and
 pending at the first output, and done/dropped at exit; FUSE requests by operation once.
 --perf records the daemon with `perf record -g` (files under /tmp/probe-image-daemon/).
+--again starts a second container from the image on the same node after each round (a
+replica restarting, or a second one on a node that ran one) and prints its time to first
+output and the FUSE requests it alone sent.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--ab", default="", help="TOML appended to the config of odd rounds")
     ap.add_argument("--perf", action="store_true")
+    ap.add_argument("--again", action="store_true",
+                    help="a second container on the same node after each round")
     args = ap.parse_args()
     nodes: list = []
     init = B.P2pfsNode.__init__
@@ -83,6 +88,15 @@ def main() -> None:
                           "writeback_done": st["writeback_done"],
                           "writeback_dropped": st["writeback_dropped"],
                           "fuse_ops": st.get("fuse_ops")}), flush=True)
+        if args.again:
+            c0, ops0 = daemon_cpu(n.mount.pid), st.get("fuse_ops") or {}
+            again = run(bench, node, image, ref, f"{cid}-again", snap, meter)
+            ops = n.mount.status().get("fuse_ops") or {}
+            print(json.dumps({"round": f"{cid}-again",
+                              "first_output_s": round(again.seconds_to_first_output, 2),
+                              "daemon_cpu_s": round(daemon_cpu(n.mount.pid) - c0, 2),
+                              "fuse_ops": {k: v - ops0.get(k, 0) for k, v in ops.items()
+                                           if v != ops0.get(k, 0)}}), flush=True)
         return s
 
     B._pull_and_run = measured

@@ -136,6 +136,9 @@ class MountConfig:
     metrics_addr: str = ""
     #: Seconds the kernel may cache attributes and names (the tree is immutable).
     attr_timeout: float = setting(3600.0, ge=0, le=365 * 86400)
+    #: Seconds the kernel may cache that a name does not exist (libfuse's negative_timeout;
+    #: a refresh that adds the name drops it at once). 0: ask the daemon every time.
+    negative_timeout: float = setting(3600.0, ge=0, le=365 * 86400)
     #: Group (name or gid) whose members may use the control socket besides root and the
     #: daemon's user (checked by SO_PEERCRED; the socket file is then 0660 of that
     #: group); "" allows only those two (socket file 0600).

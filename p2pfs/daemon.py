@@ -168,7 +168,8 @@ async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket,
                                   window=cfg.mount.startup_window)
         startup.layers.update(layer_prefixes(loc.prefix, models))
     ops = Operations(tree, store, fetch=cfg.fetch, metrics=metrics,
-                     attr_timeout=cfg.mount.attr_timeout, control_path=str(control_path),
+                     attr_timeout=cfg.mount.attr_timeout,
+                     negative_timeout=cfg.mount.negative_timeout, control_path=str(control_path),
                      startup=startup)
     tuning: dict[str, Any] = {}
     metrics.gauges.update({
@@ -205,7 +206,8 @@ async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket,
         """Attach models (image layers) published since the mount, without remounting."""
         t = time.monotonic()
         found, found_problems = await find_models(origin, loc, dict(tree.models), paths)
-        added, refused, touched = [], [], set()
+        added, refused = [], []
+        touched: dict[int, set[bytes]] = {}
         for d, m, prefix in found:
             if tree.models.get(d) == m.digest:
                 continue  # a refresh running at the same time attached it
@@ -214,7 +216,8 @@ async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket,
                                "remount to see the new version")
                 continue
             try:
-                touched |= tree.attach(d, m, prefix)
+                for inode, names in tree.attach(d, m, prefix).items():
+                    touched.setdefault(inode, set()).update(names)
             except TreeConflict as exc:
                 refused.append(f"{d} not attached: {exc}")
                 continue
@@ -227,8 +230,10 @@ async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket,
         if added:
             log.info("refresh: attached %d model(s): %s", len(added), ", ".join(added[:10]))
             await trio.to_thread.run_sync(manifests.save, loc, mounted)
-            for inode in touched:  # names were added: the kernel's directory attrs are stale
-                await trio.to_thread.run_sync(_invalidate, inode)
+            # Names were added: the kernel's attributes of those directories are stale, and
+            # so is a negative entry it cached for a name looked up before it existed.
+            for inode, names in touched.items():
+                await trio.to_thread.run_sync(_invalidate, inode, names)
         return {"added": added, "problems": [*found_problems, *refused],
                 "models": len(tree.models), "seconds": round(time.monotonic() - t, 3)}
 
@@ -280,11 +285,16 @@ async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket,
         log.info("unmounted %s", mountpoint)
 
 
-def _invalidate(inode: int) -> None:
+def _invalidate(inode: int, names: set[bytes]) -> None:
     try:
         pyfuse3.invalidate_inode(inode, attr_only=True)
     except OSError:  # ENOENT: the kernel does not hold the inode; nothing to drop
         pass
+    for name in names:
+        try:
+            pyfuse3.invalidate_entry(inode, name)
+        except OSError:  # ENOENT: no entry cached under that name
+            pass
 
 
 def _host(host: str) -> str:

@@ -1,9 +1,9 @@
 """FUSE operations (pyfuse3): the only place where p2pfs errors become errno values.
 
 Read-only. Files are opened with keep_cache (content is immutable, so the kernel page cache
-stays valid across opens), attributes and names are cached for `attr_timeout`. Each open
-file tracks its read position; sequential reads grow a read-ahead window that is fetched
-in the background through the chunk store.
+stays valid across opens); attributes and names are cached for `attr_timeout`, the absence
+of a name for `negative_timeout`. Each open file tracks its read position; sequential reads grow a read-ahead
+window that is fetched in the background through the chunk store.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ class _Open:
 
 class Operations(pyfuse3.Operations):
     def __init__(self, tree: Tree, store: ChunkStore, *, fetch: FetchConfig, metrics: Metrics,
-                 attr_timeout: float, control_path: str = "", startup=None) -> None:
+                 attr_timeout: float, negative_timeout: float = 0.0, control_path: str = "",
+                 startup=None) -> None:
         super().__init__()
         self.startup = startup  # StartupPrefetch: image layers' start-up lists
         self.tree = tree
@@ -49,6 +50,7 @@ class Operations(pyfuse3.Operations):
         self.fetch = fetch
         self.metrics = metrics
         self.attr_timeout = attr_timeout
+        self.negative_timeout = negative_timeout
         self.control_path = control_path
         self._open: dict[int, _Open] = {}
         self._next_fh = 1
@@ -114,8 +116,20 @@ class Operations(pyfuse3.Operations):
             return self._attr(self._node(parent.parent))
         inode = parent.children.get(name)
         if inode is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            if not self.negative_timeout:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._negative()
         return self._attr(self.tree.nodes[inode])
+
+    def _negative(self) -> pyfuse3.EntryAttributes:
+        """No such name, cached by the kernel for negative_timeout (inode 0 is libfuse's
+        negative entry): overlayfs looks every name up in each lower layer above the one
+        that has it, on every new container, so without this each start asks again. A
+        refresh that adds the name drops the cached entry (daemon `_invalidate`)."""
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = 0
+        a.entry_timeout = self.negative_timeout
+        return a
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext):
         return self._attr(self._node(inode))

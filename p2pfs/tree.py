@@ -108,9 +108,11 @@ class Tree:
             offsets = sorted(merged)
             self._packs[key] = (offsets, [merged[o] for o in offsets])
 
-    def attach(self, mount_dir: str, manifest: Manifest, blob_prefix: str) -> set[int]:
-        """Add one model at `mount_dir` to a live tree; returns the inodes of the existing
-        directories that gained entries (the kernel's cached attributes of those are stale).
+    def attach(self, mount_dir: str, manifest: Manifest,
+               blob_prefix: str) -> dict[int, tuple[bytes, ...]]:
+        """Add one model at `mount_dir` to a live tree; returns the existing directories
+        that changed, by inode, with the names they gained: the kernel's cached attributes
+        of those directories are stale, and so is any negative entry it cached for a name.
 
         All or nothing: a conflict raises TreeConflict before anything changes, so a
         mount that is serving keeps serving what it had. Inodes are never reused or
@@ -247,14 +249,14 @@ class _Attach:
                 self._add(parent, posixpath.basename(e.path).encode(), target)
                 self.nlink_extra[target.inode] = self.nlink_extra.get(target.inode, 0) + 1
 
-    def commit(self, mount_dir: str, digest: str) -> set[int]:
+    def commit(self, mount_dir: str, digest: str) -> dict[int, tuple[bytes, ...]]:
         tree = self.tree
-        touched = set(self.pending)
+        touched = {inode: tuple(names) for inode, names in self.pending.items()}
         if self.base_entry is not None:
             inode, node = self.base_entry
             node.children = tree.nodes[inode].children
             tree.nodes[inode] = node
-            touched.add(inode)
+            touched.setdefault(inode, ())
         tree.nodes.update(self.new)
         for inode, names in self.pending.items():
             children = tree.nodes[inode].children

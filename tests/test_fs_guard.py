@@ -64,3 +64,16 @@ async def test_expected_errors_pass_through_unchanged():
         await ops.setxattr(ROOT_INODE, b"a", b"b", None)
     assert exc.value.errno == errno.EROFS
     assert ops.metrics.errors["internal"] == 0
+
+
+@pytest.mark.parametrize("negative_timeout", [0.0, 30.0])
+async def test_a_missing_name_is_a_cached_negative_entry_unless_turned_off(negative_timeout):
+    ops = Operations(build_tree([]), None, fetch=FetchConfig(), metrics=Metrics(),  # type: ignore[arg-type]
+                     attr_timeout=1, negative_timeout=negative_timeout)
+    if not negative_timeout:
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await ops.lookup(ROOT_INODE, b"nope", None)
+        assert exc.value.errno == errno.ENOENT
+        return
+    entry = await ops.lookup(ROOT_INODE, b"nope", None)
+    assert entry.st_ino == 0 and entry.entry_timeout == negative_timeout  # libfuse: negative

@@ -203,6 +203,23 @@ def test_chunks_read_through_the_mount_are_written_back_checked(published, seawe
     assert ops["lookup"] >= 3 and ops["open"] >= 1 and ops["read"] >= 1, ops
 
 
+def test_a_missing_name_is_asked_for_once(published, seaweed, mount_factory):
+    # Negative entries are cached by the kernel (overlayfs looks names up in every layer
+    # above the one that has them, on each new container): the second lookup of a name
+    # that does not exist sends no FUSE request, and the error is still ENOENT.
+    m = mount_factory(published["url"], seaweed.endpoint)
+    missing = m.path / "synthetic" / "no-such-file"
+    with pytest.raises(FileNotFoundError):
+        os.stat(missing)
+    before = m.status()["fuse_ops"]["lookup"]
+    for _ in range(5):
+        assert not missing.exists()
+        with pytest.raises(FileNotFoundError):
+            open(missing, "rb")
+    assert m.status()["fuse_ops"]["lookup"] == before
+    assert (m.path / "synthetic" / "sub").is_dir()  # names that exist still resolve
+
+
 def test_corrupted_cache_file_is_detected_and_refetched(published, seaweed, tmp_path, mount_factory):
     cache = tmp_path / "c"
     m = mount_factory(published["url"], seaweed.endpoint, cache_dir=cache)

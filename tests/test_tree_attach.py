@@ -41,7 +41,7 @@ def test_attach_keeps_existing_inodes_and_reports_touched_dirs():
     tree = build_tree([("aa", manifest("x", "d/", "d/y"), "p/aa/")])
     before = {p: tree.lookup_path(p).inode for p in ("aa", "aa/x", "aa/d", "aa/d/y")}
     touched = tree.attach("bb", manifest("z"), "p/")
-    assert touched == {ROOT_INODE}
+    assert touched == {ROOT_INODE: (b"bb",)}
     assert {p: tree.lookup_path(p).inode for p in before} == before
     z = tree.lookup_path("bb/z")
     assert z is not None and z.blob_prefix == "p/" and z.inode > max(before.values())
