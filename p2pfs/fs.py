@@ -2,8 +2,8 @@
 
 Read-only. Files are opened with keep_cache (content is immutable, so the kernel page cache
 stays valid across opens); attributes and names are cached for `attr_timeout`, the absence
-of a name for `negative_timeout`. Each open file tracks its read position; sequential reads grow a read-ahead
-window that is fetched in the background through the chunk store.
+of a name for `negative_timeout`. Each open file tracks its read position; sequential reads
+grow a read-ahead window that is fetched in the background through the chunk store.
 """
 
 from __future__ import annotations
