@@ -3,16 +3,23 @@
 A mount of a prefix shows each model found under it as a directory at its relative path
 (intermediate directories are synthesized); a prefix that is itself a model is the root.
 Hard links share their target's inode.
+
+Where each chunk goes in the disk cache (its `Spot`) is decided here: a file of a model is
+one local data file (plan.file_id), kept in the shape of the file; the files of an image
+layer are many and small, so a layer's chunks of one pack share one data file, in pack
+order (`PackLayout`): creating a file costs ~1 ms of CPU here, a start-up reads thousands.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import posixpath
 import stat
 from dataclasses import dataclass, field
 
-from .manifest import Entry, Manifest
+from ._buffers import ALIGN
+from .manifest import ChunkRef, Entry, Manifest
 from .plan import ChunkLoc, Spot, file_id
 
 ROOT_INODE = 1
@@ -29,6 +36,7 @@ class Node:
     parent: int = ROOT_INODE
     nlink: int = 1
     model: str = ""  # mount-relative path of the model this node belongs to
+    layout: "PackLayout | None" = None  # image layers: where their chunks sit on disk
     _file_id: str = ""  # the entry's content id (plan.file_id), computed on first use
 
     @property
@@ -49,9 +57,66 @@ class Node:
     def locs(self, span: range) -> list[ChunkLoc]:
         entry = self.entry
         assert entry is not None
-        chunks, starts, fid = entry.chunks, entry.starts, self.file_id
-        return [ChunkLoc(self.blob_prefix + self.blobs[chunks[i].blob], chunks[i],
+        chunks, prefix, blobs = entry.chunks, self.blob_prefix, self.blobs
+        if self.layout is not None:
+            spot = self.layout.spot
+            return [ChunkLoc(prefix + blobs[chunks[i].blob], chunks[i], spot(chunks[i]))
+                    for i in span]
+        starts, fid = entry.starts, self.file_id
+        return [ChunkLoc(prefix + blobs[chunks[i].blob], chunks[i],
                          Spot(fid, starts[i], entry.size)) for i in span]
+
+
+class PackLayout:
+    """The disk cache's layout of one image layer: for each pack the layer uses, one data
+    file holding the layer's chunks of that pack in pack order (stored offset, then the
+    rest of the ref), each at the first block boundary after the one before it: on disk
+    a small file takes a block as it would on its own, its write can bypass the page cache
+    (O_DIRECT, as a model file's chunks do) and evicting it punches whole blocks.
+
+    Why not a data file per file, as for models: a layer's files are thousands of small
+    ones that a start-up reads together, and a new file costs the write-back about 1 ms
+    of CPU on ext4 here (2,000 creates: 2.2 s; the same bytes into 10 files: 0.09 s), on
+    the cores the starting container needs. Packs hold files in tar order, so this keeps
+    what a start reads together in a few long files, read back sequentially.
+
+    A spot is a pure function of the layer's manifest (its digest names the data file
+    with the pack's key), never of what else is mounted: the cache's index records spots,
+    and one recorded must mean the same bytes after a restart. Two layers sharing a pack
+    get two data files; the cache finds a chunk by its sha256 in either. Built on first
+    use (a mount attaches every layer; a start reads a few)."""
+
+    __slots__ = ("_manifest", "_digest", "_keys", "_spots")
+
+    def __init__(self, manifest: Manifest, digest: str, blob_keys: tuple[str, ...]) -> None:
+        self._manifest = manifest
+        self._digest = digest
+        self._keys = blob_keys
+        self._spots: dict[ChunkRef, Spot] | None = None
+
+    def spot(self, ref: ChunkRef) -> Spot:
+        if self._spots is None:
+            self._spots = self._build()
+        return self._spots[ref]
+
+    def _build(self) -> dict[ChunkRef, Spot]:
+        by_blob: dict[int, set[ChunkRef]] = {}
+        for e in self._manifest.files():
+            for c in e.chunks:
+                by_blob.setdefault(c.blob, set()).add(c)
+        spots: dict[ChunkRef, Spot] = {}
+        for blob, refs in by_blob.items():
+            order = sorted(refs, key=lambda c: (c.offset, c.length, c.size, c.sha256, c.compression))
+            fid = hashlib.sha256(f"p2pfs-pack-layout 1\n{self._digest}\n{self._keys[blob]}\n"
+                                 .encode()).hexdigest()
+            ats, at = [], 0
+            for c in order:
+                ats.append(at)
+                at += -(-c.size // ALIGN) * ALIGN
+            fsize = ats[-1] + order[-1].size
+            for c, at in zip(order, ats):
+                spots[c] = Spot(fid, at, fsize)
+        return spots
 
 
 @dataclass
@@ -120,9 +185,10 @@ class Tree:
         can interleave with a half-attached model."""
         if mount_dir in self.models:
             raise TreeConflict(f"{mount_dir or '/'!r} is mounted already")
+        digest = manifest.digest
         plan = _Attach(self)
-        plan.model(mount_dir, manifest, blob_prefix)
-        touched = plan.commit(mount_dir, manifest.digest)
+        plan.model(mount_dir, manifest, blob_prefix, digest)
+        touched = plan.commit(mount_dir, digest)
         self._index_packs(manifest, blob_prefix)
         return touched
 
@@ -212,7 +278,9 @@ class _Attach:
                     raise TreeConflict(f"{path!r} is both a file and a directory")
         return node
 
-    def model(self, mount_dir: str, manifest: Manifest, blob_prefix: str) -> None:
+    def model(self, mount_dir: str, manifest: Manifest, blob_prefix: str, digest: str) -> None:
+        layout = None if manifest.blob_root == "." else PackLayout(
+            manifest, digest, tuple(blob_prefix + b for b in manifest.blobs))
         by_path: dict[str, int] = {}
         base = self.ensure_dir(mount_dir)
         by_path[""] = base.inode
@@ -239,7 +307,7 @@ class _Attach:
                 continue  # second pass, once targets exist
             node = Node(self._inode(), e.st_mode, entry=e, blob_prefix=blob_prefix,
                         blobs=manifest.blobs, parent=parent.inode, model=mount_dir,
-                        children={} if e.type == "dir" else None)
+                        children={} if e.type == "dir" else None, layout=layout)
             self._add(parent, posixpath.basename(e.path).encode(), node)
             by_path[e.path] = node.inode
         for e in manifest.entries:

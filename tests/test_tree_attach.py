@@ -123,3 +123,61 @@ def test_models_indexed_in_place_have_no_pack_neighbours():
     tree = build_tree([("m", manifest("x", "y"), "p/m/")])
     x = tree.lookup_path("m/x").locs(range(0, 1))[0]
     assert tree.pack_neighbours(x, 1 << 20) == []
+
+
+# -- where a layer's chunks go on local disk ------------------------------------------------
+B = 4096  # the disk cache's block
+
+
+def _spots(tree: Tree, path: str):
+    node = tree.lookup_path(path)
+    return [loc.spot for loc in node.locs(range(len(node.entry.chunks)))]
+
+
+def test_a_layers_files_share_one_data_file_per_pack_in_pack_order():
+    m = _layer({"z": [(30, 7)], "a": [(0, 10), (10, 10)], "b": [(20, 5)]})
+    tree = Tree()
+    tree.attach("l1", m, "r/")
+    spots = {p: _spots(tree, f"l1/{p}") for p in ("a", "b", "z")}
+    files = {s.file for ss in spots.values() for s in ss}
+    assert len(files) == 1  # three files, one pack: one data file
+    # In stored-offset order whatever the order of the entries, each on a block boundary.
+    assert [(s.at, s.fsize) for s in spots["a"] + spots["b"] + spots["z"]] == [
+        (0, 3 * B + 7), (B, 3 * B + 7), (2 * B, 3 * B + 7), (3 * B, 3 * B + 7)]
+    # A pure function of the manifest: the same layer mounted again, or with other
+    # layers around it, puts every chunk at the same spot (the cache's index records them).
+    again = Tree()
+    again.attach("other", _layer({"x": [(0, 3)]}, pack="blobs/p"), "r/")
+    again.attach("l1", m, "r/")
+    assert {p: _spots(again, f"l1/{p}") for p in spots} == spots
+
+
+def test_two_layers_sharing_a_pack_get_their_own_data_files_and_two_packs_two():
+    tree = Tree()
+    tree.attach("l1", _layer({"a": [(0, 10)]}), "r/")
+    tree.attach("l2", _layer({"a": [(0, 10)], "b": [(40, 6)]}), "r/")
+    tree.attach("l3", _layer({"c": [(0, 8)]}, pack="blobs/q"), "r/")
+    s1, s2, s3 = (_spots(tree, p)[0] for p in ("l1/a", "l2/a", "l3/c"))
+    assert len({s1.file, s2.file, s3.file}) == 3
+    assert (s1.at, s1.fsize, s2.at, s2.fsize) == (0, 10, 0, B + 6)
+    assert _spots(tree, "l2/b")[0] == type(s2)(s2.file, B, B + 6)
+
+
+def test_a_hostile_layer_with_two_refs_at_one_offset_gets_no_overlapping_spots():
+    refs = (ChunkRef(0, 0, 5, 5, "none", "1" * 64), ChunkRef(0, 0, 5, 9, "none", "2" * 64))
+    m = Manifest(chunk_size=16, blobs=("blobs/p",), kind="layer", blob_root="..", entries=(
+        Entry(path="", type="dir"),
+        with_starts(Entry(path="a", type="file", size=5, chunks=refs[:1])),
+        with_starts(Entry(path="b", type="file", size=9, chunks=refs[1:]))))
+    tree = Tree()
+    tree.attach("l", m, "r/")
+    (a,), (b,) = _spots(tree, "l/a"), _spots(tree, "l/b")
+    ranges = sorted([(a.at, a.at + 5), (b.at, b.at + 9)])
+    assert ranges[0][1] <= ranges[1][0] and a.fsize == b.fsize == ranges[1][1]
+
+
+def test_a_models_files_keep_a_data_file_each():
+    tree = build_tree([("m", manifest("x", "y"), "p/m/")])
+    (x,), (y,) = _spots(tree, "m/x"), _spots(tree, "m/y")
+    assert x.file == tree.lookup_path("m/x").file_id and (x.at, x.fsize) == (0, 3)
+    assert y.file == x.file  # same bytes, same chunk list: one local copy
