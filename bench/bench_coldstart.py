@@ -11,7 +11,8 @@ said otherwise, and rounds interleave the variants):
   weights copied by `aws s3 cp` on the host (the actuator's --setup-cmd) into a dir bound
   into the container, loaded with safetensors (`--loader safetensors`);
 - p2pfs: the image lazily through the p2pfs snapshotter, the weights through a p2pfs
-  mount, loaded with gpuload; fresh p2pfs caches and containerd root;
+  mount, loaded with gpuload; fresh p2pfs caches and containerd root; the daemons run the
+  settings shipped for nodes (bench_images.NODE_SETTINGS);
 - p2pfs-warm: the same node again after it scaled to zero: p2pfs caches, containerd's
   image and the proxy's pull kept (the container is created anew);
 - standby: a p2pfs node with `[policy] standby = 1, min_standby = 1`: a standby replica is
@@ -74,7 +75,10 @@ class Bench:
         self.expected = reference_embeddings([TEXT])[0]
 
     def node(self, name: str, **kw: Any) -> ColdStartNode:
-        return ColdStartNode(name, self.store, self.workdir, **{**self.node_kw, **kw}).start()
+        from bench_images import node_toml  # the settings shipped for node daemons
+
+        return ColdStartNode(name, self.store, self.workdir,
+                             **{"p2pfs_toml": node_toml({}), **self.node_kw, **kw}).start()
 
     def timed(self, node: ColdStartNode, kind: str) -> dict:
         """One request at zero serving replicas, timed by the client; its start's stages."""

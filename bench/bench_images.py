@@ -21,9 +21,11 @@ own CPU cost on a 2-core machine falls hardest on the variant moving the most by
 Variants are callables `(bench, image, ref, round) -> Sample` (VARIANTS below): overlayfs,
 p2pfs-first (normal pull, layers converted in the background), p2pfs-lazy (a fresh node on
 a converted prefix, no start-up lists) and p2pfs-prefetch (a fresh node after one untimed
-lazy start recorded the lists). `P2PFS_BENCH_TOML` (TOML text) is appended to every p2pfs
-node's config, for probing settings (`[fetch] pack_readahead = 0`). Results: a table on
-stdout and JSON in bench/out/images-results.json.
+lazy start recorded the lists). A p2pfs node runs the settings shipped for nodes
+(deploy/kubernetes/configmap.yaml: `[cache] memory_prefault = true`, NODE_SETTINGS);
+`P2PFS_BENCH_TOML` (TOML text) is merged over them, for probing settings
+(`[fetch] pack_readahead = 0`). Results: a table on stdout and JSON in
+bench/out/images-results.json.
 """
 
 from __future__ import annotations
@@ -192,6 +194,24 @@ def close_store() -> None:
     _PREPARED.clear()
 
 
+#: What deploy/kubernetes/configmap.yaml sets for a node daemon that changes a start: the
+#: memory tier faulted in at boot (a daemon is up long before a pull), not on the first reads.
+NODE_SETTINGS = {"cache": {"memory_prefault": True}}
+
+
+def node_toml(tables: dict, extra: str = "") -> str:
+    """A p2pfs.toml: NODE_SETTINGS, then `tables`, then the TOML text `extra`, merged by
+    table (scalar values only)."""
+    import tomllib
+
+    merged: dict[str, dict] = {}
+    for layer in (NODE_SETTINGS, tables, tomllib.loads(extra)):
+        for table, values in layer.items():
+            merged.setdefault(table, {}).update(values)
+    return "".join(f"[{table}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+                   for table, values in merged.items())
+
+
 class P2pfsNode:
     """A fresh node: a p2pfs mount of the layers prefix (new cache), the snapshotter over it
     (convert on first pull on) and a containerd with the snapshotter as its proxy plugin."""
@@ -203,8 +223,8 @@ class P2pfsNode:
         store = _store(bench)
         self.dir = bench.node_dir / name
         self.dir.mkdir(parents=True)
-        (self.dir / "p2pfs.toml").write_text(f"[mount]\nstartup_window = {startup_window}\n"
-                                             + os.environ.get("P2PFS_BENCH_TOML", ""))
+        (self.dir / "p2pfs.toml").write_text(node_toml(
+            {"mount": {"startup_window": startup_window}}, os.environ.get("P2PFS_BENCH_TOML", "")))
         mp = self.dir / "layers"
         mp.mkdir()
         self.cache = Path(tempfile.mkdtemp(prefix="p2pfs-bn-", dir="/var/tmp"))  # short: its control socket

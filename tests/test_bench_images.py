@@ -89,3 +89,20 @@ def test_layout_index_manifest_config_agree(tmp_path: Path, monkeypatch):
     config = json.loads((oci / "blobs" / "sha256" / manifest["config"]["digest"][7:]).read_text())
     assert config["rootfs"]["diff_ids"] == [t.diff_id for t in trees]
     assert config["config"]["Cmd"] == ["true"]
+
+
+def test_a_bench_nodes_config_is_the_shipped_node_settings_with_probes_merged_over():
+    import tomllib
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_images
+
+    shipped = (Path(__file__).resolve().parent.parent / "deploy/kubernetes/configmap.yaml").read_text()
+    assert "memory_prefault = true" in shipped  # NODE_SETTINGS says what the nodes run
+    text = bench_images.node_toml({"mount": {"startup_window": 5.0}},
+                                  '[cache]\nwriteback_bytes = 0\n[fetch]\npack_readahead = "1MiB"\n')
+    assert tomllib.loads(text) == {"cache": {"memory_prefault": True, "writeback_bytes": 0},
+                                   "mount": {"startup_window": 5.0},
+                                   "fetch": {"pack_readahead": "1MiB"}}
+    over = bench_images.node_toml({}, "[cache]\nmemory_prefault = false\n")
+    assert tomllib.loads(over)["cache"] == {"memory_prefault": False}
