@@ -1,5 +1,5 @@
-"""snapshotter/_proto.py against containerd's own .proto files (Debian's
-golang-github-containerd-containerd-dev installs them; skipped where it is absent), and
+"""snapshotter/_proto.py against containerd's own .proto files (`make install` unpacks them
+from Debian's golang-github-containerd-containerd-dev; skipped where they are absent), and
 the wire bytes of a few messages against hand-computed protobuf encodings."""
 
 from __future__ import annotations
@@ -11,12 +11,16 @@ import pytest
 
 from snapshotter import _proto as pb
 
-API = Path("/usr/share/gocode/src/github.com/containerd/containerd/api")
+#: Where `make install` unpacks them, else where the Debian package installs them.
+API = next((p for p in (Path(__file__).resolve().parent.parent / ".venv/share/containerd-api",
+                        Path("/usr/share/gocode/src/github.com/containerd/containerd/api"))
+            if (p / "types/mount.proto").exists()),
+           Path("/usr/share/gocode/src/github.com/containerd/containerd/api"))
 SNAPSHOTS = API / "services/snapshots/v1/snapshots.proto"
 MOUNT = API / "types/mount.proto"
 needs_protos = pytest.mark.skipif(not SNAPSHOTS.exists() or not MOUNT.exists(),
                                   reason="containerd's .proto files are not installed "
-                                         "(apt-get install golang-github-containerd-containerd-dev)")
+                                         "(make install, or apt-get install golang-github-containerd-containerd-dev)")
 
 _FIELD = re.compile(r"(repeated\s+)?(map<\s*\w+\s*,\s*\w+\s*>|[\w.]+)\s+(\w+)\s*=\s*(\d+)")
 
