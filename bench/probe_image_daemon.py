@@ -5,7 +5,7 @@
          [--ab "[cache]\\nwriteback_idle_cpus = 0\\n"] [--perf] [--again]
 
 Runs bench_images' `p2pfs-prefetch` variant (a fresh node on a converted prefix with
-recorded start-up lists) ROUNDS times; with --ab, odd rounds append that TOML to the node's
+recorded start-up lists) ROUNDS times; with --ab, odd rounds merge that TOML over the node's
 config (an A/B comparison of settings in one run, interleaved). Per round: time to first
 output, the daemon's CPU seconds (user+system, /proc) over pull + run, write-back done and
 pending at the first output, and done/dropped at exit; FUSE requests by operation once.
@@ -45,7 +45,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--image", default="torch-serve")
     ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--ab", default="", help="TOML appended to the config of odd rounds")
+    ap.add_argument("--ab", default="", help="TOML merged over the config of odd rounds")
     ap.add_argument("--perf", action="store_true")
     ap.add_argument("--again", action="store_true",
                     help="a second container on the same node after each round")
