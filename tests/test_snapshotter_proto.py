@@ -12,10 +12,8 @@ import pytest
 from snapshotter import _proto as pb
 
 #: Where `make install` unpacks them, else where the Debian package installs them.
-API = next((p for p in (Path(__file__).resolve().parent.parent / ".venv/share/containerd-api",
-                        Path("/usr/share/gocode/src/github.com/containerd/containerd/api"))
-            if (p / "types/mount.proto").exists()),
-           Path("/usr/share/gocode/src/github.com/containerd/containerd/api"))
+UNPACKED = Path(__file__).resolve().parent.parent / ".venv/share/containerd-api"
+API = UNPACKED if UNPACKED.is_dir() else Path("/usr/share/gocode/src/github.com/containerd/containerd/api")
 SNAPSHOTS = API / "services/snapshots/v1/snapshots.proto"
 MOUNT = API / "types/mount.proto"
 needs_protos = pytest.mark.skipif(not SNAPSHOTS.exists() or not MOUNT.exists(),
