@@ -242,6 +242,7 @@ class P2pfsNode:
         # store in the background after its socket, and that start-up (imports, the S3
         # client) must not be timed as the pull's (kubelet pulls on a Ready node).
         self.snapshotter.wait_store_open()
+        self.containerd.wait_proxy_snapshotter("p2pfs")
 
     def layers_on_mount(self, image: BenchImage) -> int:
         return sum((self.mount.path / layer.digest.removeprefix("sha256:")).is_dir()

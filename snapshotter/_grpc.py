@@ -138,22 +138,50 @@ def handler(snapshotter: Snapshotter) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(f"{pb.PACKAGE}.{pb.SERVICE}", handlers)
 
 
+#: sun_path's size on Linux: a unix socket's path must be shorter.
+_SUN_PATH_MAX = 108
+
+
 def serve(snapshotter: Snapshotter, socket_path: str | Path, *, workers: int = 16) -> grpc.Server:
     """Listen on `socket_path` (a stale socket file is replaced) and start serving; stop with
-    `server.stop(grace)`. The socket is private to root (mode 0600): containerd runs as root."""
+    `shutdown()`. The socket is private to root (mode 0600): containerd runs as root.
+
+    The path appears only once the server accepts: the socket is bound and listening under a
+    temporary name in the same directory and then renamed into place. containerd's dialer
+    polls a missing path every 10 ms, so it would otherwise catch the instant between bind
+    and listen, get ECONNREFUSED and put the proxy connection in gRPC's backoff (calls
+    fail UNAVAILABLE for up to ~3 s)."""
     path = Path(socket_path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_socket() or path.is_symlink():
         path.unlink()
+    staging = path.with_name(f".{path.name}.{os.getpid()}")
+    if len(os.fsencode(staging)) >= _SUN_PATH_MAX:
+        staging = path  # no room for a longer name: bind in place
+    elif staging.is_socket():
+        staging.unlink()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,
                                                     thread_name_prefix="snapshotter"))
     server.add_generic_rpc_handlers((handler(snapshotter),))
     old = os.umask(0o177)
     try:
-        if server.add_insecure_port(f"unix:{path}") == 0:
-            raise OSError(f"cannot listen on {path}")
+        if server.add_insecure_port(f"unix:{staging}") == 0:
+            raise OSError(f"cannot listen on {staging}")
         server.start()
     finally:
         os.umask(old)
+    if staging != path:
+        os.rename(staging, path)
     log.info("snapshotter listening on %s", path)
     return server
+
+
+def shutdown(server: grpc.Server, socket_path: str | Path, grace: float | None) -> None:
+    """Stop serving: first remove the socket's path, so a containerd that redials meanwhile
+    finds no file (and polls until a new snapshotter's socket appears) rather than a socket
+    that refuses (which would put it in gRPC's backoff); then let calls under way finish
+    for up to `grace` seconds."""
+    path = Path(socket_path).absolute()
+    if path.is_socket():
+        path.unlink()
+    server.stop(grace).wait()

@@ -187,7 +187,7 @@ def serve(config: ServeConfig, *, stop: threading.Event | None = None) -> None:
         stop.wait()
         log.info("stopping: letting calls under way finish (up to %gs)", config.grace_s)
         sd_notify("STOPPING=1")
-        server.stop(config.grace_s).wait()
+        _grpc.shutdown(server, config.socket, config.grace_s)
         if metrics is not None:
             metrics.shutdown()
     finally:

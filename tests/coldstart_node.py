@@ -50,7 +50,7 @@ for _p in (str(ROOT), str(HERE), str(ROOT / "bench")):
         sys.path.insert(0, _p)
 
 from conftest import Mount, p2pfs_cmd  # noqa: E402
-from containerd_helpers import Containerd  # noqa: E402
+from containerd_helpers import Containerd, ContainerdError  # noqa: E402
 from image_helpers import RegistryServer  # noqa: E402
 from image_node import Snapshotter  # noqa: E402
 
@@ -234,13 +234,10 @@ class ColdStartNode:
         # Up means up: the snapshotter opens its object store in the background after its
         # socket; that start-up work is the node's, not the first request's.
         self.snapshotter.wait_store_open()
-        deadline = time.monotonic() + 15
-        while self.containerd.ctr("snapshots", "--snapshotter", "p2pfs", "ls",
-                                  check=False).returncode != 0:
-            if time.monotonic() > deadline:
-                raise ColdStartError("containerd does not reach the p2pfs snapshotter:\n"
-                                     + self.snapshotter.log_text()[-2000:])
-            time.sleep(0.1)
+        try:
+            self.containerd.wait_proxy_snapshotter("p2pfs")
+        except ContainerdError as exc:
+            raise ColdStartError(f"{exc}\n{self.snapshotter.log_text()[-2000:]}") from None
 
     def proxy_argv(self) -> list[str]:
         """The `p2pfs-scaler proxy` command line a user would type for this node."""

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
@@ -223,6 +224,24 @@ class Containerd:
         if check and r.returncode != 0:
             raise ContainerdError(f"ctr {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
         return r
+
+    def wait_proxy_snapshotter(self, name: str = "p2pfs", timeout: float = 30.0) -> float:
+        """Seconds until this containerd's connection to its proxy snapshotter `name` serves
+        a call; raises ContainerdError after `timeout`. `ctr snapshots ls` is answered from
+        containerd's own metadata even when the snapshotter is unreachable, so the probe
+        prepares a snapshot (forwarded to the snapshotter) and removes it. A dial that
+        failed leaves the connection in gRPC's backoff (up to ~3 s), failing calls at once."""
+        key = f"p2pfs-connected-probe-{uuid.uuid4().hex[:8]}"
+        t0 = time.monotonic()
+        while True:
+            r = self.ctr("snapshots", "--snapshotter", name, "prepare", key, check=False)
+            if r.returncode == 0 or "already exists" in r.stderr:
+                self.ctr("snapshots", "--snapshotter", name, "rm", key)
+                return time.monotonic() - t0
+            if time.monotonic() - t0 > timeout:
+                raise ContainerdError(f"containerd did not reach snapshotter {name} in {timeout}s: "
+                                      f"{r.stderr.strip()}")
+            time.sleep(0.1)
 
     def namespaces(self) -> list[str]:
         r = self.ctr("namespaces", "ls", "-q", check=False)

@@ -140,16 +140,14 @@ class ImageNode:
         self.snapshotter.start()
         self.wait_connected()
 
-    def wait_connected(self, timeout: float = 15.0) -> None:
-        """Until containerd reaches the snapshotter: CRI's start dials it at once, and a dial
-        that timed out before the socket appeared leaves the connection in grpc's backoff,
-        failing calls at once for a second or more."""
-        deadline = time.monotonic() + timeout
-        while True:
-            r = self.containerd.ctr("snapshots", "--snapshotter", "p2pfs", "ls", check=False)
-            if r.returncode == 0 or time.monotonic() > deadline:
-                return
-            time.sleep(0.1)
+    def wait_connected(self, timeout: float = 30.0) -> None:
+        """Until containerd reaches the snapshotter with a call (raises otherwise)."""
+        from containerd_helpers import ContainerdError
+
+        try:
+            self.containerd.wait_proxy_snapshotter("p2pfs", timeout)
+        except ContainerdError as exc:
+            raise ContainerdError(f"{exc}\n{self.snapshotter.log_text()[-2000:]}") from None
 
     def pull(self, ref: str, timeout: float = 300) -> dict:
         r = subprocess.run([*SNAPSHOTTER, "pull", ref, "--containerd-socket",

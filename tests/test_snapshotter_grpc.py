@@ -309,3 +309,44 @@ def test_a_stopped_or_killed_fuse_daemon_means_unavailable_not_a_hang(seaweed, m
         c.channel.close()
         server.stop(None).wait()
         sn.store.close()
+
+
+def test_the_socket_path_exists_only_while_it_accepts(tmp_path, layers, monkeypatch):
+    """containerd dials a missing path every 10 ms: a path that exists must accept (the
+    socket is renamed into place once listening) and is removed before the server stops,
+    so a redial finds no file instead of a refusing socket (which means gRPC backoff)."""
+    from snapshotter import _grpc
+
+    sock = tmp_path / "s.sock"
+    seen: dict[str, bool] = {}
+    make_server = grpc.server
+
+    def spying_server(*args, **kwargs):
+        server = make_server(*args, **kwargs)
+        add, stop = server.add_insecure_port, server.stop
+
+        def add_port(address):
+            port = add(address)
+            seen["path after bind"] = sock.exists()
+            return port
+
+        def stop_server(grace):
+            seen["path at stop"] = sock.exists()
+            return stop(grace)
+        server.add_insecure_port, server.stop = add_port, stop_server
+        return server
+
+    monkeypatch.setattr(_grpc.grpc, "server", spying_server)
+    sn = Snapshotter(Store(tmp_path / "root"), DirRemoteLayers(layers, timeout=1.0))
+    try:
+        server = _grpc.serve(sn, sock, workers=2)
+        conn = socket.socket(socket.AF_UNIX)
+        conn.connect(str(sock))  # accepted: it listens
+        conn.close()
+        _grpc.shutdown(server, sock, None)
+        assert seen == {"path after bind": False, "path at stop": False}
+        with pytest.raises(FileNotFoundError):
+            socket.socket(socket.AF_UNIX).connect(str(sock))
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["layers", "root"]  # no staging name left
+    finally:
+        sn.store.close()
