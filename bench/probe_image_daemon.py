@@ -2,7 +2,7 @@
 "Images: the daemon's work during a cold start").
 
     sudo .venv/bin/python bench/probe_image_daemon.py [--image torch-serve] [--rounds 8]
-         [--ab "[cache]\\nwriteback_idle_cpus = 0\\n"] [--perf] [--again]
+         [--ab "[cache]\\nwriteback_idle_cpus = 0\\n"] [--perf] [--py-spy] [--again]
 
 Runs bench_images' `p2pfs-prefetch` variant (a fresh node on a converted prefix with
 recorded start-up lists) ROUNDS times; with --ab, odd rounds merge that TOML over the node's
@@ -10,6 +10,9 @@ config (an A/B comparison of settings in one run, interleaved). Per round: time 
 output, the daemon's CPU seconds (user+system, /proc) over pull + run, write-back done and
 pending at the first output, and done/dropped at exit; FUSE requests by operation once.
 --perf records the daemon with `perf record -g` (files under /tmp/probe-image-daemon/).
+--py-spy records its Python stacks (py-spy, every thread, idle ones left out; collapsed
+stacks in /tmp/probe-image-daemon/ROUND.pyspy, and the top functions by own samples
+printed): `pip install py-spy` into the venv first.
 --again starts a second container from the image on the same node after each round (a
 replica restarting, or a second one on a node that ran one) and prints its time to first
 output and the FUSE requests it alone sent.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,12 +45,38 @@ def daemon_cpu(pid: int) -> float:
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def top_functions(collapsed: Path, n: int = 25) -> None:
+    """Print the functions with the most samples of their own (leaf frames) and the most
+    samples below them (inclusive), from py-spy's collapsed stacks."""
+    from collections import Counter
+
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        # Frames are "function (file:line)"; drop the line (a function's samples together)
+        # and the frames naming the process and the thread.
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")
+                  if not f.startswith(("process ", "thread ("))]
+        total += int(count)
+        if frames:
+            own[frames[-1]] += int(count)
+        for f in set(frames):
+            inclusive[f] += int(count)
+    print(f"py-spy {collapsed.name}: {total} samples")
+    for title, counter in (("own", own), ("inclusive", inclusive)):
+        for f, c in counter.most_common(n):
+            print(f"  {title:9} {100 * c / max(total, 1):5.1f}%  {f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--image", default="torch-serve")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--ab", default="", help="TOML merged over the config of odd rounds")
     ap.add_argument("--perf", action="store_true")
+    ap.add_argument("--py-spy", dest="py_spy", action="store_true")
     ap.add_argument("--again", action="store_true",
                     help="a second container on the same node after each round")
     args = ap.parse_args()
@@ -68,6 +98,10 @@ def main() -> None:
         perf = subprocess.Popen(["perf", "record", "-F", "499", "-g", "-p", str(n.mount.pid), "-o",
                                  str(OUT / f"{cid}.perf")], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL) if args.perf else None
+        spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "-r", "200",
+                                "--threads", "--nonblocking", "-f", "raw", "-p", str(n.mount.pid),
+                                "-o", str(OUT / f"{cid}.pyspy")], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL) if args.py_spy else None
         at_first = {}
 
         def meter_first():
@@ -81,6 +115,10 @@ def main() -> None:
         if perf:
             perf.send_signal(2)
             perf.wait()
+        if spy:
+            spy.send_signal(2)
+            spy.wait()
+            top_functions(OUT / f"{cid}.pyspy")
         st = n.mount.status()
         print(json.dumps({"round": cid, "conf": os.environ.get("P2PFS_BENCH_TOML", "") and "B" or "A",
                           "first_output_s": round(s.seconds_to_first_output, 2),
