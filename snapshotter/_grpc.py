@@ -155,11 +155,10 @@ def serve(snapshotter: Snapshotter, socket_path: str | Path, *, workers: int = 1
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_socket() or path.is_symlink():
         path.unlink()
+    _remove_stale_staging(path)
     staging = path.with_name(f".{path.name}.{os.getpid()}")
     if len(os.fsencode(staging)) >= _SUN_PATH_MAX:
         staging = path  # no room for a longer name: bind in place
-    elif staging.is_socket():
-        staging.unlink()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,
                                                     thread_name_prefix="snapshotter"))
     server.add_generic_rpc_handlers((handler(snapshotter),))
@@ -174,6 +173,18 @@ def serve(snapshotter: Snapshotter, socket_path: str | Path, *, workers: int = 1
         os.rename(staging, path)
     log.info("snapshotter listening on %s", path)
     return server
+
+
+def _remove_stale_staging(path: Path) -> None:
+    """Remove the staging sockets (`.NAME.PID`) a snapshotter that died between bind and
+    rename left next to `path`, except those of processes still alive."""
+    for other in path.parent.glob(f".{path.name}.*"):
+        pid = other.name.rpartition(".")[2]
+        if not pid.isdigit() or not other.is_socket():
+            continue
+        if int(pid) != os.getpid() and Path(f"/proc/{pid}").exists():
+            continue  # another snapshotter starting on this path right now
+        other.unlink(missing_ok=True)
 
 
 def shutdown(server: grpc.Server, socket_path: str | Path, grace: float | None) -> None:

@@ -337,6 +337,10 @@ def test_the_socket_path_exists_only_while_it_accepts(tmp_path, layers, monkeypa
         return server
 
     monkeypatch.setattr(_grpc.grpc, "server", spying_server)
+    # a staging socket left by a snapshotter that died before its rename (a PID not alive)
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(tmp_path / ".s.sock.999999999"))
+    dead.close()
     sn = Snapshotter(Store(tmp_path / "root"), DirRemoteLayers(layers, timeout=1.0))
     try:
         server = _grpc.serve(sn, sock, workers=2)
