@@ -171,8 +171,25 @@ def serve(snapshotter: Snapshotter, socket_path: str | Path, *, workers: int = 1
         os.umask(old)
     if staging != path:
         os.rename(staging, path)
+    _OURS[str(path)] = os.stat(path).st_ino
     log.info("snapshotter listening on %s", path)
     return server
+
+
+#: The inode of the socket each path names while this process serves it: only that file is
+#: ever removed, never a successor's socket that took the path meanwhile.
+_OURS: dict[str, int] = {}
+
+
+def unlink_socket(socket_path: str | Path) -> None:
+    """Remove the socket `serve` put at `socket_path`, if the path still names it."""
+    path = Path(socket_path).absolute()
+    ino = _OURS.pop(str(path), None)
+    try:
+        if ino is not None and os.stat(path).st_ino == ino:
+            path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def _remove_stale_staging(path: Path) -> None:
@@ -192,7 +209,5 @@ def shutdown(server: grpc.Server, socket_path: str | Path, grace: float | None) 
     finds no file (and polls until a new snapshotter's socket appears) rather than a socket
     that refuses (which would put it in gRPC's backoff); then let calls under way finish
     for up to `grace` seconds."""
-    path = Path(socket_path).absolute()
-    if path.is_socket():
-        path.unlink()
+    unlink_socket(socket_path)
     server.stop(grace).wait()

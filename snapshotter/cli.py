@@ -200,8 +200,7 @@ def serve(config: ServeConfig, *, stop: threading.Event | None = None) -> None:
         if oci_loop is not None:
             oci_loop.close()
         store.close()
-        if config.socket.is_socket():
-            config.socket.unlink()
+        _grpc.unlink_socket(config.socket)
 
 
 @click.group()

@@ -349,8 +349,27 @@ def test_the_socket_path_exists_only_while_it_accepts(tmp_path, layers, monkeypa
         conn.close()
         _grpc.shutdown(server, sock, None)
         assert seen == {"path after bind": False, "path at stop": False}
+
         with pytest.raises(FileNotFoundError):
             socket.socket(socket.AF_UNIX).connect(str(sock))
         assert sorted(p.name for p in tmp_path.iterdir()) == ["layers", "root"]  # no staging name left
     finally:
+        sn.store.close()
+
+
+def test_a_successors_socket_is_not_removed_by_the_snapshotter_that_leaves(tmp_path, layers):
+    from snapshotter import _grpc
+
+    sock = tmp_path / "s.sock"
+    sn = Snapshotter(Store(tmp_path / "root"), DirRemoteLayers(layers, timeout=1.0))
+    successor = socket.socket(socket.AF_UNIX)
+    try:
+        server = _grpc.serve(sn, sock, workers=2)
+        sock.unlink()  # a new snapshotter took the path (its socket in place of ours)
+        successor.bind(str(sock))
+        theirs = os.stat(sock).st_ino
+        _grpc.shutdown(server, sock, None)
+        assert sock.is_socket() and os.stat(sock).st_ino == theirs
+    finally:
+        successor.close()
         sn.store.close()
