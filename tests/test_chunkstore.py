@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from p2pfs._buffers import aligned_empty
 from p2pfs.store import ChunkStore
 from p2pfs.config import CacheConfig, FetchConfig
 from p2pfs.diskcache import DiskCache
@@ -549,5 +550,41 @@ async def test_write_back_on_a_machine_that_stays_busy_waits_a_bounded_time(tmp_
             while store.writeback_pending:
                 await trio.sleep(0.05)
         assert store.metrics.writeback_done == 2
+
+    await with_store(store, body)
+
+
+async def test_a_chunk_a_fill_is_writing_to_disk_is_not_fetched_again(tmp_path):
+    # A fill's chunk lands in its client's memory, not the memory tier, and its flight ends
+    # before its disk write does. A reader in that window waits for the write and reads the
+    # disk: the bytes cross the network once (this raced in a full-suite run before).
+    import threading
+
+    data, locs = blob(tmp_path)
+    origin = Counting(tmp_path / "origin")
+    store = make_store(tmp_path, origin)
+    write, release = store.disk.write, threading.Event()
+
+    def slow_write(*args, **kwargs):
+        release.wait(10)
+        return write(*args, **kwargs)
+
+    store.disk.write = slow_write  # type: ignore[method-assign]
+    client = aligned_empty(CHUNK)
+
+    async def body():
+        async with trio.open_nursery() as writes:
+            await store.fill(locs[:1], client, writes=writes)  # answered; its write is held
+            assert bytes(client) == data[:CHUNK] and len(origin.requests) == 1
+
+            async def let_the_write_go():
+                await trio.sleep(0.3)
+                release.set()
+            writes.start_soon(let_the_write_go)
+            with trio.fail_after(5):
+                (got,) = await store.get(locs[:1])
+            assert bytes(got) == data[:CHUNK]
+            assert len(origin.requests) == 1, "fetched again while the fill's write was under way"
+            assert store.metrics.hits["disk"] == 1
 
     await with_store(store, body)

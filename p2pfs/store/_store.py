@@ -16,6 +16,9 @@ Concurrency invariants (docs/ARCHITECTURE.md, "One chunk path"):
   reader waits forever; readers also bound their wait with `read_timeout`.
 - Nothing writes into a destination after the load that owns it returns: tiers never
   abandon a thread, and every network receive has a socket deadline.
+- A chunk a fill landed in its client's memory is registered as being written before its
+  flight ends; a reader that finds it in no tier waits for that write, never fetches it
+  again.
 - Write-back never blocks a reader: a full queue drops the write (counted). `warm` and
   `fill` without a `writes` nursery are the callers that wait for the disk.
 - Loads run in the store's nursery (owned by the daemon) or in the fill's own task; they
@@ -75,6 +78,9 @@ class ChunkStore:
         self._wb_send, self._wb_recv = trio.open_memory_channel[
             tuple[ChunkLoc, Buffer, str | None, float]](cache.writeback_queue)
         self._wb_pending: dict[str, trio.Event] = {}
+        # Chunks a fill landed in its client's memory and is writing to disk: in neither the
+        # memory tier nor the disk until the write ends, so a reader waits for it (below).
+        self._fill_writing: set[str] = set()
         self._wb_workers = cache.writeback_workers
         self._wb_bytes = 0  # bytes of the chunks in the write-back queue
         self._wb_limit = cache.writeback_bytes
@@ -163,6 +169,8 @@ class ChunkStore:
         missing = [loc for loc, d in zip(locs, out) if d is None]
         if not missing:
             return out  # type: ignore[return-value]
+        limit = self.cfg.read_timeout if timeout is None else timeout
+        await self._await_fill_writes(missing, limit)
         now = trio.current_time()
         for loc in missing:
             if (failure := self._failed.check(loc.digest, now)) is not None:
@@ -174,7 +182,6 @@ class ChunkStore:
         for f, o in zip(flights, owned):
             f.waiters += not o
         self._start([(loc, f) for loc, f, o in zip(missing, flights, owned) if o], tiers)
-        limit = self.cfg.read_timeout if timeout is None else timeout
         with trio.move_on_after(limit):
             it = iter(flights)
             for i, d in enumerate(out):
@@ -192,6 +199,18 @@ class ChunkStore:
             if not f.done:
                 self._failed.record(loc.digest, error, now)
         raise error
+
+    async def _await_fill_writes(self, locs: Sequence[ChunkLoc], limit: float) -> None:
+        """Wait (at most `limit`) for the disk writes of any of `locs` that a fill landed in
+        its client's memory: such a chunk's flight has ended and it is in no tier until its
+        write ends, so without this a reader would fetch it again (the bytes cross the
+        network twice). A write that fails or takes too long leaves the reader to the tiers."""
+        waits = [self._wb_pending[loc.digest] for loc in locs
+                 if loc.digest in self._fill_writing and loc.digest in self._wb_pending]
+        if waits:
+            with trio.move_on_after(limit):
+                for done in waits:
+                    await done.wait()
 
     def _start(self, owned: list[tuple[ChunkLoc, Flight]], tiers: list[Tier]) -> None:
         """Load chunks whose flights we own into fresh store buffers, one buffer and one
@@ -226,6 +245,7 @@ class ChunkStore:
         xxh3 the cache files are named by is taken from the verified bytes before that, so
         a write of changed bytes is caught on read-back, never served."""
         limit = self.cfg.read_timeout if timeout is None else timeout
+        await self._await_fill_writes(locs, limit)
         copies: list[tuple[memoryview, Buffer]] = []
         waits: list[tuple[memoryview, Flight, ChunkLoc]] = []
         own: list[Slot] = []
@@ -399,6 +419,33 @@ class ChunkStore:
         # A fill's destination is the client's: others waiting get a copy. Decide who needs
         # one and end the rest without an await in between, so no waiter can slip in.
         needs_copy = [s for s in landed if not s.owned and s.flight.waiters]
+        new = [s for s in landed if s.xxh is not None and s.loc.digest not in self._wb_pending]
+        fill_writes = [s for s in new if not s.owned]
+        for slot in fill_writes:  # before the flights end, so no reader finds neither
+            self._wb_pending[slot.loc.digest] = trio.Event()
+            self._fill_writing.add(slot.loc.digest)
+        try:
+            await self._end_flights(landed, needs_copy, source)
+        except BaseException:
+            for slot in fill_writes:  # cancelled before the writes: release the readers
+                self._wb_done(slot.loc.digest)
+            raise
+        if fill_writes:
+            await self._write_fill(fill_writes, writes)
+        if new and all(s.owned for s in new):  # only these go to the queue recorded checked
+            for slot in new:
+                size = slot.loc.ref.size
+                try:
+                    if self._wb_bytes + size <= self._wb_limit:
+                        self._wb_send.send_nowait((slot.loc, slot.dest, slot.xxh, trio.current_time()))
+                        self._wb_pending[slot.loc.digest] = trio.Event()
+                        self._wb_bytes += size
+                        continue
+                except trio.WouldBlock:
+                    pass
+                self.metrics.writeback_dropped += 1  # the queue is full (bytes or chunks)
+
+    async def _end_flights(self, landed: list[Slot], needs_copy: list[Slot], source: str) -> None:
         for slot in landed:
             self._failed.clear(slot.loc.digest)
             if slot.owned:
@@ -411,31 +458,30 @@ class ChunkStore:
             for slot, data in zip(needs_copy, datas):
                 self.memory.put(slot.loc.digest, data)
                 self.flights.land(slot.flight, data, source)
-        new = [s for s in landed if s.xxh is not None and s.loc.digest not in self._wb_pending]
-        if not new:
-            return
-        if all(s.owned for s in new):  # only these go to the queue recorded checked
-            for slot in new:
-                size = slot.loc.ref.size
+
+    async def _write_fill(self, slots: list[Slot], writes: trio.Nursery | None) -> None:
+        """Write the chunks a fill landed in its client's memory (their `_wb_pending` entries
+        are registered; each is ended when its write ends)."""
+        if writes is not None:
+            for i, slot in enumerate(slots):
                 try:
-                    if self._wb_bytes + size <= self._wb_limit:
-                        self._wb_send.send_nowait((slot.loc, slot.dest, slot.xxh, trio.current_time()))
-                        self._wb_pending[slot.loc.digest] = trio.Event()
-                        self._wb_bytes += size
-                        continue
-                except trio.WouldBlock:
-                    pass
-                self.metrics.writeback_dropped += 1  # the queue is full (bytes or chunks)
-        elif writes is not None:
-            for slot in new:
-                await self._fill_writes.acquire()
-                self._wb_pending[slot.loc.digest] = trio.Event()
+                    await self._fill_writes.acquire()
+                except BaseException:
+                    for rest in slots[i:]:
+                        self._wb_done(rest.loc.digest)
+                    raise
                 writes.start_soon(self._deferred_write, slot.loc, slot.dest, slot.xxh)
-        else:
-            def write_all() -> list[bool]:
-                return [self.disk.write(s.loc.digest, s.dest, s.xxh, s.loc.spot) for s in new]
-            for slot, ok in zip(new, await trio.to_thread.run_sync(write_all)):
-                self._count_write(ok, slot.loc.spot)
+            return
+
+        def write_all() -> list[bool]:
+            return [self.disk.write(s.loc.digest, s.dest, s.xxh, s.loc.spot) for s in slots]
+        try:
+            oks = await trio.to_thread.run_sync(write_all)
+        finally:
+            for slot in slots:
+                self._wb_done(slot.loc.digest)
+        for slot, ok in zip(slots, oks):
+            self._count_write(ok, slot.loc.spot)
 
     def _fail(self, slot: Slot, error: BaseException, *, record: bool = True) -> None:
         if self.flights.fail(slot.flight, error) and record and isinstance(error, P2PFSError):
@@ -510,6 +556,7 @@ class ChunkStore:
             await trio.sleep(min(IdleCpus.WINDOW, left))
 
     def _wb_done(self, digest: str) -> None:
+        self._fill_writing.discard(digest)
         done = self._wb_pending.pop(digest, None)
         if done is not None:
             done.set()
