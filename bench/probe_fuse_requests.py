@@ -18,24 +18,20 @@ the kernel), and open + close (open and release). Medians over rounds.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import shutil
-import signal
-import stat
 import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
-from bench_p2pfs import p2pfs, wait_mounted  # noqa: E402
+from bench_p2pfs import p2pfs, unmount_proc, wait_mounted  # noqa: E402
 from p2pfs.seaweed import SeaweedServer  # noqa: E402
 
 FLOOR_FS = textwrap.dedent('''
@@ -164,12 +160,7 @@ def main() -> None:
         if mounted:
             p2pfs("unmount", str(p2_mnt), endpoint=sw.endpoint)
         if floor is not None:
-            subprocess.run(["fusermount3", "-u", str(floor_mnt)], capture_output=True)
-            try:
-                floor.wait(10)
-            except subprocess.TimeoutExpired:
-                floor.send_signal(signal.SIGKILL)
-                floor.wait()
+            unmount_proc(floor_mnt, floor)
         sw.stop()
         shutil.rmtree(work, ignore_errors=True)
 

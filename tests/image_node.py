@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from conftest import p2pfs_cmd
+from containerd_helpers import ContainerdError
 from peer_helpers import free_port
 
 SNAPSHOTTER = [sys.executable, "-m", "snapshotter.cli"]
@@ -142,8 +143,6 @@ class ImageNode:
 
     def wait_connected(self, timeout: float = 30.0) -> None:
         """Until containerd reaches the snapshotter with a call (raises otherwise)."""
-        from containerd_helpers import ContainerdError
-
         try:
             self.containerd.wait_proxy_snapshotter("p2pfs", timeout)
         except ContainerdError as exc:
