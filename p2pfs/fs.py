@@ -17,17 +17,19 @@ import time
 from dataclasses import dataclass
 
 import pyfuse3
+import trio
 
 from .store import ChunkStore
 from .config import FetchConfig
 from .errors import FetchTimeout, IntegrityError, OriginUnavailable, P2PFSError, RecentlyFailed
 from .metrics import Metrics
 from .plan import chunk_span, overlaps, slice_reply
-from .tree import ROOT_INODE, Node, Tree
+from .tree import EROFS_DIR, ROOT_INODE, Node, Tree
 
 log = logging.getLogger("p2pfs.fs")
 
 CONTROL_XATTR = b"user.p2pfs.control"
+_EROFS_NAME = EROFS_DIR.encode()
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
 
@@ -57,6 +59,7 @@ class Operations(pyfuse3.Operations):
         self._mount_time_ns = time.time_ns()
         self._last_log: dict[str, float] = {}
         self._pack_ahead_to: dict[str, int] = {}  # per pack: stored offset read-ahead reached
+        self._building: dict[int, trio.Event] = {}  # EROFS images being built, by id
 
     # -- helpers --------------------------------------------------------------------------
     def _node(self, inode: int) -> Node:
@@ -119,7 +122,30 @@ class Operations(pyfuse3.Operations):
             if not self.negative_timeout:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             return self._negative()
-        return self._attr(self.tree.nodes[inode])
+        node = self.tree.nodes[inode]
+        if node.virtual is not None and not await self._erofs_ready(node):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(node)
+
+    async def _erofs_ready(self, node: Node) -> bool:
+        """Build a layer's EROFS image on the first lookup of its files (in a worker
+        thread: it is CPU work); False when the layer cannot be expressed as EROFS."""
+        image = node.virtual[0]  # type: ignore[index]
+        if not image.ready:
+            done = self._building.get(id(image))
+            if done is None:
+                done = self._building[id(image)] = trio.Event()
+                try:
+                    await trio.to_thread.run_sync(image.build)
+                finally:
+                    done.set()
+                    del self._building[id(image)]
+                if image.error:
+                    log.warning("layer %s is served through FUSE only, not as EROFS: %s",
+                                image.layer, image.error)
+            else:
+                await done.wait()
+        return image.image is not None
 
     def _negative(self) -> pyfuse3.EntryAttributes:
         """No such name, cached by the kernel for negative_timeout (inode 0 is libfuse's
@@ -151,6 +177,9 @@ class Operations(pyfuse3.Operations):
         names = sorted(node.children)
         for i in range(start_id, len(names)):
             child = self.tree.nodes[node.children[names[i]]]
+            if child.virtual is not None and child.virtual[0].image is None or (
+                    names[i] == _EROFS_NAME and child.entry is None):
+                continue  # the EROFS dir is found by name only; its files once built
             if not pyfuse3.readdir_reply(token, names[i], self._attr(child), i + 1):
                 break
 
@@ -193,8 +222,13 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if flags & _WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
+        if node.virtual is not None and node.virtual[0].image is not None:
+            return self._new_handle(node)
         if node.entry is None or node.entry.type != "file":
             raise pyfuse3.FUSEError(errno.EISDIR if node.children is not None else errno.EINVAL)
+        return self._new_handle(node)
+
+    def _new_handle(self, node: Node) -> pyfuse3.FileInfo:
         fh = self._next_fh
         self._next_fh += 1
         self._open[fh] = _Open(node)
@@ -209,6 +243,8 @@ class Operations(pyfuse3.Operations):
         h = self._open.get(fh)
         if h is None:
             raise pyfuse3.FUSEError(errno.EBADF)
+        if h.node.virtual is not None:
+            return await self._read_erofs(h.node, off, size)
         entry = h.node.entry
         assert entry is not None
         span = chunk_span(entry, off, size)
@@ -226,6 +262,52 @@ class Operations(pyfuse3.Operations):
         except P2PFSError as exc:
             raise self._eio(exc, f"read {h.node.model or '/'} inode {h.node.inode} @{off}+{size}")
         data = slice_reply(entry, span, chunks, off, size)
+        self.metrics.read_latency.observe(time.monotonic() - t0)
+        self.metrics.reads += 1
+        self.metrics.read_bytes += len(data)
+        return data
+
+    async def _read_erofs(self, node: Node, off: int, size: int) -> bytes | memoryview:
+        """A read of a layer's EROFS image (from memory) or blob: the blob's bytes are the
+        layer's files at the offsets the image gives them, fetched and verified through the
+        same chunk store as reads of the files themselves; the gaps between files are zeros."""
+        layer, which = node.virtual  # type: ignore[misc]
+        img = layer.image
+        assert img is not None
+        if which == "img":
+            return memoryview(img.meta)[off:off + size]
+        end = min(off + size, img.blob_size)
+        if off >= end:
+            return b""
+        t0 = time.monotonic()
+        parts, locs, used = [], [], []
+        for extent, foff, n in img.covering(off, end - off):
+            fnode = self.tree.nodes[layer.paths[extent.path]]
+            e = fnode.entry
+            assert e is not None
+            span = chunk_span(e, foff, n)
+            parts.append((fnode, span, foff, n, extent.offset + foff - off))
+            locs.extend(fnode.locs(span))
+            used.extend(overlaps(e, span, foff, n))
+            if self.startup is not None:
+                self.startup.record(fnode, span)
+        if not locs:
+            return bytes(end - off)
+        if self.fetch.pack_readahead and (self.startup is None or self.startup.guess_ahead(node)):
+            self._pack_ahead(locs[-1])
+        try:
+            chunks = await self.store.get(locs, used=used)
+        except P2PFSError as exc:
+            raise self._eio(exc, f"read {layer.layer} EROFS blob @{off}+{size}")
+        if len(parts) == 1 and parts[0][4] == 0 and parts[0][3] == end - off:
+            fnode, span, foff, n, _ = parts[0]
+            data: bytes | memoryview | bytearray = slice_reply(fnode.entry, span, chunks, foff, n)
+        else:
+            data = bytearray(end - off)
+            i = 0
+            for fnode, span, foff, n, at in parts:
+                data[at:at + n] = slice_reply(fnode.entry, span, chunks[i:i + len(span)], foff, n)
+                i += len(span)
         self.metrics.read_latency.observe(time.monotonic() - t0)
         self.metrics.reads += 1
         self.metrics.read_bytes += len(data)

@@ -3,6 +3,7 @@ through a real FUSE mount of the layers prefix (and an overlayfs over it)."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -363,3 +364,72 @@ def test_a_store_failure_mid_conversion_stops_it(tmp_path):
     with pytest.raises(OriginUnavailable, match="blobs/"):
         trio.run(main)
     assert not list((tmp_path / "layers").rglob("manifest.json"))
+
+
+# -- as EROFS -----------------------------------------------------------------------------
+
+def tree_of(root: Path) -> dict[str, tuple]:
+    """Everything a reader sees of a tree: per path its type, mode, owner, size, device,
+    mtime, link count, link target, xattrs and content digest."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            p = Path(dirpath) / name
+            st = os.lstat(p)
+            xattrs = {k: os.getxattr(p, k, follow_symlinks=False)
+                      for k in os.listxattr(p, follow_symlinks=False)}
+            body = (os.readlink(p) if stat.S_ISLNK(st.st_mode)
+                    else file_sha(p) if stat.S_ISREG(st.st_mode) else None)
+            out[str(p.relative_to(root))] = (
+                st.st_mode, st.st_uid, st.st_gid, st.st_size if not stat.S_ISDIR(st.st_mode) else 0,
+                st.st_rdev, st.st_mtime_ns, st.st_nlink, body, xattrs)
+    return out
+
+
+@contextlib.contextmanager
+def erofs_layer(mnt: Path, hex_: str, target: Path):
+    from p2pfs import erofs
+    target.mkdir()
+    erofs.mount(str(mnt / ".erofs" / f"{hex_}.img"), str(mnt / ".erofs" / f"{hex_}.blob"), str(target))
+    try:
+        yield target
+    finally:
+        erofs.unmount(str(target))
+
+
+@needs_fuse
+def test_each_layer_mounts_as_erofs_with_the_same_tree(layers, layers_mount, tmp_path):
+    mnt = layers_mount.path
+    assert sorted(os.listdir(mnt)) == sorted([layers["base"].hex, layers["upper"].hex])
+    for which in ("base", "upper"):
+        hex_ = layers[which].hex
+        with erofs_layer(mnt, hex_, tmp_path / which) as target:
+            got, want = tree_of(target), tree_of(mnt / hex_)
+            # An entry without an mtime (a parent the tar left out) shows the mount time
+            # through FUSE and 0 (1970) through EROFS; everything else is identical.
+            for rel, v in got.items():
+                if v[5] == 0 and rel in want:
+                    want[rel] = (*want[rel][:5], 0, *want[rel][6:])
+            assert got == want, which
+            assert os.statvfs(target).f_fsid != os.statvfs(mnt).f_fsid  # the kernel's own
+    assert sorted(os.listdir(mnt / ".erofs")) == sorted(
+        f"{layers[w].hex}.{k}" for w in ("base", "upper") for k in ("img", "blob"))
+
+
+@needs_fuse
+def test_overlayfs_over_erofs_layers_applies_whiteouts(layers, layers_mount, tmp_path):
+    mnt = layers_mount.path
+    with erofs_layer(mnt, layers["base"].hex, tmp_path / "b") as base, \
+            erofs_layer(mnt, layers["upper"].hex, tmp_path / "u") as upper:
+        target = tmp_path / "rootfs"
+        target.mkdir()
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"ro,lowerdir={upper}:{base}",
+                        str(target)], check=True, capture_output=True)
+        try:
+            assert not (target / "etc/shadow").exists()
+            assert sorted(os.listdir(target / "var/lib")) == ["new"]
+            assert file_sha(target / "bin/busybox") == sha(BUSYBOX)
+            assert file_sha(target / "big.bin") == sha(BIG)
+            assert (target / "added").read_bytes() == b"only here"
+        finally:
+            subprocess.run(["umount", "-l", str(target)], capture_output=True)
