@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -216,7 +217,8 @@ class P2pfsNode:
     """A fresh node: a p2pfs mount of the layers prefix (new cache), the snapshotter over it
     (convert on first pull on) and a containerd with the snapshotter as its proxy plugin."""
 
-    def __init__(self, bench: Bench, name: str, layers_url: str, *, startup_window: float) -> None:
+    def __init__(self, bench: Bench, name: str, layers_url: str, *, startup_window: float,
+                 erofs: bool = True) -> None:
         from conftest import Mount
         from image_node import Snapshotter
 
@@ -231,7 +233,8 @@ class P2pfsNode:
         self.mount = Mount(layers_url, mp, self.cache, store.endpoint,
                            ["--allow-empty", "--config", str(self.dir / "p2pfs.toml")]).start()
         self.snapshotter = Snapshotter(self.dir / "snap", layers_mount=mp, layers_url=layers_url,
-                                       endpoint=store.endpoint, plain_http=(bench.registry.host,), status=True)
+                                       endpoint=store.endpoint, plain_http=(bench.registry.host,), status=True,
+                                       extra=() if erofs else ("--no-erofs",))
         self.containerd = Containerd(self.dir / "containerd", snapshotter="p2pfs",
                                      proxy_socket=self.snapshotter.socket,
                                      registries=bench.registry_mirror)
@@ -284,9 +287,9 @@ class P2pfsNode:
 
 
 def _run_on_node(bench: Bench, image: BenchImage, ref: str, name: str, layers_url: str, *,
-                 startup_window: float, after: Callable[[P2pfsNode, Sample], None] | None = None
-                 ) -> Sample:
-    node = P2pfsNode(bench, name, layers_url, startup_window=startup_window)
+                 startup_window: float, after: Callable[[P2pfsNode, Sample], None] | None = None,
+                 erofs: bool = True) -> Sample:
+    node = P2pfsNode(bench, name, layers_url, startup_window=startup_window, erofs=erofs)
     try:
         sample = _pull_and_run(bench, node.containerd, image, ref, f"bench-{name}"[:60], "p2pfs",
                                meter=node.fetched if bench.relay is None else None)
@@ -331,14 +334,16 @@ def _converted_prefix(bench: Bench, image: BenchImage, ref: str, kind: str) -> s
     return _PREPARED[key]
 
 
-def p2pfs_lazy(bench: Bench, image: BenchImage, ref: str, rnd: int) -> Sample:
+def p2pfs_lazy(bench: Bench, image: BenchImage, ref: str, rnd: int, *, erofs: bool = True) -> Sample:
     """A fresh node (new containerd root, new p2pfs cache, same object store) pulling an
     image converted before, with no start-up list (recording off)."""
     url = _converted_prefix(bench, image, ref, "lazy")
-    return _run_on_node(bench, image, ref, f"lazy-{image.name}-{rnd}", url, startup_window=0)
+    return _run_on_node(bench, image, ref, f"lazy-{image.name}-{rnd}", url, startup_window=0,
+                        erofs=erofs)
 
 
-def p2pfs_lazy_prefetch(bench: Bench, image: BenchImage, ref: str, rnd: int) -> Sample:
+def p2pfs_lazy_prefetch(bench: Bench, image: BenchImage, ref: str, rnd: int, *,
+                        erofs: bool = True) -> Sample:
     """As p2pfs_lazy, on a prefix where one untimed lazy start has recorded the layers'
     start-up lists; the mount warms them in the background from the first open."""
     key = ("recorded", image.name)
@@ -355,7 +360,8 @@ def p2pfs_lazy_prefetch(bench: Bench, image: BenchImage, ref: str, rnd: int) -> 
         _run_on_node(bench, image, ref, f"record-{image.name}", url, startup_window=window,
                      after=wait_recorded)
         _PREPARED[key] = url
-    return _run_on_node(bench, image, ref, f"prefetch-{image.name}-{rnd}", url, startup_window=10.0)
+    return _run_on_node(bench, image, ref, f"prefetch-{image.name}-{rnd}", url, startup_window=10.0,
+                        erofs=erofs)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -363,6 +369,9 @@ VARIANTS: dict[str, Variant] = {
     "p2pfs-first": p2pfs_first_pull,
     "p2pfs-lazy": p2pfs_lazy,
     "p2pfs-prefetch": p2pfs_lazy_prefetch,
+    # The same with the snapshotter's --no-erofs: overlayfs over the FUSE dirs (before 2026-12-03).
+    "p2pfs-lazy-fuse": functools.partial(p2pfs_lazy, erofs=False),
+    "p2pfs-prefetch-fuse": functools.partial(p2pfs_lazy_prefetch, erofs=False),
 }
 METRICS = ("seconds_to_first_output", "bytes_to_first_output", "bytes_total", "seconds_total")
 

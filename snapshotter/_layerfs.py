@@ -88,14 +88,20 @@ class Prober:
     def probe(self, path: str) -> OSError | None:
         """Open `path` as a directory: None if it did, the error if it failed; Unavailable
         if it did not answer within the timeout (or too many earlier probes still hang)."""
+        return self.run(path, lambda: self._open_dir(path))
+
+    def run(self, what: str, fn: Callable[[], None]) -> OSError | None:
+        """`fn()` in a thread that may be abandoned: None if it returned, the OSError it
+        raised; Unavailable if it did not return within the timeout (or too many earlier
+        calls still hang)."""
         with self._lock:
             if self._hung >= self.max_hung:
-                raise Unavailable(f"{path}: {self._hung} earlier probes of the layers mount still hang")
+                raise Unavailable(f"{what}: {self._hung} earlier probes of the layers mount still hang")
         state: dict[str, object] = {"done": False, "hung": False, "error": None}
 
         def run() -> None:
             try:
-                self._open_dir(path)
+                fn()
             except OSError as exc:
                 state["error"] = exc
             finally:
@@ -104,14 +110,14 @@ class Prober:
                     if state["hung"]:
                         self._hung -= 1
 
-        thread = threading.Thread(target=run, name=f"probe {path}", daemon=True)
+        thread = threading.Thread(target=run, name=f"probe {what}", daemon=True)
         thread.start()
         thread.join(self.timeout)
         with self._lock:
             if not state["done"]:
                 state["hung"] = True
                 self._hung += 1
-                raise Unavailable(f"{path}: no answer within {self.timeout:g}s "
+                raise Unavailable(f"{what}: no answer within {self.timeout:g}s "
                                   "(is the p2pfs daemon alive?)")
         return state["error"]  # type: ignore[return-value]
 

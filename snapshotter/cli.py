@@ -39,6 +39,7 @@ class ServeConfig:
     plain_http: tuple[str, ...] = ()  # registries (host:port) the converter reaches over plain HTTP
     convert_concurrency: int = 1      # layers converted at once on first pull (0: never convert)
     probe_timeout_s: float = 2.0      # how long a remote lower may take to answer a check
+    erofs: bool = True                # mount remote layers as EROFS where the kernel and layer allow
     workers: int = 16                 # grpc worker threads
     grace_s: float = 10.0             # how long calls under way may finish on SIGTERM
 
@@ -134,6 +135,19 @@ def _image_mirror(config: ServeConfig, layers):
     return loop, recorder, server
 
 
+def _erofs_lowers(config: ServeConfig):
+    if not (config.erofs and config.layers_mount):
+        return None
+    from p2pfs import erofs
+
+    from ._erofs import ErofsLowers
+
+    if not erofs.supported():
+        log.warning("this kernel has no EROFS: remote layers are served through FUSE only")
+        return None
+    return ErofsLowers(config.root / "erofs")
+
+
 def serve(config: ServeConfig, *, stop: threading.Event | None = None) -> None:
     """Serve until `stop` is set (SIGTERM/SIGINT set it when called from the main thread)."""
     from . import _grpc
@@ -149,7 +163,7 @@ def serve(config: ServeConfig, *, stop: threading.Event | None = None) -> None:
     store = Store(config.root)
     oci_loop = recorder = mirror = None
     try:
-        sn = Snapshotter(store, remote)
+        sn = Snapshotter(store, remote, erofs=_erofs_lowers(config))
         if converter is not None:
             from ._p2pfs import ConverterMetrics
 
@@ -228,6 +242,9 @@ def main(verbose: bool, json_logs: bool) -> None:
                    "fallback `server`.")
 @click.option("--probe-timeout", "probe_timeout_s", type=float, default=2.0, show_default=True,
               help="Seconds a remote layer may take to answer before calls get UNAVAILABLE.")
+@click.option("--erofs/--no-erofs", default=True, show_default=True,
+              help="Mount each remote layer as EROFS (metadata served by the kernel, data by "
+                   "p2pfs) where the kernel and the layer allow; --no-erofs: the FUSE dirs.")
 @click.option("--workers", type=int, default=16, show_default=True, help="gRPC worker threads.")
 @click.option("--containerd-root", type=click.Path(path_type=Path), default="/var/lib/containerd",
               show_default=True, help="containerd's root: layers pulled normally are converted "
@@ -237,12 +254,13 @@ def main(verbose: bool, json_logs: bool) -> None:
 @click.option("--convert-concurrency", type=int, default=1, show_default=True,
               help="Layers converted at once after a normal pull (0: never convert).")
 def serve_cmd(socket_: Path, root: Path, layers_mount: Path | None, layers_url: str | None,
-              metrics_addr: str | None, mirror_addr: str | None, probe_timeout_s: float, workers: int,
-              containerd_root: Path, plain_http: tuple[str, ...], convert_concurrency: int) -> None:
+              metrics_addr: str | None, mirror_addr: str | None, probe_timeout_s: float, erofs: bool,
+              workers: int, containerd_root: Path, plain_http: tuple[str, ...],
+              convert_concurrency: int) -> None:
     """Serve containerd's snapshots API on SOCKET."""
     config = ServeConfig(socket=socket_.absolute(), root=root.absolute(), layers_mount=layers_mount,
                          layers_url=layers_url, metrics_addr=metrics_addr, mirror_addr=mirror_addr,
-                         probe_timeout_s=probe_timeout_s, workers=workers,
+                         probe_timeout_s=probe_timeout_s, erofs=erofs, workers=workers,
                          containerd_root=containerd_root.absolute(), plain_http=plain_http,
                          convert_concurrency=convert_concurrency)
     try:

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 
 from . import _metadata as core
+from ._erofs import ErofsLowers
 from ._errors import FailedPrecondition, ServedRemotely, Unavailable
 from ._filters import compile_filters, snapshot_adaptor
 from ._layerfs import NoRemoteLayers, RemoteLayers
@@ -55,11 +56,15 @@ class Snapshotter:
     store sends them (`<ns>/<seq>/<key>`)."""
 
     def __init__(self, store: Store, remote: RemoteLayers | None = None, *,
-                 clock: Callable[[], int] = time.time_ns) -> None:
+                 clock: Callable[[], int] = time.time_ns, erofs: ErofsLowers | None = None) -> None:
         self.store = store
         self.remote = remote or NoRemoteLayers()
         self.clock = clock
         self.metrics = Metrics(store)
+        #: Remote layers mounted as EROFS (None: every remote lowerdir is its FUSE dir).
+        self.erofs = erofs
+        if erofs is not None:
+            erofs.sweep(s.remote for s in store.all() if s.remote)
 
     # -- creating ---------------------------------------------------------------------
     def prepare(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
@@ -75,7 +80,7 @@ class Snapshotter:
         lower = self.remote.lookup(labels) if layer and core.REF_LABEL in labels else None
         with self.store.transaction() as tx:
             parents = core.chain(tx, Snapshot(key="", kind=kind, parent=parent)) if parent else []
-        self._check(parents)
+        lowers = self._check(parents)
         with self.store.transaction() as tx:
             plan = core.prepare(tx, kind=kind, key=key, parent=parent, labels=labels,
                                 now_ns=self.clock(), remote_lower=lower)
@@ -94,7 +99,7 @@ class Snapshotter:
         remote_lowers = [p.remote for p in parents if p.remote]
         if remote_lowers and kind == Kind.ACTIVE:
             self.remote.prepared(key, remote_lowers)
-        return self._mounts(snap, parents)
+        return self._mounts(snap, parents, lowers)
 
     @staticmethod
     def _why_local(key: str, labels: Mapping[str, str], lower: str | None) -> str:
@@ -108,7 +113,9 @@ class Snapshotter:
             return "its layer is not converted (or the layers mount did not answer)"
         return f"{core.remote_name(key, labels[core.REF_LABEL])} is held by another snapshot"
 
-    def _check(self, parents: Sequence[Snapshot]) -> None:
+    def _check(self, parents: Sequence[Snapshot]) -> dict[str, str]:
+        """Raise Unavailable unless every remote lower answers; the EROFS mount to use
+        for each remote lower that has one (mounted now if need be)."""
         remote_lowers = [p.remote for p in parents if p.remote]
         if remote_lowers:
             try:
@@ -116,11 +123,17 @@ class Snapshotter:
             except Unavailable:
                 self.metrics.unavailable.inc()
                 raise
+        if self.erofs is None:
+            return {}
+        found = {r: self.erofs.lower(r) for r in dict.fromkeys(remote_lowers)}
+        return {r: path for r, path in found.items() if path is not None}
 
-    def _mounts(self, snap: Snapshot, parents: Sequence[Snapshot]) -> list[Mount]:
+    def _mounts(self, snap: Snapshot, parents: Sequence[Snapshot],
+                lowers: Mapping[str, str]) -> list[Mount]:
         return core.mounts(snap, fs_dir=str(self.store.fs_dir(snap)),
                            work_dir=str(self.store.work_dir(snap)),
-                           lower_dirs=[str(self.store.fs_dir(p)) for p in parents])
+                           lower_dirs=[lowers.get(p.remote) or str(self.store.fs_dir(p))
+                                       for p in parents])
 
     def mounts(self, key: str) -> list[Mount]:
         with self.store.transaction() as tx:
@@ -128,8 +141,7 @@ class Snapshotter:
             parents = core.chain(tx, snap)
         if snap.kind == Kind.COMMITTED:  # as containerd's storage: only active ones and views
             raise FailedPrecondition(f"snapshot {key!r} is committed: it has no mounts")
-        self._check(parents)
-        return self._mounts(snap, parents)
+        return self._mounts(snap, parents, self._check(parents))
 
     # -- committing and removing ------------------------------------------------------
     def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
@@ -147,13 +159,21 @@ class Snapshotter:
 
     def remove(self, key: str) -> None:
         with self.store.transaction() as tx:
+            snap = tx.get(key)
+            remote = snap.remote if snap is not None else ""
             core.remove(tx, key)
             tx.delete(key)
+        if remote and self.erofs is not None and not any(s.remote == remote for s in self.store.all()):
+            self.erofs.release(remote)
 
     def cleanup(self) -> None:
         swept = self.store.cleanup()
         if swept:
             log.info("cleanup removed the dirs of %d snapshots no longer known", len(swept))
+        if self.erofs is not None:
+            gone = self.erofs.sweep(s.remote for s in self.store.all() if s.remote)
+            if gone:
+                log.info("cleanup detached %d EROFS layer mounts no snapshot uses", len(gone))
 
     # -- reading ----------------------------------------------------------------------
     def stat(self, key: str) -> Snapshot:

@@ -19,6 +19,7 @@ from typing import Any
 from conftest import p2pfs_cmd
 from containerd_helpers import ContainerdError
 from peer_helpers import free_port
+from snapshotter._erofs import detach_all
 
 SNAPSHOTTER = [sys.executable, "-m", "snapshotter.cli"]
 #: Every snapshotter process started; conftest's autouse fixture stops what a test left.
@@ -83,6 +84,7 @@ class Snapshotter:
         self.proc = None
         if not keep_dir:
             shutil.rmtree(self.short, ignore_errors=True)
+            detach_all(self.root)  # the layers' EROFS mounts outlive a snapshotter on purpose
 
     def restart(self) -> None:
         self.stop(keep_dir=True)

@@ -21,6 +21,7 @@ import pytest
 from containerd_helpers import ContainerdError, containerd_factory, needs_containerd  # noqa: F401
 from image_helpers import MT_OCI_MANIFEST, busybox_image, push, registry  # noqa: F401
 from snapshotter._cri import ImageService
+from snapshotter._erofs import detach_all
 
 pytestmark = needs_containerd
 REPO = Path(__file__).resolve().parent.parent
@@ -91,6 +92,7 @@ def snapshotter_factory(tmp_path):
     yield make
     for sp in started:
         sp.stop()
+        detach_all(sp.root)  # the layers' EROFS mounts outlive a snapshotter on purpose
 
 
 def _snapshots(node, namespace: str = "k8s.io") -> list[tuple[str, str, str]]:
