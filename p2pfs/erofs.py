@@ -48,6 +48,9 @@ _FLAT_PLAIN, _CHUNK_BASED = 0, 4
 _CHUNK_INDEXES = 0x20
 _INODE = 64                 # an extended inode
 _NULL = 0xFFFFFFFF
+#: The largest image built (it is kept in the daemon's memory): a layer that needs more
+#: (over ~16,000 directories or symlinks) is served through FUSE.
+MAX_IMAGE = 64 << 20
 _FT = {"file": 1, "dir": 2, "char": 3, "block": 4, "fifo": 5, "symlink": 7}
 #: xattr name prefixes EROFS can index (the kernel's EROFS_XATTR_INDEX_*), longest first
 _XATTR_PREFIXES = (("system.posix_acl_default", 3), ("system.posix_acl_access", 2),
@@ -257,6 +260,9 @@ def build(manifest: Manifest) -> Image:
             ino.blkaddr, ino.nblocks = data_blk, 1
         data_blk += ino.nblocks
     total_blocks = data_blk
+    if total_blocks * BLOCK > MAX_IMAGE:
+        raise ErofsUnsupported(f"its EROFS image would take {total_blocks * BLOCK >> 20} MiB "
+                               f"(more than {MAX_IMAGE >> 20} MiB)")
 
     img = bytearray(total_blocks * BLOCK)
     meta0 = _META_BLKADDR * BLOCK
@@ -354,7 +360,13 @@ def unmount(target: str) -> None:
 
 
 def supported() -> bool:
-    """Whether this kernel has EROFS (file-backed mounts need 6.12+ as well)."""
+    """Whether this kernel has EROFS and is 6.12 or later (file-backed mounts)."""
+    try:
+        major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    except ValueError:
+        return False
+    if (major, minor) < (6, 12):
+        return False
     try:
         with open("/proc/filesystems") as f:
             return any(line.split()[-1] == "erofs" for line in f if line.strip())

@@ -397,8 +397,15 @@ def erofs_layer(mnt: Path, hex_: str, target: Path):
         erofs.unmount(str(target))
 
 
+def needs_erofs():
+    from p2pfs import erofs
+    if not erofs.supported():
+        pytest.skip("needs a kernel with EROFS file-backed mounts (Linux 6.12+)")
+
+
 @needs_fuse
 def test_each_layer_mounts_as_erofs_with_the_same_tree(layers, layers_mount, tmp_path):
+    needs_erofs()
     mnt = layers_mount.path
     assert sorted(os.listdir(mnt)) == sorted([layers["base"].hex, layers["upper"].hex])
     for which in ("base", "upper"):
@@ -418,6 +425,7 @@ def test_each_layer_mounts_as_erofs_with_the_same_tree(layers, layers_mount, tmp
 
 @needs_fuse
 def test_overlayfs_over_erofs_layers_applies_whiteouts(layers, layers_mount, tmp_path):
+    needs_erofs()
     mnt = layers_mount.path
     with erofs_layer(mnt, layers["base"].hex, tmp_path / "b") as base, \
             erofs_layer(mnt, layers["upper"].hex, tmp_path / "u") as upper:
@@ -433,3 +441,20 @@ def test_overlayfs_over_erofs_layers_applies_whiteouts(layers, layers_mount, tmp
             assert (target / "added").read_bytes() == b"only here"
         finally:
             subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+def test_a_layer_too_big_for_an_erofs_image_is_refused(monkeypatch):
+    from p2pfs import erofs
+    from p2pfs.manifest import Entry, Manifest
+
+    entries = (Entry(path="", type="dir"), *(Entry(path=f"d{i}", type="dir") for i in range(40)))
+    m = Manifest(chunk_size=1 << 20, blobs=(), entries=entries, kind="layer", blob_root="..")
+    assert len(erofs.build(m).meta) > 40 * erofs.BLOCK
+    monkeypatch.setattr(erofs, "MAX_IMAGE", 16 * erofs.BLOCK)
+    with pytest.raises(erofs.ErofsUnsupported, match="MiB"):
+        erofs.build(m)
+    bad = Manifest(chunk_size=1 << 20, blobs=(), kind="layer", blob_root="..",
+                   entries=(Entry(path="", type="dir"),
+                            Entry(path="f", type="file", xattrs={"system.nfs4_acl": b"x"})))
+    with pytest.raises(erofs.ErofsUnsupported, match="name index"):
+        erofs.build(bad)
