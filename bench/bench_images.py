@@ -36,6 +36,7 @@ import functools
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import sys
@@ -234,7 +235,8 @@ class P2pfsNode:
                            ["--allow-empty", "--config", str(self.dir / "p2pfs.toml")]).start()
         self.snapshotter = Snapshotter(self.dir / "snap", layers_mount=mp, layers_url=layers_url,
                                        endpoint=store.endpoint, plain_http=(bench.registry.host,), status=True,
-                                       extra=() if erofs else ("--no-erofs",))
+                                       extra=(() if erofs else ("--no-erofs",)) + tuple(shlex.split(
+                                           os.environ.get("P2PFS_BENCH_SNAPSHOTTER_ARGS", ""))))
         self.containerd = Containerd(self.dir / "containerd", snapshotter="p2pfs",
                                      proxy_socket=self.snapshotter.socket,
                                      registries=bench.registry_mirror)

@@ -2,12 +2,12 @@
 "Images: the daemon's work during a cold start").
 
     sudo .venv/bin/python bench/probe_image_daemon.py [--image torch-serve] [--rounds 8]
-         [--ab "[cache]\\nwriteback_idle_cpus = 0\\n"] [--ab-fuse] [--perf] [--py-spy] [--again]
+         [--ab "[cache]\\nwriteback_idle_cpus = 0\\n"] [--ab-snapshotter "--no-erofs"] [--perf] [--py-spy] [--again]
 
 Runs bench_images' `p2pfs-prefetch` variant (a fresh node on a converted prefix with
 recorded start-up lists) ROUNDS times; with --ab, odd rounds merge that TOML over the node's
-config (an A/B comparison of settings in one run, interleaved); with --ab-fuse, odd rounds
-run the snapshotter with --no-erofs (layers through the FUSE dirs, not EROFS). Per round: time to first
+config (an A/B comparison of settings in one run, interleaved); --ab-snapshotter gives odd
+rounds' snapshotter those options (e.g. --no-erofs: layers through the FUSE dirs). Per round: time to first
 output, the daemon's CPU seconds (user+system, /proc) over pull + run, write-back done and
 pending at the first output, and done/dropped at exit; FUSE requests by operation once.
 --perf records the daemon with `perf record -g` (files under /tmp/probe-image-daemon/).
@@ -76,8 +76,8 @@ def main() -> None:
     ap.add_argument("--image", default="torch-serve")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--ab", default="", help="TOML merged over the config of odd rounds")
-    ap.add_argument("--ab-fuse", dest="ab_fuse", action="store_true",
-                    help="odd rounds with the snapshotter's --no-erofs (overlayfs over the FUSE dirs)")
+    ap.add_argument("--ab-snapshotter", dest="ab_snapshotter", default="", metavar="ARGS",
+                    help="options given to the snapshotter of odd rounds, e.g. '--no-erofs'")
     ap.add_argument("--perf", action="store_true")
     ap.add_argument("--py-spy", dest="py_spy", action="store_true")
     ap.add_argument("--again", action="store_true",
@@ -123,9 +123,9 @@ def main() -> None:
             spy.wait()
             top_functions(OUT / f"{cid}.pyspy")
         st = n.mount.status()
-        conf = "fuse" if "--no-erofs" in n.snapshotter.args else "erofs"
-        print(json.dumps({"round": cid, "conf": (os.environ.get("P2PFS_BENCH_TOML", "") and "B" or "A")
-                          + "/" + conf,
+        conf = "B" if os.environ.get("P2PFS_BENCH_TOML") or os.environ.get(
+            "P2PFS_BENCH_SNAPSHOTTER_ARGS") else "A"
+        print(json.dumps({"round": cid, "conf": conf,
                           "first_output_s": round(s.seconds_to_first_output, 2),
                           "daemon_cpu_s": round(cpu, 2), "writeback_at_first_output": at_first,
                           "writeback_done": st["writeback_done"],
@@ -152,9 +152,9 @@ def main() -> None:
         bench = B.Bench(workdir=workdir, node_dir=workdir / "nodes", registry=registry, relay=None)
         for r in range(args.rounds):
             os.environ["P2PFS_BENCH_TOML"] = args.ab if args.ab and r % 2 else ""
+            os.environ["P2PFS_BENCH_SNAPSHOTTER_ARGS"] = args.ab_snapshotter if r % 2 else ""
             os.sync()
-            B.p2pfs_lazy_prefetch(bench, images[args.image], refs[args.image], r,
-                                  erofs=not (args.ab_fuse and r % 2))
+            B.p2pfs_lazy_prefetch(bench, images[args.image], refs[args.image], r)
     finally:
         B.close_store()
         registry.stop()

@@ -41,13 +41,15 @@ class ErofsLowers:
     """EROFS mounts of remote layers under `root` (ROOT/erofs)."""
 
     def __init__(self, root: Path, *, timeout: float = 10.0, max_hung: int = 4,
-                 mount: Callable[[str, str, str], None] = erofs.mount,
+                 read_ahead_kb: int = 1024,
+                 mount: Callable[..., None] = erofs.mount,
                  unmount: Callable[[str], None] = erofs.unmount,
                  is_mount: Callable[[Path], bool] = os.path.ismount) -> None:
         self.dir = Path(root)
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.prober = Prober(timeout, max_hung)
         self._mount, self._unmount, self._is_mount = mount, unmount, is_mount
+        self.read_ahead_kb = read_ahead_kb
         self._lock = threading.Lock()
         self._mounted: dict[str, int] = {}   # remote dir -> st_dev of its layers mount
         self._failed: set[str] = set()       # remote dirs EROFS could not mount (logged once)
@@ -90,7 +92,7 @@ class ErofsLowers:
                 return str(target)
             self._unmount(str(target))  # an earlier process's, or of a daemon that is gone
             target.mkdir(mode=0o755, exist_ok=True)
-            self._mount(img, blob, str(target))
+            self._mount(img, blob, str(target), read_ahead_kb=self.read_ahead_kb)
             self._mounted[remote] = dev
             self._failed.discard(remote)
         log.info("layer %s mounted as EROFS at %s", hex_[:12], target)

@@ -40,6 +40,7 @@ class ServeConfig:
     convert_concurrency: int = 1      # layers converted at once on first pull (0: never convert)
     probe_timeout_s: float = 2.0      # how long a remote lower may take to answer a check
     erofs: bool = True                # mount remote layers as EROFS where the kernel and layer allow
+    erofs_read_ahead_kb: int = 1024   # read-ahead of those mounts (0: the kernel's 128 KiB)
     workers: int = 16                 # grpc worker threads
     grace_s: float = 10.0             # how long calls under way may finish on SIGTERM
 
@@ -145,7 +146,7 @@ def _erofs_lowers(config: ServeConfig):
     if not erofs.supported():
         log.warning("this kernel has no EROFS: remote layers are served through FUSE only")
         return None
-    return ErofsLowers(config.root / "erofs")
+    return ErofsLowers(config.root / "erofs", read_ahead_kb=config.erofs_read_ahead_kb)
 
 
 def serve(config: ServeConfig, *, stop: threading.Event | None = None) -> None:
@@ -245,6 +246,8 @@ def main(verbose: bool, json_logs: bool) -> None:
 @click.option("--erofs/--no-erofs", default=True, show_default=True,
               help="Mount each remote layer as EROFS (metadata served by the kernel, data by "
                    "p2pfs) where the kernel and the layer allow; --no-erofs: the FUSE dirs.")
+@click.option("--erofs-read-ahead-kb", type=click.IntRange(0, 1 << 20), default=1024,
+              show_default=True, help="Read-ahead of the EROFS layer mounts (0: the kernel's).")
 @click.option("--workers", type=int, default=16, show_default=True, help="gRPC worker threads.")
 @click.option("--containerd-root", type=click.Path(path_type=Path), default="/var/lib/containerd",
               show_default=True, help="containerd's root: layers pulled normally are converted "
@@ -255,12 +258,13 @@ def main(verbose: bool, json_logs: bool) -> None:
               help="Layers converted at once after a normal pull (0: never convert).")
 def serve_cmd(socket_: Path, root: Path, layers_mount: Path | None, layers_url: str | None,
               metrics_addr: str | None, mirror_addr: str | None, probe_timeout_s: float, erofs: bool,
-              workers: int, containerd_root: Path, plain_http: tuple[str, ...],
+              erofs_read_ahead_kb: int, workers: int, containerd_root: Path, plain_http: tuple[str, ...],
               convert_concurrency: int) -> None:
     """Serve containerd's snapshots API on SOCKET."""
     config = ServeConfig(socket=socket_.absolute(), root=root.absolute(), layers_mount=layers_mount,
                          layers_url=layers_url, metrics_addr=metrics_addr, mirror_addr=mirror_addr,
-                         probe_timeout_s=probe_timeout_s, erofs=erofs, workers=workers,
+                         probe_timeout_s=probe_timeout_s, erofs=erofs,
+                         erofs_read_ahead_kb=erofs_read_ahead_kb, workers=workers,
                          containerd_root=containerd_root.absolute(), plain_http=plain_http,
                          convert_concurrency=convert_concurrency)
     try:

@@ -23,7 +23,7 @@ class FakeKernel:
         self.block = threading.Event()
         self.hang = False
 
-    def mount(self, img: str, blob: str, target: str) -> None:
+    def mount(self, img: str, blob: str, target: str, read_ahead_kb: int = 0) -> None:
         if self.hang:
             self.block.wait(10)
         self.calls.append(("mount", img, blob, target))
@@ -86,7 +86,7 @@ def test_without_erofs_files_the_fuse_dir_is_used(tmp_path, layers):
 
 
 def test_a_failing_mount_means_the_fuse_dir(tmp_path, layers):
-    def refuse(img, blob, target):
+    def refuse(img, blob, target, read_ahead_kb=0):
         raise OSError(22, "mount -t erofs: Invalid argument")
     e = ErofsLowers(tmp_path / "erofs", mount=refuse, unmount=lambda t: None)
     assert e.lower(str(layers / HEX)) is None
