@@ -16,7 +16,8 @@ stacks in /tmp/probe-image-daemon/ROUND.pyspy, and the top functions by own samp
 printed): `pip install py-spy` into the venv first.
 --again starts a second container from the image on the same node after each round (a
 replica restarting, or a second one on a node that ran one) and prints its time to first
-output and the FUSE requests it alone sent.
+output and the FUSE requests it alone sent; --again-cold drops the page cache before it
+(everything then comes from p2pfs's disk cache: bench_coldstart's p2pfs-warm).
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ def main() -> None:
     ap.add_argument("--py-spy", dest="py_spy", action="store_true")
     ap.add_argument("--again", action="store_true",
                     help="a second container on the same node after each round")
+    ap.add_argument("--again-cold", dest="again_cold", action="store_true",
+                    help="with --again: drop the page cache first (what is left is p2pfs's disk cache)")
     args = ap.parse_args()
     nodes: list = []
     init = B.P2pfsNode.__init__
@@ -132,9 +135,20 @@ def main() -> None:
                           "writeback_dropped": st["writeback_dropped"],
                           "fuse_ops": st.get("fuse_ops")}), flush=True)
         if args.again:
+            if args.again_cold:
+                os.sync()
+                Path("/proc/sys/vm/drop_caches").write_text("3")
+            spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "-r", "200",
+                                    "--threads", "--nonblocking", "-f", "raw", "-p", str(n.mount.pid),
+                                    "-o", str(OUT / f"{cid}-again.pyspy")], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL) if args.py_spy else None
             c0, ops0 = daemon_cpu(n.mount.pid), st.get("fuse_ops") or {}
             again = run(bench, node, image, ref, f"{cid}-again", snap, meter)
             ops = n.mount.status().get("fuse_ops") or {}
+            if spy:
+                spy.send_signal(2)
+                spy.wait()
+                top_functions(OUT / f"{cid}-again.pyspy")
             print(json.dumps({"round": f"{cid}-again",
                               "first_output_s": round(again.seconds_to_first_output, 2),
                               "daemon_cpu_s": round(daemon_cpu(n.mount.pid) - c0, 2),

@@ -158,6 +158,10 @@ class MountConfig:
     #: Mount a prefix with no manifest under it yet (an image layers prefix before its
     #: first conversion); what is published later appears with `p2pfs refresh`.
     allow_empty: bool = False
+    #: Image layers mounted as EROFS: push the bytes the pack read-ahead and start-up
+    #: lists prefetch into the kernel's page cache of the layer's blob (FUSE notify_store),
+    #: so EROFS reads them without a FUSE request (p2pfs/pagepush.py).
+    erofs_page_push: bool = True
 
     def __post_init__(self) -> None:
         settings.check(self, ConfigError)

@@ -8,6 +8,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import posixpath
 import signal
 import socket
 import time
@@ -28,9 +29,10 @@ from .errors import ConfigError
 from .fs import Operations
 from .metrics import Metrics
 from .metrics import serve as serve_metrics
+from .pagepush import PagePusher
 from ._perms import ROOT_MODE, private_dir, private_open
 from .origin import open_origin, parse_url
-from .tree import TreeConflict, build_tree_skipping
+from .tree import EROFS_DIR, TreeConflict, build_tree_skipping
 from .tune import is_stale, mount_entry, tune_mount, unmount
 
 log = logging.getLogger("p2pfs.daemon")
@@ -167,10 +169,13 @@ async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket,
         startup = StartupPrefetch(origin=origin, store=store, tree=tree,
                                   window=cfg.mount.startup_window)
         startup.layers.update(layer_prefixes(loc.prefix, models))
+    pusher = PagePusher(store) if cfg.mount.erofs_page_push else None
+    if startup is not None and pusher is not None:
+        startup.on_prefetched = lambda layer, locs, chunks: _offer_layer(tree, pusher, layer, locs, chunks)
     ops = Operations(tree, store, fetch=cfg.fetch, metrics=metrics,
                      attr_timeout=cfg.mount.attr_timeout,
                      negative_timeout=cfg.mount.negative_timeout, control_path=str(control_path),
-                     startup=startup)
+                     startup=startup, pusher=pusher)
     tuning: dict[str, Any] = {}
     metrics.gauges.update({
         "cache_used_bytes": lambda: disk.stats().used_bytes,
@@ -197,6 +202,7 @@ async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket,
             **metrics.snapshot(),
             **({"peers": peers.status()} if peers else {}),
             **({"startup": dict(startup.stats)} if startup else {}),
+            **({"page_push": dict(pusher.stats)} if pusher else {}),
         }
 
     manifests = ManifestCache(cfg.cache.dir)
@@ -255,6 +261,8 @@ async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket,
             await nursery.start(control.serve)
             if startup:
                 await nursery.start(startup.run)
+            if pusher:
+                await nursery.start(pusher.run)
             if peers:
                 await nursery.start(peers.run)
             nursery.start_soon(_watch_signals, peers, cfg.peers.drain_timeout)
@@ -283,6 +291,14 @@ async def _serve(cfg, loc, origin, mountpoint: Path, on_ready, notify_socket,
         sd_notify(notify_socket, "STOPPING=1")
         pyfuse3.close(unmount=True)
         log.info("unmounted %s", mountpoint)
+
+
+def _offer_layer(tree, pusher: PagePusher, layer: str, locs, chunks) -> None:
+    """A start-up list's prefetched chunks of `layer`: into its EROFS blob's page cache."""
+    node = tree.lookup_path(posixpath.join(posixpath.dirname(layer), EROFS_DIR,
+                                           posixpath.basename(layer) + ".blob"))
+    if node is not None and node.virtual is not None and node.virtual[0].image is not None:
+        pusher.offer(node.virtual[0], locs, chunks)
 
 
 def _invalidate(inode: int, names: set[bytes]) -> None:

@@ -23,6 +23,7 @@ from .store import ChunkStore
 from .config import FetchConfig
 from .errors import FetchTimeout, IntegrityError, OriginUnavailable, P2PFSError, RecentlyFailed
 from .metrics import Metrics
+from .pagepush import PagePusher
 from .plan import chunk_span, overlaps, slice_reply
 from .tree import EROFS_DIR, ROOT_INODE, Node, Tree
 
@@ -44,8 +45,9 @@ class _Open:
 class Operations(pyfuse3.Operations):
     def __init__(self, tree: Tree, store: ChunkStore, *, fetch: FetchConfig, metrics: Metrics,
                  attr_timeout: float, negative_timeout: float = 0.0, control_path: str = "",
-                 startup=None) -> None:
+                 startup=None, pusher: PagePusher | None = None) -> None:
         super().__init__()
+        self.pusher = pusher  # EROFS blobs: prefetched bytes into the kernel's page cache
         self.startup = startup  # StartupPrefetch: image layers' start-up lists
         self.tree = tree
         self.store = store
@@ -223,6 +225,8 @@ class Operations(pyfuse3.Operations):
         if flags & _WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
         if node.virtual is not None and node.virtual[0].image is not None:
+            if node.virtual[1] == "blob":
+                node.virtual[0].opened = True
             return self._new_handle(node)
         if node.entry is None or node.entry.type != "file":
             raise pyfuse3.FUSEError(errno.EISDIR if node.children is not None else errno.EINVAL)
@@ -293,8 +297,15 @@ class Operations(pyfuse3.Operations):
                 self.startup.record(fnode, span)
         if not locs:
             return bytes(end - off)
-        if self.fetch.pack_readahead and (self.startup is None or self.startup.guess_ahead(node)):
-            self._pack_ahead(locs[-1])
+        if self.fetch.pack_readahead:
+            # Fetch the neighbours only where no start-up list says what is read (as for
+            # the layer's files); push into the page cache whatever is here without a fetch.
+            guess = self.startup is None or self.startup.guess_ahead(node)
+            stretch = self._pack_ahead(locs[-1], fetch=guess)
+            if stretch and self.pusher is not None:
+                here = stretch if guess else [n for n in stretch if n.digest in self.store.memory
+                                              or self.store.disk.may_hold(n.digest)]
+                self.pusher.offer(layer, here)
         try:
             chunks = await self.store.get(locs, used=used)
         except P2PFSError as exc:
@@ -343,22 +354,25 @@ class Operations(pyfuse3.Operations):
                 log.debug("read-ahead inode %d: read %d+%d, window %d, fetch [%d, %d)",
                           h.node.inode, off, size, h.window, start, stop)
 
-    def _pack_ahead(self, loc) -> None:
+    def _pack_ahead(self, loc, fetch: bool = True) -> list:
         """Fetch the pack bytes after `loc` in the background (image layers only: a pack
         holds many files in tar order, and a start-up reads neighbours together). Issued
-        once per stretch of pack: a read inside what was issued already asks nothing."""
+        once per stretch of pack: a read inside what was issued already asks nothing.
+        Returns the stretch's chunks (those on disk too: an EROFS blob's page cache may
+        want them, `PagePusher`); those not on disk are the ones fetched (unless not `fetch`)."""
         end = loc.ref.offset + loc.ref.length
         window = self.fetch.pack_readahead
         reached = self._pack_ahead_to.get(loc.key, 0)
         if end + window // 2 <= reached <= end + 2 * window:
-            return  # this stretch is issued already
+            return []  # this stretch is issued already
         far_behind = reached > end + 2 * window  # another file, earlier in the pack
         start = end if far_behind else max(reached, end)
-        ahead = [n for n in self.tree.pack_neighbours(loc, window)
-                 if n.ref.offset >= start and not self.store.disk.may_hold(n.digest)]
+        stretch = [n for n in self.tree.pack_neighbours(loc, window) if n.ref.offset >= start]
+        ahead = [n for n in stretch if not self.store.disk.may_hold(n.digest)]
         self._pack_ahead_to[loc.key] = end + window if far_behind else max(reached, end + window)
-        if ahead:
+        if ahead and fetch:
             self.store.prefetch(ahead)
+        return stretch
 
     async def forget(self, inode_list) -> None:
         return None

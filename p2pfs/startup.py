@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import trio
 
@@ -141,6 +141,9 @@ class StartupPrefetch:
         self.layers: dict[str, tuple[str, str]] = {}
         self.recorder = Recorder(window)
         self._clock = clock
+        #: Called with (layer, chunk locations, their bytes) as each prefetch step lands
+        #: (the daemon pushes them into the layer's EROFS blob page cache).
+        self.on_prefetched: Callable[[str, list, list], None] | None = None
         self._touched: set[str] = set()
         self._unlisted: set[str] = set()  # layers known to have no start-up list
         self._send, self._recv = trio.open_memory_channel[str](256)
@@ -208,11 +211,11 @@ class StartupPrefetch:
         self.stats["chunks_prefetched"] += len(locs)
         log.info("layer %s: prefetching its start-up list (%d chunks)", layer, len(locs))
         try:
-            await self._prefetch(locs)
+            await self._prefetch(locs, layer)
         except P2PFSError as exc:  # readers fetch what they need themselves
             log.warning("layer %s: start-up prefetch stopped: %s", layer, exc)
 
-    async def _prefetch(self, locs: list[ChunkLoc]) -> None:
+    async def _prefetch(self, locs: list[ChunkLoc], layer: str = "") -> None:
         """Into memory, in list order, `BATCH` bytes per step and `AHEAD` steps at once (so
         nothing waits long enough in a queue to hit the read timeout), as far as half the
         memory tier holds; the rest of a longer list onto disk (`warm`)."""
@@ -236,7 +239,9 @@ class StartupPrefetch:
         async def one(batch: list[ChunkLoc]) -> None:
             batch = sorted(batch, key=lambda loc: (loc.key, loc.ref.offset))
             try:  # `used` 0: prefetching serves no reader, so no bytes count as served
-                await self.store.get(batch, used=[0] * len(batch))
+                chunks = await self.store.get(batch, used=[0] * len(batch))
+                if self.on_prefetched is not None:
+                    self.on_prefetched(layer, batch, chunks)
             finally:
                 ahead.release()
 

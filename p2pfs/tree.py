@@ -88,6 +88,9 @@ class LayerImage:
         self.paths: dict[str, int] = {}         # entry path -> inode (set at attach)
         self.image: "erofs.Image | None" = None
         self.error: str = ""
+        self.blob_inode: int | None = None      # the `.blob` file's inode (set at attach)
+        self.opened = False                     # the kernel has the blob open (EROFS mounted it)
+        self._positions: dict[str, list[tuple[int, int]]] | None = None
 
     @property
     def ready(self) -> bool:
@@ -105,6 +108,28 @@ class LayerImage:
         if self.image is None:
             return 0
         return len(self.image.meta) if which == "img" else self.image.blob_size
+
+    def positions(self) -> dict[str, list[tuple[int, int]]]:
+        """Per chunk digest, where its bytes sit in the blob as whole pages: (offset, zero
+        bytes after it to the page's end); a file's last chunk is padded with the zeros the
+        blob holds there, a chunk that starts or ends inside a page elsewhere is left out
+        (p2pfs/pagepush.py pushes these into the kernel's page cache)."""
+        if self._positions is None:
+            if self.image is None:
+                return {}
+            by_path = {e.path: e for e in self.manifest.files()}
+            out: dict[str, list[tuple[int, int]]] = {}
+            for x in self.image.extents:
+                e = by_path[x.path]
+                last = len(e.chunks) - 1
+                for i, c in enumerate(e.chunks):
+                    off = x.offset + e.starts[i]
+                    if off % erofs.BLOCK or (i < last and c.size % erofs.BLOCK):
+                        continue
+                    pad = (-(off + c.size)) % erofs.BLOCK if i == last else 0
+                    out.setdefault(c.sha256, []).append((off, pad))
+            self._positions = out
+        return self._positions
 
 
 #: A pack's chunks in the order a layer's data file holds them (docs/FORMAT.md, "Pack layout id").
@@ -363,9 +388,11 @@ class _Attach:
         parent = self.ensure_dir(posixpath.join(posixpath.dirname(mount_dir), EROFS_DIR))
         name = posixpath.basename(mount_dir)
         for which in ("img", "blob"):
-            self._add(parent, f"{name}.{which}".encode(), Node(
-                self._inode(), stat.S_IFREG | 0o444, parent=parent.inode, model=mount_dir,
-                virtual=(image, which)))
+            node = Node(self._inode(), stat.S_IFREG | 0o444, parent=parent.inode,
+                        model=mount_dir, virtual=(image, which))
+            self._add(parent, f"{name}.{which}".encode(), node)
+            if which == "blob":
+                image.blob_inode = node.inode
 
     def commit(self, mount_dir: str, digest: str) -> dict[int, tuple[bytes, ...]]:
         tree = self.tree

@@ -7,9 +7,10 @@ lowerdir: lookups, getattr, getxattr and readdir are answered by the kernel from
 caches, and only data reads reach the FUSE daemon, as reads of the blob. Why and the
 measurements: docs/ARCHITECTURE.md, "Image layers through EROFS".
 
-One mount per layer, shared by every snapshot (and namespace) over it; made on the first
-Prepare, View or Mounts that needs it, outside the store's lock and within a bounded time
-(the image is built on the daemon's first lookup: about 0.5 s for 16,000 entries).
+One mount per layer, shared by every snapshot (and namespace) over it; made when mounts over
+it are first handed out, outside the store's lock and within a bounded time (the image is
+built on the daemon's first lookup, about 0.5 s for 16,000 entries; `warm` asks for it in
+the background as soon as the pull serves the layer remotely).
 Anything that fails (no EROFS in the kernel, a layer EROFS cannot express, a slow daemon)
 means the FUSE dir is the lowerdir, as before: EROFS is an optimization, never a new way
 for a start to fail. A mount is made again when the layers mount's device changed (the
@@ -53,6 +54,24 @@ class ErofsLowers:
         self._lock = threading.Lock()
         self._mounted: dict[str, int] = {}   # remote dir -> st_dev of its layers mount
         self._failed: set[str] = set()       # remote dirs EROFS could not mount (logged once)
+        self._warmed: set[str] = set()       # remote dirs whose image build was started
+
+    def warm(self, remote: str) -> None:
+        """Have the daemon build the layer's image now, in the background (a layer served
+        remotely during a pull: its mount is wanted once the container is created)."""
+        with self._lock:
+            if remote in self._warmed:
+                return
+            self._warmed.add(remote)
+        mount, hex_ = os.path.split(remote)
+
+        def build() -> None:
+            try:
+                os.stat(os.path.join(mount, EROFS_DIR, f"{hex_}.img"))
+            except OSError:
+                pass  # lower() says why, if it matters
+
+        threading.Thread(target=build, name=f"erofs build {hex_[:12]}", daemon=True).start()
 
     def target(self, remote: str) -> Path:
         return self.dir / os.path.basename(remote)

@@ -80,7 +80,7 @@ class Snapshotter:
         lower = self.remote.lookup(labels) if layer and core.REF_LABEL in labels else None
         with self.store.transaction() as tx:
             parents = core.chain(tx, Snapshot(key="", kind=kind, parent=parent)) if parent else []
-        lowers = self._check(parents)
+        self._check(parents)
         with self.store.transaction() as tx:
             plan = core.prepare(tx, kind=kind, key=key, parent=parent, labels=labels,
                                 now_ns=self.clock(), remote_lower=lower)
@@ -92,6 +92,8 @@ class Snapshotter:
         if isinstance(plan, core.ServeRemote):
             self.metrics.layers.labels(served="remote").inc()
             log.info("layer %s served remotely from %s", plan.name, lower)
+            if self.erofs is not None and lower is not None:
+                self.erofs.warm(lower)
             raise ServedRemotely(f"target snapshot {plan.name!r}: served from the p2pfs mount")
         if layer:
             self.metrics.layers.labels(served="local").inc()
@@ -99,7 +101,7 @@ class Snapshotter:
         remote_lowers = [p.remote for p in parents if p.remote]
         if remote_lowers and kind == Kind.ACTIVE:
             self.remote.prepared(key, remote_lowers)
-        return self._mounts(snap, parents, lowers)
+        return self._mounts(snap, parents, self._lowers(parents))
 
     @staticmethod
     def _why_local(key: str, labels: Mapping[str, str], lower: str | None) -> str:
@@ -113,9 +115,7 @@ class Snapshotter:
             return "its layer is not converted (or the layers mount did not answer)"
         return f"{core.remote_name(key, labels[core.REF_LABEL])} is held by another snapshot"
 
-    def _check(self, parents: Sequence[Snapshot]) -> dict[str, str]:
-        """Raise Unavailable unless every remote lower answers; the EROFS mount to use
-        for each remote lower that has one (mounted now if need be)."""
+    def _check(self, parents: Sequence[Snapshot]) -> None:
         remote_lowers = [p.remote for p in parents if p.remote]
         if remote_lowers:
             try:
@@ -123,9 +123,13 @@ class Snapshotter:
             except Unavailable:
                 self.metrics.unavailable.inc()
                 raise
+
+    def _lowers(self, parents: Sequence[Snapshot]) -> dict[str, str]:
+        """The EROFS mount to use for each remote lower that has one, mounted now if need
+        be (only for mounts handed out: a layer Prepare served remotely needs none)."""
         if self.erofs is None:
             return {}
-        found = {r: self.erofs.lower(r) for r in dict.fromkeys(remote_lowers)}
+        found = {r: self.erofs.lower(r) for r in dict.fromkeys(p.remote for p in parents if p.remote)}
         return {r: path for r, path in found.items() if path is not None}
 
     def _mounts(self, snap: Snapshot, parents: Sequence[Snapshot],
@@ -141,7 +145,8 @@ class Snapshotter:
             parents = core.chain(tx, snap)
         if snap.kind == Kind.COMMITTED:  # as containerd's storage: only active ones and views
             raise FailedPrecondition(f"snapshot {key!r} is committed: it has no mounts")
-        return self._mounts(snap, parents, self._check(parents))
+        self._check(parents)
+        return self._mounts(snap, parents, self._lowers(parents))
 
     # -- committing and removing ------------------------------------------------------
     def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:

@@ -419,8 +419,15 @@ def test_each_layer_mounts_as_erofs_with_the_same_tree(layers, layers_mount, tmp
                     want[rel] = (*want[rel][:5], 0, *want[rel][6:])
             assert got == want, which
             assert os.statvfs(target).f_fsid != os.statvfs(mnt).f_fsid  # the kernel's own
+            # Again from a cold page cache: the bytes the daemon pushed into the blob's page
+            # cache (the pack read-ahead's, below) must be the same bytes.
+            subprocess.run(["sync"], check=True)
+            Path("/proc/sys/vm/drop_caches").write_text("3")
+            assert tree_of(target) == got, which
     assert sorted(os.listdir(mnt / ".erofs")) == sorted(
         f"{layers[w].hex}.{k}" for w in ("base", "upper") for k in ("img", "blob"))
+    push = layers_mount.status()["page_push"]
+    assert push["pushes"] > 0 and push["errors"] == 0, push
 
 
 @needs_fuse

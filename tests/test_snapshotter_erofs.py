@@ -115,3 +115,24 @@ def test_release_and_sweep_detach_what_no_snapshot_uses(tmp_path, layers):
     (e.dir / ("cd" * 32)).mkdir()  # a layer no snapshot names any more
     assert e.sweep([remote]) == ["cd" * 32]
     assert k.is_mount(target) and not os.path.exists(e.dir / ("cd" * 32))
+
+
+def test_warm_asks_the_daemon_for_the_image_once_in_the_background(tmp_path, layers, monkeypatch):
+    seen = []
+    real_stat = os.stat
+
+    def stat(path, *a, **k):
+        seen.append(str(path))
+        return real_stat(path, *a, **k)
+
+    k = FakeKernel()
+    e = lowers(tmp_path, k)
+    monkeypatch.setattr(os, "stat", stat)
+    e.warm(str(layers / HEX))
+    e.warm(str(layers / HEX))
+    deadline = time.monotonic() + 5
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert seen == [str(layers / ".erofs" / f"{HEX}.img")]
+    assert k.calls == []  # nothing mounted by warming

@@ -1,0 +1,108 @@
+"""Verified layer bytes pushed into the kernel's page cache of EROFS blobs (FUSE notify_store).
+
+With layers mounted as EROFS, the only FUSE requests a container start sends are reads of
+the layers' blobs, one per page-cache miss, each a round trip through this daemon. But the
+daemon often knows the bytes before the kernel asks: the pack read-ahead fetches the
+neighbours of what was just read, and a recorded start-up list is prefetched from the first
+open. This service stores those bytes straight into the blob file's page cache (the kernel's
+FUSE_NOTIFY_STORE), so EROFS finds them there and sends no request at all.
+
+- Only verified bytes: what is pushed comes from the chunk store (`get`), as a read's reply
+  would; a chunk is pushed only at the blob offsets the layer's image gives it, whole pages
+  only (the tail page of a file padded with the zeros the blob holds there), never past the
+  blob's end.
+- Never on the FUSE thread: the kernel may have to wait for a page another read holds
+  locked, and that read's reply comes from the FUSE thread; so each store runs in a worker
+  thread (pyfuse3 releases the GIL) while the FUSE thread keeps serving.
+- Bounded: offers wait in a queue of at most `max_pending` bytes, and one that does not fit
+  is dropped (counted): the reader then sends the FUSE read it would have sent anyway.
+  A failed store (the kernel forgot the inode, an old kernel) is counted and ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import trio
+
+from .errors import P2PFSError
+from .plan import ChunkLoc
+
+if TYPE_CHECKING:
+    from .store import ChunkStore
+    from .tree import LayerImage
+
+log = logging.getLogger("p2pfs.pagepush")
+
+PAGE = 4096
+
+
+def _notify_store(inode: int, offset: int, data) -> None:
+    import pyfuse3
+
+    pyfuse3.notify_store(inode, offset, data)
+
+
+class PagePusher:
+    def __init__(self, store: "ChunkStore", *, max_pending: int = 128 << 20,
+                 notify: Callable[[int, int, object], None] = _notify_store) -> None:
+        self.store = store
+        self.max_pending = max_pending
+        self._notify = notify
+        self._queue: deque[tuple["LayerImage", list[ChunkLoc], Sequence | None, int]] = deque()
+        self._pending = 0
+        self._wake = trio.Event()
+        self._limiter = trio.CapacityLimiter(1)
+        self.stats = {"pushed_bytes": 0, "pushes": 0, "dropped": 0, "errors": 0}
+
+    def offer(self, layer: "LayerImage", locs: Sequence[ChunkLoc], chunks: Sequence | None = None) -> None:
+        """Push these chunks of `layer` once their bytes are here (`chunks`, or fetched
+        through the store); never blocks."""
+        locs = [loc for loc in locs if loc.digest in layer.positions()]
+        if not locs or layer.blob_inode is None or not layer.opened:
+            return
+        size = sum(loc.ref.size for loc in locs)
+        if self._pending + size > self.max_pending:
+            self.stats["dropped"] += len(locs)
+            return
+        self._pending += size
+        self._queue.append((layer, locs, chunks, size))
+        self._wake.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            if not self._queue:
+                self._wake = trio.Event()
+                await self._wake.wait()
+                continue
+            layer, locs, chunks, size = self._queue.popleft()
+            try:
+                await self._push(layer, locs, chunks)
+            finally:
+                self._pending -= size
+
+    async def _push(self, layer: "LayerImage", locs: list[ChunkLoc], chunks: Sequence | None) -> None:
+        if chunks is None:
+            try:  # `used` 0: nothing is served to a reader by this
+                chunks = await self.store.get(locs, used=[0] * len(locs))
+            except P2PFSError:
+                return  # a reader that needs them fetches (and reports) them itself
+        inode = layer.blob_inode
+        assert inode is not None
+        for loc, data in zip(locs, chunks):
+            for offset, pad in layer.positions().get(loc.digest, ()):
+                buf = data if not pad else bytes(data) + bytes(pad)
+                try:
+                    await trio.to_thread.run_sync(self._notify, inode, offset, buf,
+                                                  limiter=self._limiter)
+                except OSError as exc:
+                    self.stats["errors"] += 1
+                    if self.stats["errors"] == 1:
+                        log.warning("page cache push failed (%s); EROFS blob reads go through "
+                                    "FUSE requests", exc)
+                    return
+                self.stats["pushes"] += 1
+                self.stats["pushed_bytes"] += len(buf)

@@ -1,0 +1,92 @@
+"""PagePusher and LayerImage.positions: what is pushed into a blob's page cache is exactly
+the blob's bytes, in whole pages, and a full queue drops instead of waiting."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import trio
+
+from p2pfs import erofs
+from p2pfs.manifest import ChunkRef, Entry, Manifest
+from p2pfs.pagepush import PagePusher
+from p2pfs.plan import ChunkLoc
+from p2pfs.tree import LayerImage
+
+RNG = random.Random(5)
+CHUNK = 8192
+
+
+def file_entry(path: str, data: bytes, blob: int, at: int) -> tuple[Entry, list[tuple[ChunkRef, bytes]]]:
+    chunks, starts = [], []
+    for i in range(0, len(data), CHUNK):
+        part = data[i:i + CHUNK]
+        chunks.append(ChunkRef(blob=blob, offset=at + i, length=len(part), size=len(part),
+                               compression="none", sha256=hashlib.sha256(part).hexdigest()))
+        starts.append(i)
+    e = Entry(path=path, type="file", size=len(data), chunks=tuple(chunks), starts=tuple(starts))
+    return e, [(c, data[s:s + c.size]) for c, s in zip(chunks, starts)]
+
+
+def layer() -> tuple[LayerImage, dict[str, bytes], list[tuple[ChunkRef, bytes]]]:
+    files = {"a": RNG.randbytes(3 * CHUNK + 100), "b": RNG.randbytes(50), "c/d": RNG.randbytes(CHUNK),
+             "c/e": RNG.randbytes(2 * CHUNK + 4095)}
+    entries, refs, at = [Entry(path="", type="dir"), Entry(path="c", type="dir")], [], 0
+    for path, data in files.items():
+        e, r = file_entry(path, data, 0, at)
+        at += len(data)
+        entries.append(e)
+        refs += r
+    m = Manifest(chunk_size=CHUNK, blobs=("p",), entries=tuple(entries), kind="layer", blob_root="..")
+    img = LayerImage(m, "L")
+    img.build()
+    img.blob_inode, img.opened = 7, True
+    return img, files, refs
+
+
+def blob_bytes(img: LayerImage, files: dict[str, bytes]) -> bytes:
+    out = bytearray(img.image.blob_size)
+    for x in img.image.extents:
+        out[x.offset:x.offset + x.size] = files[x.path]
+    return bytes(out)
+
+
+def test_pushed_pages_are_the_blobs_bytes():
+    img, files, refs = layer()
+    expect = blob_bytes(img, files)
+    stored: list[tuple[int, int, bytes]] = []
+
+    async def main():
+        pusher = PagePusher(store=None, notify=lambda ino, off, data: stored.append((ino, off, bytes(data))))
+        async with trio.open_nursery() as n:
+            await n.start(pusher.run)
+            pusher.offer(img, [ChunkLoc("p", c) for c, _ in refs], [d for _, d in refs])
+            while pusher._queue or pusher._pending:
+                await trio.sleep(0.01)
+            n.cancel_scope.cancel()
+        return pusher
+
+    pusher = trio.run(main)
+    assert stored and pusher.stats["errors"] == 0
+    for ino, off, data in stored:
+        assert ino == 7 and off % erofs.BLOCK == 0 and len(data) % erofs.BLOCK == 0
+        assert off + len(data) <= len(expect)
+        assert data == expect[off:off + len(data)]
+    # Every chunk that starts on a page and ends on one (or at its file's end) is pushed.
+    assert len(stored) == sum(len(v) for v in img.positions().values()) == len(refs)
+
+
+def test_a_full_queue_drops_and_unknown_chunks_are_ignored():
+    img, files, refs = layer()
+    pusher = PagePusher(store=None, max_pending=CHUNK, notify=lambda *a: None)
+    locs = [ChunkLoc("p", c) for c, _ in refs]
+    pusher.offer(img, locs[:1], [refs[0][1]])
+    pusher.offer(img, locs[1:2], [refs[1][1]])  # over max_pending: dropped
+    assert pusher.stats["dropped"] == 1 and len(pusher._queue) == 1
+    other = ChunkRef(blob=0, offset=0, length=1, size=1, compression="none", sha256="0" * 64)
+    pusher.offer(img, [ChunkLoc("p", other)], [b"x"])
+    assert len(pusher._queue) == 1
+    img.opened = False  # the kernel has not opened the blob: nothing to push into
+    pusher.offer(img, locs[2:3], [refs[2][1]])
+    assert len(pusher._queue) == 1
