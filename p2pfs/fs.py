@@ -297,15 +297,12 @@ class Operations(pyfuse3.Operations):
                 self.startup.record(fnode, span)
         if not locs:
             return bytes(end - off)
-        if self.fetch.pack_readahead:
-            # Fetch the neighbours only where no start-up list says what is read (as for
-            # the layer's files); push into the page cache whatever is here without a fetch.
-            guess = self.startup is None or self.startup.guess_ahead(node)
-            stretch = self._pack_ahead(locs[-1], fetch=guess)
-            if stretch and self.pusher is not None:
-                here = stretch if guess else [n for n in stretch if n.digest in self.store.memory
-                                              or self.store.disk.may_hold(n.digest)]
-                self.pusher.offer(layer, here)
+        if self.fetch.pack_readahead and (self.startup is None or self.startup.guess_ahead(node)):
+            # A layer without a start-up list: the neighbours are fetched, and pushed into
+            # the blob's page cache once here (a listed layer's list is pushed as it lands).
+            ahead = self._pack_ahead(locs[-1])
+            if ahead and self.pusher is not None:
+                self.pusher.offer(layer, ahead)
         try:
             chunks = await self.store.get(locs, used=used)
         except P2PFSError as exc:
@@ -354,12 +351,11 @@ class Operations(pyfuse3.Operations):
                 log.debug("read-ahead inode %d: read %d+%d, window %d, fetch [%d, %d)",
                           h.node.inode, off, size, h.window, start, stop)
 
-    def _pack_ahead(self, loc, fetch: bool = True) -> list:
+    def _pack_ahead(self, loc) -> list:
         """Fetch the pack bytes after `loc` in the background (image layers only: a pack
         holds many files in tar order, and a start-up reads neighbours together). Issued
         once per stretch of pack: a read inside what was issued already asks nothing.
-        Returns the stretch's chunks (those on disk too: an EROFS blob's page cache may
-        want them, `PagePusher`); those not on disk are the ones fetched (unless not `fetch`)."""
+        Returns the chunks it fetches (an EROFS blob's page cache wants them too)."""
         end = loc.ref.offset + loc.ref.length
         window = self.fetch.pack_readahead
         reached = self._pack_ahead_to.get(loc.key, 0)
@@ -367,12 +363,12 @@ class Operations(pyfuse3.Operations):
             return []  # this stretch is issued already
         far_behind = reached > end + 2 * window  # another file, earlier in the pack
         start = end if far_behind else max(reached, end)
-        stretch = [n for n in self.tree.pack_neighbours(loc, window) if n.ref.offset >= start]
-        ahead = [n for n in stretch if not self.store.disk.may_hold(n.digest)]
+        ahead = [n for n in self.tree.pack_neighbours(loc, window)
+                 if n.ref.offset >= start and not self.store.disk.may_hold(n.digest)]
         self._pack_ahead_to[loc.key] = end + window if far_behind else max(reached, end + window)
-        if ahead and fetch:
+        if ahead:
             self.store.prefetch(ahead)
-        return stretch
+        return ahead
 
     async def forget(self, inode_list) -> None:
         return None

@@ -47,9 +47,11 @@ def _notify_store(inode: int, offset: int, data) -> None:
 
 class PagePusher:
     def __init__(self, store: "ChunkStore", *, max_pending: int = 128 << 20,
+                 max_run: int = 1 << 20,
                  notify: Callable[[int, int, object], None] = _notify_store) -> None:
         self.store = store
         self.max_pending = max_pending
+        self.max_run = max_run
         self._notify = notify
         self._queue: deque[tuple["LayerImage", list[ChunkLoc], Sequence | None, int]] = deque()
         self._pending = 0
@@ -92,17 +94,46 @@ class PagePusher:
                 return  # a reader that needs them fetches (and reports) them itself
         inode = layer.blob_inode
         assert inode is not None
-        for loc, data in zip(locs, chunks):
-            for offset, pad in layer.positions().get(loc.digest, ()):
-                buf = data if not pad else bytes(data) + bytes(pad)
-                try:
-                    await trio.to_thread.run_sync(self._notify, inode, offset, buf,
-                                                  limiter=self._limiter)
-                except OSError as exc:
-                    self.stats["errors"] += 1
-                    if self.stats["errors"] == 1:
-                        log.warning("page cache push failed (%s); EROFS blob reads go through "
-                                    "FUSE requests", exc)
-                    return
-                self.stats["pushes"] += 1
-                self.stats["pushed_bytes"] += len(buf)
+        runs = _runs(layer.positions(), locs, chunks, self.max_run)
+        try:
+            stored = await trio.to_thread.run_sync(self._store_runs, inode, runs,
+                                                   limiter=self._limiter)
+        except OSError as exc:
+            self.stats["errors"] += 1
+            if self.stats["errors"] == 1:
+                log.warning("page cache push failed (%s); EROFS blob reads go through FUSE "
+                            "requests", exc)
+            return
+        self.stats["pushes"] += len(runs)
+        self.stats["pushed_bytes"] += stored
+
+    def _store_runs(self, inode: int, runs: list[tuple[int, bytes | bytearray]]) -> int:
+        """In a worker thread: one store per run (the kernel copies it into the pages)."""
+        total = 0
+        for offset, data in runs:
+            self._notify(inode, offset, data)
+            total += len(data)
+        return total
+
+
+def _runs(positions: dict[str, list[tuple[int, int]]], locs: Sequence[ChunkLoc],
+          chunks: Sequence, max_run: int) -> list[tuple[int, bytes | bytearray]]:
+    """The chunks' blob pages as (offset, bytes) runs: pieces that meet end to end (a
+    layer's files sit back to back in the blob, in pack order) are joined, up to `max_run`
+    bytes a run, so a batch costs a few stores rather than one per chunk."""
+    by_offset = {off: (pad, data) for loc, data in zip(locs, chunks)
+                 for off, pad in positions.get(loc.digest, ())}  # a chunk offered twice: once
+    runs: list[tuple[int, bytes | bytearray]] = []
+    start, buf = 0, bytearray()
+    for off in sorted(by_offset):
+        pad, data = by_offset[off]
+        if not (buf and off == start + len(buf) and len(buf) + len(data) + pad <= max_run):
+            if buf:
+                runs.append((start, buf))
+            start, buf = off, bytearray()
+        buf += data
+        if pad:
+            buf += bytes(pad)
+    if buf:
+        runs.append((start, buf))
+    return runs

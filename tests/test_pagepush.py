@@ -73,8 +73,24 @@ def test_pushed_pages_are_the_blobs_bytes():
         assert ino == 7 and off % erofs.BLOCK == 0 and len(data) % erofs.BLOCK == 0
         assert off + len(data) <= len(expect)
         assert data == expect[off:off + len(data)]
-    # Every chunk that starts on a page and ends on one (or at its file's end) is pushed.
-    assert len(stored) == sum(len(v) for v in img.positions().values()) == len(refs)
+    # Every chunk that starts on a page and ends on one (or at its file's end) is pushed,
+    # pieces that meet end to end in one store (the files sit back to back in the blob).
+    assert len(img.positions()) == len(refs)
+    assert sum(len(d) for _, _, d in stored) == len(expect)
+    assert len(stored) < len(refs) and len(stored) == pusher.stats["pushes"]
+
+
+def test_runs_join_neighbours_up_to_the_limit_and_push_a_chunk_once():
+    from p2pfs.pagepush import _runs
+
+    img, files, refs = layer()
+    locs = [ChunkLoc("p", c) for c, _ in refs]
+    datas = [d for _, d in refs]
+    runs = _runs(img.positions(), locs + locs[:2], datas + datas[:2], max_run=2 * CHUNK)
+    assert all(len(buf) <= 2 * CHUNK for _, buf in runs)
+    offsets = [off for off, _ in runs]
+    assert offsets == sorted(set(offsets))
+    assert sum(len(buf) for _, buf in runs) == img.image.blob_size
 
 
 def test_a_full_queue_drops_and_unknown_chunks_are_ignored():
