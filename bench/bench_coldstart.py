@@ -78,7 +78,8 @@ class Bench:
         from bench_images import node_toml  # the settings shipped for node daemons
 
         return ColdStartNode(name, self.store, self.workdir,
-                             **{"p2pfs_toml": node_toml({}), **self.node_kw, **kw}).start()
+                             **{"p2pfs_toml": node_toml({}, os.environ.get("P2PFS_BENCH_TOML", "")),
+                                **self.node_kw, **kw}).start()
 
     def timed(self, node: ColdStartNode, kind: str) -> dict:
         """One request at zero serving replicas, timed by the client; its start's stages."""

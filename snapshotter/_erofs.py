@@ -9,8 +9,8 @@ measurements: docs/ARCHITECTURE.md, "Image layers through EROFS".
 
 One mount per layer, shared by every snapshot (and namespace) over it; made when mounts over
 it are first handed out, outside the store's lock and within a bounded time (the image is
-built on the daemon's first lookup, about 0.5 s for 16,000 entries; `warm` asks for it in
-the background as soon as the pull serves the layer remotely).
+built on the daemon's first lookup, about 0.5 s for 16,000 entries), or in the background
+(`warm`) as soon as the pull serves the layer remotely.
 Anything that fails (no EROFS in the kernel, a layer EROFS cannot express, a slow daemon)
 means the FUSE dir is the lowerdir, as before: EROFS is an optimization, never a new way
 for a start to fail. A mount is made again when the layers mount's device changed (the
@@ -57,21 +57,16 @@ class ErofsLowers:
         self._warmed: set[str] = set()       # remote dirs whose image build was started
 
     def warm(self, remote: str) -> None:
-        """Have the daemon build the layer's image now, in the background (a layer served
-        remotely during a pull: its mount is wanted once the container is created)."""
+        """Mount the layer now, in the background (a layer served remotely during a pull:
+        the container created after the pull wants it). Mounting opens the blob, which is
+        what starts the daemon's start-up prefetch for the layer: made only when the
+        container is created, the prefetch would race the container's own reads."""
         with self._lock:
             if remote in self._warmed:
                 return
             self._warmed.add(remote)
-        mount, hex_ = os.path.split(remote)
-
-        def build() -> None:
-            try:
-                os.stat(os.path.join(mount, EROFS_DIR, f"{hex_}.img"))
-            except OSError:
-                pass  # lower() says why, if it matters
-
-        threading.Thread(target=build, name=f"erofs build {hex_[:12]}", daemon=True).start()
+        threading.Thread(target=self.lower, args=(remote,), daemon=True,
+                         name=f"erofs mount {os.path.basename(remote)[:12]}").start()
 
     def target(self, remote: str) -> Path:
         return self.dir / os.path.basename(remote)
