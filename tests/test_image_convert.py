@@ -276,7 +276,9 @@ def layers_mount(seaweed, layers, tmp_path_factory):
         pytest.skip("needs root and /dev/fuse for a real FUSE mount")
     base = tmp_path_factory.mktemp("layers-mount")
     (base / "mnt").mkdir()
-    m = Mount(layers["root"], base / "mnt", base / "cache", seaweed.endpoint, []).start()
+    (base / "p2pfs.toml").write_text("[mount]\nerofs_page_push = true\n")  # exercised here
+    m = Mount(layers["root"], base / "mnt", base / "cache", seaweed.endpoint,
+              ["--config", str(base / "p2pfs.toml")]).start()
     yield m
     m.stop()
 
