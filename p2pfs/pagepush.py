@@ -36,8 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("p2pfs.pagepush")
 
-PAGE = 4096
-
 
 def _notify_store(inode: int, offset: int, data) -> None:
     import pyfuse3
