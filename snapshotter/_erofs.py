@@ -54,7 +54,7 @@ class ErofsLowers:
         self._lock = threading.Lock()
         self._mounted: dict[str, int] = {}   # remote dir -> st_dev of its layers mount
         self._failed: set[str] = set()       # remote dirs EROFS could not mount (logged once)
-        self._warmed: set[str] = set()       # remote dirs whose image build was started
+        self._warmed: set[str] = set()       # remote dirs whose background mount was started
 
     def warm(self, remote: str) -> None:
         """Mount the layer now, in the background (a layer served remotely during a pull:
@@ -116,6 +116,7 @@ class ErofsLowers:
         """The last snapshot over `remote` is gone: detach its mount."""
         with self._lock:
             self._mounted.pop(remote, None)
+            self._warmed.discard(remote)  # a later pull of the layer mounts it early again
             self._drop(self.target(remote))
 
     def sweep(self, in_use: Iterable[str]) -> list[str]:
@@ -129,6 +130,7 @@ class ErofsLowers:
                     gone.append(entry.name)
             self._mounted = {r: d for r, d in self._mounted.items()
                              if os.path.basename(r) in keep}
+            self._warmed = {r for r in self._warmed if os.path.basename(r) in keep}
         return gone
 
     def _drop(self, target: Path) -> None:
