@@ -145,10 +145,8 @@ class ErofsLowers:
 
 
 
-def detach_all(root: Path) -> list[str]:
-    """Detach every EROFS mount under `root` (tearing a node down: a test, a benchmark, an
-    uninstall); the mount points detached. A serving snapshotter leaves its mounts to the
-    containers that use them."""
+def mounts_under(root: Path) -> list[str]:
+    """The mount points of the EROFS mounts under `root`, from /proc/self/mountinfo."""
     base = os.path.realpath(root) + os.sep
     out = []
     with open("/proc/self/mountinfo") as f:
@@ -157,6 +155,14 @@ def detach_all(root: Path) -> list[str]:
             point = left.split()[4].encode().decode("unicode_escape")
             if right.split()[0] == "erofs" and (point + os.sep).startswith(base):
                 out.append(point)
+    return out
+
+
+def detach_all(root: Path) -> list[str]:
+    """Detach every EROFS mount under `root` (tearing a node down: a test, a benchmark, an
+    uninstall); the mount points detached. A serving snapshotter leaves its mounts to the
+    containers that use them."""
+    out = mounts_under(root)
     for point in sorted(out, reverse=True):
         erofs.unmount(point)
     return out

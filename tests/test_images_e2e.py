@@ -20,6 +20,7 @@ import pytest
 
 from conftest import needs_fuse, wait_for
 from p2pfs import erofs
+from snapshotter._erofs import mounts_under
 from containerd_helpers import HAVE_CONTAINERD, containerd_factory  # noqa: F401 - fixture
 from image_helpers import build_image, busybox_image, oci_blob, oci_manifest, push, registry  # noqa: F401
 from image_node import SNAPSHOTTER, ImageNode, first_pull_converted
@@ -144,7 +145,7 @@ def test_first_pull_converts_and_a_fresh_node_starts_lazily(
     normal = rootfs_facts(node1, top, tmp_path)
     lazy = rootfs_facts(node2, top, tmp_path)
     if erofs.supported():  # the lazy node's layers are EROFS mounts of the p2pfs files
-        assert len(erofs_mounts(node2.snapshotter.root)) == len(image["layers"]), \
+        assert len(mounts_under(node2.snapshotter.root)) == len(image["layers"]), \
             node2.snapshotter.log_text()[-2000:]
     assert "etc/hello.txt" not in normal[0] and "etc/app/c.conf" in normal[0]  # whiteouts applied
     assert sorted(p for p in normal[0] if p.startswith("etc/app/")) == ["etc/app/c.conf"]  # opaque
@@ -154,13 +155,6 @@ def test_first_pull_converts_and_a_fresh_node_starts_lazily(
     differ = {p: (normal[0][p], lazy[0][p]) for p in normal[0] if normal[0][p] != lazy[0][p]}
     assert not differ, list(differ.items())[:10]
     assert normal[1] == lazy[1] and normal[1], "hard-link groups"
-
-
-def erofs_mounts(root: Path) -> list[str]:
-    base = os.path.realpath(root) + os.sep
-    with open("/proc/self/mountinfo") as f:
-        return [line.split()[4] for line in f
-                if line.partition(" - ")[2].startswith("erofs ") and line.split()[4].startswith(base)]
 
 
 def _free_port() -> int:
