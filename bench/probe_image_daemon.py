@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -72,6 +73,25 @@ def top_functions(collapsed: Path, n: int = 25) -> None:
             print(f"  {title:9} {100 * c / max(total, 1):5.1f}%  {f}")
 
 
+def timeline(w0: float, sample, logs: dict[str, str]) -> None:
+    """Log lines stamped after w0 (the pull's start), as seconds from it, in time order."""
+    import datetime
+
+    rows = []
+    for who, text in logs.items():
+        for line in text.splitlines():
+            m = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) (.*)", line)
+            if not m:
+                continue
+            t = datetime.datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S").timestamp() + int(m[2]) / 1000
+            if t >= w0 - 0.001:
+                rows.append((t - w0, who, m[3][:160]))
+    rows.append((sample.extra["pull_seconds"], "bench", "pull done"))
+    rows.append((sample.seconds_to_first_output, "bench", "first output"))
+    for t, who, text in sorted(rows):
+        print(f"  {t:7.3f}  {who:11} {text}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--image", default="torch-serve")
@@ -83,6 +103,9 @@ def main() -> None:
     ap.add_argument("--py-spy", dest="py_spy", action="store_true")
     ap.add_argument("--again", action="store_true",
                     help="a second container on the same node after each round")
+    ap.add_argument("--timeline", action="store_true",
+                    help="print the snapshotter's and the daemon's log lines of the timed start, "
+                         "as seconds from the pull")
     ap.add_argument("--again-cold", dest="again_cold", action="store_true",
                     help="with --again: drop the page cache first (what is left is p2pfs's disk cache)")
     args = ap.parse_args()
@@ -115,8 +138,11 @@ def main() -> None:
             at_first.update(done=st["writeback_done"], pending=st["writeback_pending"])
             return meter()
 
-        c0 = daemon_cpu(n.mount.pid)
+        c0, w0 = daemon_cpu(n.mount.pid), time.time()
         s = run(bench, node, image, ref, cid, snap, meter_first if meter else None)
+        if args.timeline:
+            timeline(w0, s, {"snapshotter": n.snapshotter.log_text(),
+                             "daemon": (n.cache / "p2pfs.log").read_text(errors="replace")})
         cpu = daemon_cpu(n.mount.pid) - c0
         if perf:
             perf.send_signal(2)

@@ -150,7 +150,7 @@ def _dir_blocks(names: list[bytes]) -> list[list[bytes]]:
     return blocks
 
 
-def build(manifest: Manifest) -> Image:
+def build(manifest: Manifest, *, uuid: bytes | None = None) -> Image:
     """The EROFS image of a layer manifest and its blob layout (pure)."""
     by_path: dict[str, _Ino] = {}
     hardlinks = []
@@ -303,7 +303,8 @@ def build(manifest: Manifest) -> Image:
             img[at:at + 8] = struct.pack("<HHI", 0, 1, ino.extent.offset // BLOCK)
 
     blob_blocks = _align(pos, BLOCK) // BLOCK
-    uuid = hashlib.sha256(manifest.encode()).digest()[:16]
+    if uuid is None:
+        uuid = hashlib.sha256(manifest.encode()).digest()[:16]
     sb = struct.pack(
         "<IIIBBHQQIIII16s16sIHHH", _MAGIC, 0, 0, _BLKBITS, 0, 0, len(order),
         0, 0, total_blocks, _META_BLKADDR, 0, uuid, b"p2pfs-layer",

@@ -210,10 +210,14 @@ class StartupPrefetch:
         self.stats["lists_loaded"] += 1
         self.stats["chunks_prefetched"] += len(locs)
         log.info("layer %s: prefetching its start-up list (%d chunks)", layer, len(locs))
+        t0 = self._clock()
         try:
             await self._prefetch(locs, layer)
         except P2PFSError as exc:  # readers fetch what they need themselves
             log.warning("layer %s: start-up prefetch stopped: %s", layer, exc)
+            return
+        log.info("layer %s: start-up list prefetched (%d chunks, %.1f MB) in %.2f s", layer,
+                 len(locs), sum(loc.ref.size for loc in locs) / 1e6, self._clock() - t0)
 
     async def _prefetch(self, locs: list[ChunkLoc], layer: str = "") -> None:
         """Into memory, in list order, `BATCH` bytes per step and `AHEAD` steps at once (so

@@ -82,9 +82,10 @@ class LayerImage:
     first use, once: `build()` is CPU work (about 0.5 s for 16,000 entries), run off the
     FUSE thread by the caller. A layer EROFS cannot express gets `error` and no files."""
 
-    def __init__(self, manifest: Manifest, layer: str) -> None:
+    def __init__(self, manifest: Manifest, layer: str, digest: str = "") -> None:
         self.manifest = manifest
         self.layer = layer                      # the layer's mount-relative dir
+        self.digest = digest or manifest.digest  # the manifest's (the image's UUID)
         self.paths: dict[str, int] = {}         # entry path -> inode (set at attach)
         self.image: "erofs.Image | None" = None
         self.error: str = ""
@@ -100,7 +101,7 @@ class LayerImage:
         if self.ready:
             return
         try:
-            self.image = erofs.build(self.manifest)
+            self.image = erofs.build(self.manifest, uuid=_uuid(self.digest))
         except erofs.ErofsUnsupported as exc:
             self.error = str(exc)
 
@@ -254,6 +255,12 @@ class Tree:
         return touched
 
 
+def _uuid(digest: str) -> bytes:
+    """An EROFS image's UUID: the first 16 bytes of its manifest's sha256 (what
+    `erofs.build` takes by default, without encoding the manifest again)."""
+    return bytes.fromhex(digest.removeprefix("sha256:"))[:16]
+
+
 class TreeConflict(ValueError):
     """Two models (or a model and a synthesized directory) claim one path differently."""
 
@@ -372,7 +379,7 @@ class _Attach:
             self._add(parent, posixpath.basename(e.path).encode(), node)
             by_path[e.path] = node.inode
         if layout is not None and mount_dir:
-            self._erofs_files(mount_dir, manifest, by_path)
+            self._erofs_files(mount_dir, manifest, by_path, digest)
         for e in manifest.entries:
             if e.type == "hardlink":
                 target = self._get(by_path[e.target])
@@ -380,10 +387,11 @@ class _Attach:
                 self._add(parent, posixpath.basename(e.path).encode(), target)
                 self.nlink_extra[target.inode] = self.nlink_extra.get(target.inode, 0) + 1
 
-    def _erofs_files(self, mount_dir: str, manifest: Manifest, by_path: dict[str, int]) -> None:
+    def _erofs_files(self, mount_dir: str, manifest: Manifest, by_path: dict[str, int],
+                     digest: str) -> None:
         """`<dir>/.erofs/<layer>.img` and `.blob` beside the layer `<dir>/<layer>`: what the
         snapshotter mounts as EROFS (docs/ARCHITECTURE.md, "Image layers through EROFS")."""
-        image = LayerImage(manifest, mount_dir)
+        image = LayerImage(manifest, mount_dir, digest)
         image.paths = by_path
         parent = self.ensure_dir(posixpath.join(posixpath.dirname(mount_dir), EROFS_DIR))
         name = posixpath.basename(mount_dir)

@@ -106,3 +106,16 @@ def test_a_full_queue_drops_and_unknown_chunks_are_ignored():
     img.opened = False  # the kernel has not opened the blob: nothing to push into
     pusher.offer(img, locs[2:3], [refs[2][1]])
     assert len(pusher._queue) == 1
+
+
+def test_layer_image_is_the_pure_build_with_the_digest_given_not_recomputed():
+    """LayerImage passes its manifest digest as the image's UUID rather than encoding the
+    manifest again (0.3 s for a 16,000-entry layer); the image is byte for byte what
+    `erofs.build` makes on its own."""
+    img, _, _ = layer()
+    assert img.image.meta == erofs.build(img.manifest).meta
+    sb_uuid = img.image.meta[1024 + 48:1024 + 64]  # the superblock's uuid field
+    assert sb_uuid == bytes.fromhex(img.manifest.digest.removeprefix("sha256:"))[:16]
+    stale = LayerImage(img.manifest, "L", "sha256:" + "ab" * 32)
+    stale.build()
+    assert stale.image.meta[1024 + 48:1024 + 64] == b"\xab" * 16
