@@ -17,7 +17,9 @@ said otherwise, and rounds interleave the variants):
   image and the proxy's pull kept (the container is created anew);
 - standby: a p2pfs node with `[policy] standby = 1, min_standby = 1`: a standby replica is
   started at zero and waits ready; the request promotes it. Its figure is the scale
-  decision -> answer (the `promote` + `first_answer` stages), as the target is stated.
+  decision -> answer (the `promote` + `first_answer` stages), as the target is stated;
+- p2pfs-ab: the p2pfs variant with the TOML in $P2PFS_BENCH_AB_TOML merged over its
+  daemons' settings, for an A/B of one setting in the same rounds (not in the defaults).
 
 The clock is the client's: the request is sent to the proxy at zero replicas, and stops at
 its answer (checked against this host's sentence-transformers embedding). The stages come
@@ -150,6 +152,22 @@ def p2pfs(bench: Bench, rnd: int, wanted: set[str]) -> dict[str, dict]:
         node.remove_dir()
 
 
+def p2pfs_ab(bench: Bench, rnd: int, wanted: set[str]) -> dict[str, dict]:
+    """The p2pfs variant with P2PFS_BENCH_AB_TOML merged over its daemons' settings (an A/B
+    of one setting, interleaved with the other variants in the same rounds)."""
+    before = os.environ.get("P2PFS_BENCH_TOML", "")
+    os.environ["P2PFS_BENCH_TOML"] = before + "\n" + os.environ.get("P2PFS_BENCH_AB_TOML", "")
+    try:
+        node = bench.node(f"p2pfs-ab-{rnd}")
+    finally:
+        os.environ["P2PFS_BENCH_TOML"] = before
+    try:
+        return {"p2pfs-ab": bench.timed(node, "cold")}
+    finally:
+        node.stop()
+        node.remove_dir()
+
+
 def standby(bench: Bench, rnd: int, wanted: set[str]) -> dict[str, dict]:
     node = bench.node(f"standby-{rnd}", settings=merged(bench.node_kw.get("settings", {}), STANDBY))
     try:
@@ -186,8 +204,10 @@ GROUPS: dict[str, tuple[tuple[str, ...], Callable[[Bench, int, set[str]], dict[s
     "baseline": (("baseline",), baseline),
     "p2pfs": (("p2pfs", "p2pfs-warm"), p2pfs),
     "standby": (("standby",), standby),
+    "p2pfs-ab": (("p2pfs-ab",), p2pfs_ab),
 }
 VARIANTS = [v for names, _ in GROUPS.values() for v in names]
+DEFAULT_VARIANTS = [v for v in VARIANTS if v != "p2pfs-ab"]
 
 
 # --- the harness ------------------------------------------------------------------------
@@ -273,7 +293,7 @@ def table(data: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--json", type=Path, default=OUT, help=f"results file (default {OUT.relative_to(ROOT)})")
     ap.add_argument("--image", default="minilm-serve", help="bench/images.py recipe")
     ap.add_argument("--no-prime", action="store_true", help="no untimed p2pfs start before the rounds")
