@@ -299,9 +299,12 @@ class Operations(pyfuse3.Operations):
             return bytes(end - off)
         if self.fetch.pack_readahead and (self.startup is None or self.startup.guess_ahead(node)):
             # A layer without a start-up list: the neighbours are fetched, and pushed into
-            # the blob's page cache once here (a listed layer's list is pushed as it lands).
+            # the blob's page cache once here (a listed layer's list is pushed as it lands),
+            # unless its start-up reads are being recorded: a pushed page is a read the
+            # list would never see.
             ahead = self._pack_ahead(locs[-1])
-            if ahead and self.pusher is not None:
+            if ahead and self.pusher is not None and not (
+                    self.startup is not None and self.startup.recording(node)):
                 self.pusher.offer(layer, ahead)
         try:
             chunks = await self.store.get(locs, used=used)

@@ -66,6 +66,9 @@ class Recorder:
     def discard(self, layer: str) -> None:
         self._open.pop(layer, None)
 
+    def active(self, layer: str) -> bool:
+        return layer in self._open
+
     def record(self, layer: str, path: str, chunks: range, now: float) -> None:
         rec = self._open.get(layer)
         if rec is None or now - rec.started > self.window:
@@ -167,6 +170,12 @@ class StartupPrefetch:
         once its list lookup said there is none (a list is the precise read-ahead, and
         neighbours on top of it only cost bytes); every model that is not a layer, yes."""
         return node.model not in self.layers or node.model in self._unlisted
+
+    def recording(self, node: Node) -> bool:
+        """Whether this node's layer is having its start-up reads recorded: bytes the
+        kernel did not ask for must then not be pushed into its page cache, or the reads
+        they spare would be missing from the list (and every later node's prefetch)."""
+        return self.recorder.active(node.model)
 
     def record(self, node: Node, chunks: range) -> None:
         if node.model in self.layers and node.entry is not None:

@@ -124,3 +124,31 @@ def test_a_layers_small_files_are_cached_in_one_data_file_per_pack(seaweed, moun
     st = again.status()
     assert st["bytes_by_source"].get("origin", 0) == 0
     assert st["bytes_by_source"].get("disk", 0) == sum(map(len, files.values()))
+
+
+def test_a_recorded_erofs_start_lists_every_read_with_the_page_push_on(seaweed, mount_factory,
+                                                                      tmp_path):
+    """The page push stores the pack read-ahead's bytes into an EROFS blob's page cache, so
+    the kernel never asks for them: while a layer's start-up reads are recorded nothing is
+    pushed, or the list (every later node's prefetch) would miss the reads it spared."""
+    from test_image_convert import erofs_layer, needs_erofs
+
+    needs_erofs()
+    url, hex_, files, cfg = converted(
+        seaweed, tmp_path, "[mount]\nstartup_window = 1.0\nerofs_page_push = true\n"
+        "[fetch]\npack_readahead = \"4MiB\"\n")
+    started = ["app/mod0.py", "app/mod1.py", "app/mod2.py", "app/mod3.py"]
+    first = mount_factory(url, seaweed.endpoint, "--config", str(cfg))
+    with erofs_layer(first.path, hex_, tmp_path / "erofs") as root:
+        for name in started:
+            assert (root / name).read_bytes() == files[name]
+        wait_for(lambda: first.status().get("startup", {}).get("lists_recorded") == 1,
+                 timeout=15, what="start-up list stored")
+    assert first.status()["page_push"]["pushes"] == 0
+    second = mount_factory(url, seaweed.endpoint, "--config", str(cfg))
+    with erofs_layer(second.path, hex_, tmp_path / "erofs2") as root:
+        want = sum(-(-len(files[n]) // (256 * KiB)) for n in started)
+        wait_for(lambda: second.status()["startup"].get("chunks_prefetched", 0) >= want,
+                 timeout=15, what="the whole start-up list loaded")
+        for name in started:
+            assert (root / name).read_bytes() == files[name]
