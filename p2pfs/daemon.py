@@ -102,7 +102,7 @@ def _freeze_heap(collect: bool = False) -> None:
     """Exclude what exists now (the tree, its manifests: millions of objects for a big
     image's layers) from the cyclic garbage collector's passes. The tree lives as long as
     the mount and only grows, and each full collection walked all of it: about 7% of the
-    daemon's CPU during a container start (perf, bench/RESULTS.md "Layers through EROFS").
+    daemon's CPU during a container start (perf; bench/RESULTS.md, "The daemon's CPU").
     Garbage frozen with it is kept, which is the price: at start-up a collection first
     clears it; after a refresh (on the trio thread, maybe during a pull) none runs, and
     the little garbage a refresh leaves stays."""
