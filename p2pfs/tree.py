@@ -268,21 +268,16 @@ class TreeConflict(ValueError):
 def build_tree_skipping(models: list[tuple[str, Manifest, str]]) -> tuple[Tree, list[str]]:
     """`build_tree`, leaving out each model that conflicts with those before it (in mount
     path order) and saying why: one model must not keep every other one from mounting.
-    The common case builds once; only a conflict pays for rebuilding."""
-    try:
-        return build_tree(models), []
-    except TreeConflict:
-        pass
-    kept: list[tuple[str, Manifest, str]] = []
+    `Tree.attach` changes nothing when it refuses, so one pass does it (it rebuilt the
+    tree once per model after a conflict: quadratic in a layers prefix's size)."""
+    tree = Tree()
     problems: list[str] = []
-    for m in sorted(models, key=lambda m: m[0]):
+    for mount_dir, manifest, blob_prefix in sorted(models, key=lambda m: m[0]):
         try:
-            build_tree([*kept, m])
+            tree.attach(mount_dir, manifest, blob_prefix)
         except TreeConflict as exc:
-            problems.append(f"model {m[0] or '/'} skipped: {exc}")
-            continue
-        kept.append(m)
-    return build_tree(kept), problems
+            problems.append(f"model {mount_dir or '/'} skipped: {exc}")
+    return tree, problems
 
 
 def build_tree(models: list[tuple[str, Manifest, str]]) -> Tree:
