@@ -161,8 +161,8 @@ class MountConfig:
     #: Image layers mounted as EROFS: push the bytes the pack read-ahead and start-up
     #: lists prefetch into the kernel's page cache of the layer's blob (FUSE notify_store),
     #: so EROFS reads them without a FUSE request (p2pfs/pagepush.py): 70% fewer blob
-    #: reads per torch-serve start, cold starts 0.86x (bench/RESULTS.md, "Layers through
-    #: EROFS"); false sends every page through a FUSE read.
+    #: reads per torch-serve start, cold starts 0.86x (bench/RESULTS.md, "The daemon's
+    #: CPU"); false sends every page through a FUSE read.
     erofs_page_push: bool = True
 
     def __post_init__(self) -> None:
