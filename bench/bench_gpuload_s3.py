@@ -186,9 +186,12 @@ def run_worker(kind: str, env: dict[str, str], **kw: object) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def publish_model(sw, work: Path, size_gib: float, env: dict[str, str], log=print) -> int:
+def publish_model(sw, work: Path, size_gib: float, env: dict[str, str], log=print,
+                  hashes: tuple[str, ...] = ()) -> int:
     """Create the bucket on a started SeaweedFS, write one random bf16 file of ~size_gib
-    and `p2pfs publish` it as s3://BUCKET/KEY; the local copy is removed. Its size."""
+    and `p2pfs publish` it as s3://BUCKET/KEY (the default chunk hash), and for each of
+    `hashes` also as s3://BUCKET/llama-<hash>/ (`--chunk-hash`); the local copy is removed.
+    Its size."""
     from bench_p2pfs import make_safetensors
 
     sw.create_bucket(BUCKET)
@@ -198,6 +201,8 @@ def publish_model(sw, work: Path, size_gib: float, env: dict[str, str], log=prin
     size = (src / "model.safetensors").stat().st_size
     log(f"file: {size / 2**30:.2f} GiB; publishing ...")
     p2pfs("publish", src, f"s3://{BUCKET}/llama", env=env)
+    for h in hashes:
+        p2pfs("publish", src, f"s3://{BUCKET}/llama-{h}", "--chunk-hash", h, env=env)
     shutil.rmtree(work / "src")
     return size
 
@@ -230,8 +235,11 @@ def versions(aws: str) -> str:
             out.append(f"{pkg} (not installed)")
     r = subprocess.run([aws, "--version"], capture_output=True, text=True, check=False)
     out.append((r.stdout or r.stderr).split()[0] if r.returncode == 0 else "aws (failed)")
-    r = subprocess.run(["s3fs", "--version"], capture_output=True, text=True, check=False)
-    out.append(next((f"s3fs {w}" for w in r.stdout.split() if w.startswith("V")), "s3fs (?)"))
+    if shutil.which("s3fs"):
+        r = subprocess.run(["s3fs", "--version"], capture_output=True, text=True, check=False)
+        out.append(next((f"s3fs {w}" for w in r.stdout.split() if w.startswith("V")), "s3fs (?)"))
+    else:
+        out.append("s3fs (not installed)")
     weed = subprocess.run([_weed(), "version"], capture_output=True, text=True,
                           check=False).stdout.split()
     out.append(f"SeaweedFS {weed[2] if len(weed) > 2 else '?'}")

@@ -4,7 +4,9 @@ CPU seconds of SeaweedFS, of the p2pfs daemon and of the loading process.
     .venv/bin/python bench/probe_p2pfs_cpu.py [--rounds 2] [--size-gib 2] \
         "fill=1" "fill=0" "fill=1 --cache-size 1MiB" ...
 
-A variant is `fill=0|1` (gpuload's `fill` option) followed by extra `p2pfs mount` flags.
+A variant is `fill=0|1` (gpuload's `fill` option), optionally `hash=sha256|blake3` (the
+model published again with that chunk hash, docs/FORMAT.md v3; default: the publish
+default), then extra `p2pfs mount` flags.
 Each load: a fresh mount with an empty cache dir, `sync; echo 3 > drop_caches`, 3 s settle,
 `gpuload.load_file` + touch in a fresh process (bench_gpuload_s3's worker). An exploration
 tool (single runs on a noisy VM), not a benchmark: bench_gpuload_s3.py gives the medians.
@@ -66,19 +68,24 @@ def main() -> int:
     try:
         sw.start()
         env = dict(os.environ, AWS_ENDPOINT_URL=sw.endpoint)
-        publish_model(sw, work, args.size_gib, env)
+        hashes = sorted({f.split("=", 1)[1] for v in args.variants for f in v.split()
+                         if f.startswith("hash=")})
+        publish_model(sw, work, args.size_gib, env, hashes=tuple(hashes))
         assert sw.proc is not None
         weed = sw.proc.pid  # weed runs as one process
         for r in range(args.rounds):
             for variant in args.variants:
                 fill, *flags = variant.split()
+                key = KEY
+                if flags and flags[0].startswith("hash="):
+                    key = f"llama-{flags.pop(0).split('=', 1)[1]}/model.safetensors"
                 cache = work / "cache"
                 info = json.loads(p2pfs("mount", f"s3://{BUCKET}", mnt, "--cache-dir", cache,
                                         "--json", *flags, env=env).strip().splitlines()[-1])
                 try:
                     drop_caches(3)
                     w0, d0, c0 = cpu_seconds(weed), cpu_seconds(info["pid"]), children_cpu()
-                    out = run_worker("gpuload", env, path=mnt / KEY,
+                    out = run_worker("gpuload", env, path=mnt / key,
                                      fill=int(fill.split("=")[1]))
                     w1, d1, c1 = cpu_seconds(weed), cpu_seconds(info["pid"]), children_cpu()
                     while json.loads(p2pfs("status", "--json", mnt, env=env))["writeback_pending"]:
@@ -86,7 +93,7 @@ def main() -> int:
                     if args.warm:
                         drop_caches(3)
                         d2 = cpu_seconds(info["pid"])
-                        again = run_worker("gpuload", env, path=mnt / KEY,
+                        again = run_worker("gpuload", env, path=mnt / key,
                                            fill=int(fill.split("=")[1]))
                         results.setdefault(variant + " (warm cache)", []).append(
                             again["seconds"])

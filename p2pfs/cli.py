@@ -140,19 +140,27 @@ def main(ctx: click.Context, config: Path | None, endpoint_url: str | None, verb
     ctx.obj.update(config=config, endpoint_url=endpoint_url, verbose=verbose)
 
 
+_CHUNK_HASH = click.option(
+    "--chunk-hash", type=click.Choice(["blake3", "sha256"]),
+    help="Chunk digests: blake3 (default; a v3 manifest) or sha256 (mountable by p2pfs "
+         "before v3 too).")
+
+
 @main.command()
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("url")
 @click.option("--chunk-size", help="Chunk size (default 8MiB).")
+@_CHUNK_HASH
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 @_errors
-def publish(ctx: click.Context, src: Path, url: str, chunk_size: str | None, as_json: bool) -> None:
+def publish(ctx: click.Context, src: Path, url: str, chunk_size: str | None,
+            chunk_hash: str | None, as_json: bool) -> None:
     """Upload directory SRC to URL (s3://bucket/prefix) and index it."""
     from .origin import open_origin, parse_url
     from .publish import publish as do_publish
 
-    cfg = _config(ctx, publish={"chunk_size": chunk_size})
+    cfg = _config(ctx, publish={"chunk_size": chunk_size, "chunk_hash": chunk_hash})
     loc = parse_url(url)
     total = sum(p.stat().st_size for p in src.rglob("*") if p.is_file() and not p.is_symlink())
     t0 = time.monotonic()
@@ -160,7 +168,7 @@ def publish(ctx: click.Context, src: Path, url: str, chunk_size: str | None, as_
         async def run() -> Any:
             async with open_origin(loc, cfg.s3) as origin:
                 return await do_publish(origin, src, loc, chunk_size=cfg.publish.chunk_size,
-                                        progress=bar.update)
+                                        chunk_hash=cfg.publish.chunk_hash, progress=bar.update)
         m = _run_s3(run)
     _report(m, url, total, time.monotonic() - t0, as_json)
 
@@ -168,15 +176,17 @@ def publish(ctx: click.Context, src: Path, url: str, chunk_size: str | None, as_
 @main.command()
 @click.argument("url")
 @click.option("--chunk-size", help="Chunk size (default 8MiB).")
+@_CHUNK_HASH
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 @_errors
-def index(ctx: click.Context, url: str, chunk_size: str | None, as_json: bool) -> None:
+def index(ctx: click.Context, url: str, chunk_size: str | None, chunk_hash: str | None,
+          as_json: bool) -> None:
     """Index the objects already under URL in place (no copy) and write the manifest."""
     from .origin import open_origin, parse_url
     from .publish import index as do_index
 
-    cfg = _config(ctx, publish={"chunk_size": chunk_size})
+    cfg = _config(ctx, publish={"chunk_size": chunk_size, "chunk_hash": chunk_hash})
     loc = parse_url(url)
     t0 = time.monotonic()
 
@@ -185,6 +195,7 @@ def index(ctx: click.Context, url: str, chunk_size: str | None, as_json: bool) -
             total = sum(o.size for o in await origin.list(loc.prefix))
             with _progress(total, "index") as bar:
                 return await do_index(origin, loc, chunk_size=cfg.publish.chunk_size,
+                                      chunk_hash=cfg.publish.chunk_hash,
                                       concurrency=cfg.fetch.concurrency, progress=bar.update)
     m = _run_s3(run)
     _report(m, url, m.total_size, time.monotonic() - t0, as_json)

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 from . import settings
 from .errors import ConfigError
+from .manifest import CHUNK_HASHES
 from .settings import GiB, KiB, MiB, TiB, setting
 
 __all__ = ["Config", "S3Config", "CacheConfig", "FetchConfig", "MountConfig", "PublishConfig",
@@ -185,9 +186,16 @@ class PublishConfig:
     #: cold and fewer files warm than 4 MiB here (bench/RESULTS.md); smaller chunks
     #: suit random access better.
     chunk_size: int = setting(8 * MiB, ge=4 * KiB, le=MAX_CHUNK_SIZE, size=True)
+    #: How chunk digests are taken: "blake3" (2-2.5x less CPU per byte verified than sha256
+    #: here, on every read of every node: bench/RESULTS.md "BLAKE3 chunk digests") makes a
+    #: version 3 manifest; "sha256" makes one that p2pfs before v3 mounts too.
+    chunk_hash: str = "blake3"
 
     def __post_init__(self) -> None:
         settings.check(self, ConfigError)
+        if self.chunk_hash not in CHUNK_HASHES:
+            raise ConfigError(f"[publish] chunk_hash = {self.chunk_hash!r}: must be one of "
+                              f"{', '.join(CHUNK_HASHES)}")
 
 
 @dataclass(frozen=True, kw_only=True)

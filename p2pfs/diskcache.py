@@ -6,7 +6,7 @@ Layout (docs/FORMAT.md "Disk cache", format 2):
     <dir>/files/<id[:2]>/<id>     one data file per file content id (plan.file_id): the
                                   file's bytes at their own offsets, sparse until complete
                                   (image layers: one per layer and pack, tree.PackLayout)
-    <dir>/index                   append-only records: each chunk written (where, sha256,
+    <dir>/index                   append-only records: each chunk written (where, digest,
                                   xxh3) and each file sealed
 
 A chunk lives at a `Spot` (data file, offset). Reads by digest take any spot that holds

@@ -221,7 +221,7 @@ def build(manifest: Manifest, *, uuid: bytes | None = None) -> Image:
     pos = 0
     for ino in files:
         e = ino.entry
-        key = (e.size, tuple(c.sha256 for c in e.chunks)) if e.chunks else None
+        key = (e.size, tuple(c.digest for c in e.chunks)) if e.chunks else None
         x = same.get(key) if key is not None else None
         if x is None:
             x = Extent(pos, e.size, e.path)

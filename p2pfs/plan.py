@@ -36,16 +36,18 @@ class ChunkLoc:
 
     @property
     def digest(self) -> str:
-        return self.ref.sha256
+        return self.ref.digest
 
 
 def file_id(entry: Entry) -> str:
-    """A file's content id: the sha256 of its chunk list (digests and sizes, in order). Two
-    files with the same bytes cut into the same chunks share it, and so their local copy,
-    across models, revisions and image layers; any other difference gives another id."""
-    h = hashlib.sha256(b"p2pfs-file 1\n")
+    """A file's content id: the sha256 of its chunk list (digests and sizes, in order; the
+    chunk hash named when it is not sha256). Two files with the same bytes cut into the same
+    chunks, digested alike, share it, and so their local copy, across models, revisions and
+    image layers; any other difference gives another id."""
+    algo = entry.chunks[0].hash if entry.chunks else "sha256"
+    h = hashlib.sha256(b"p2pfs-file 1\n" if algo == "sha256" else f"p2pfs-file 1 {algo}\n".encode())
     for c in entry.chunks:
-        h.update(f"{c.sha256} {c.size}\n".encode())
+        h.update(f"{c.digest} {c.size}\n".encode())
     return h.hexdigest()
 
 

@@ -7,7 +7,6 @@ so a model appears only once all of its data is in the store.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import posixpath
@@ -18,32 +17,34 @@ from typing import Callable
 import trio
 
 from .errors import ConfigError, ObjectNotFound
-from .manifest import MANIFEST_KEY, ChunkRef, Entry, Manifest, check_path, parse, with_starts
+from .manifest import (MANIFEST_KEY, ChunkRef, Entry, Manifest, check_path, chunk_digest, parse,
+                       with_starts)
 from .origin import Location, Origin
 
 log = logging.getLogger("p2pfs.publish")
 Progress = Callable[[int], None]
 
 
-def hash_chunks(data: bytes | memoryview, chunk_size: int) -> list[str]:
+def hash_chunks(data: bytes | memoryview, chunk_size: int, chunk_hash: str = "sha256") -> list[str]:
     view = memoryview(data)
-    return [hashlib.sha256(view[i : i + chunk_size]).hexdigest() for i in range(0, len(view), chunk_size)]
+    return [chunk_digest(chunk_hash, view[i : i + chunk_size]) for i in range(0, len(view), chunk_size)]
 
 
-def _file_chunks(path: Path, chunk_size: int) -> list[str]:
+def _file_chunks(path: Path, chunk_size: int, chunk_hash: str) -> list[str]:
     out = []
     with open(path, "rb", buffering=0) as f:
         while block := f.read(chunk_size):
-            out.append(hashlib.sha256(block).hexdigest())
+            out.append(chunk_digest(chunk_hash, block))
     return out
 
 
-def _chunk_refs(blob: int, size: int, chunk_size: int, digests: list[str]) -> tuple[ChunkRef, ...]:
+def _chunk_refs(blob: int, size: int, chunk_size: int, digests: list[str],
+                chunk_hash: str) -> tuple[ChunkRef, ...]:
     refs = []
     for i, d in enumerate(digests):
         off = i * chunk_size
         n = min(chunk_size, size - off)
-        refs.append(ChunkRef(blob, off, n, n, "none", d))
+        refs.append(ChunkRef(blob, off, n, n, "none", d, chunk_hash))
     return tuple(refs)
 
 
@@ -58,8 +59,10 @@ def _dirs_for(paths: list[str]) -> list[str]:
 
 
 async def publish(origin: Origin, src: Path, loc: Location, *, chunk_size: int,
-                  progress: Progress | None = None, concurrency: int = 4) -> Manifest:
-    """Upload every file under `src` to `loc` and write its manifest."""
+                  chunk_hash: str = "blake3", progress: Progress | None = None,
+                  concurrency: int = 4) -> Manifest:
+    """Upload every file under `src` to `loc` and write its manifest (chunk digests by
+    `chunk_hash`: "blake3" makes a v3 manifest, "sha256" one older daemons read too)."""
     src = Path(src)
     if not src.is_dir():
         raise ConfigError(f"{src} is not a directory")
@@ -86,7 +89,8 @@ async def publish(origin: Origin, src: Path, loc: Location, *, chunk_size: int,
         async with limiter:
             async with trio.open_nursery() as n:
                 n.start_soon(origin.upload_file, loc.prefix + rel, path, progress)
-                digests[rel] = await trio.to_thread.run_sync(_file_chunks, path, chunk_size)
+                digests[rel] = await trio.to_thread.run_sync(_file_chunks, path, chunk_size,
+                                                             chunk_hash)
 
     async with trio.open_nursery() as nursery:
         for rel, path, _ in files:
@@ -96,15 +100,17 @@ async def publish(origin: Origin, src: Path, loc: Location, *, chunk_size: int,
     for i, (rel, _, st) in enumerate(files):
         entries.append(with_starts(Entry(
             path=rel, type="file", mode=st.st_mode & 0o777, size=st.st_size, mtime_ns=st.st_mtime_ns,
-            chunks=_chunk_refs(i, st.st_size, chunk_size, digests[rel]))))
+            chunks=_chunk_refs(i, st.st_size, chunk_size, digests[rel], chunk_hash))))
     entries.extend(others)
-    manifest = Manifest(chunk_size=chunk_size, blobs=blobs, entries=tuple(entries))
+    manifest = Manifest(chunk_size=chunk_size, blobs=blobs, entries=tuple(entries),
+                        chunk_hash=chunk_hash)
     await _put_manifest(origin, loc, manifest)
     return manifest
 
 
-async def index(origin: Origin, loc: Location, *, chunk_size: int, request_size: int = 16 << 20,
-                concurrency: int = 16, progress: Progress | None = None) -> Manifest:
+async def index(origin: Origin, loc: Location, *, chunk_size: int, chunk_hash: str = "blake3",
+                request_size: int = 16 << 20, concurrency: int = 16,
+                progress: Progress | None = None) -> Manifest:
     """Index the objects already under `loc` in place (reads them once, writes nothing but
     the manifest)."""
     objs = [o for o in await origin.list(loc.prefix)
@@ -127,7 +133,8 @@ async def index(origin: Origin, loc: Location, *, chunk_size: int, request_size:
     async def piece(key: str, off: int, n: int) -> None:
         async with limiter:
             data = await origin.get_range(key, off, n)
-        digests[key][off] = await trio.to_thread.run_sync(hash_chunks, data, chunk_size)
+        digests[key][off] = await trio.to_thread.run_sync(hash_chunks, data, chunk_size,
+                                                          chunk_hash)
         if progress:
             progress(n)
 
@@ -144,9 +151,11 @@ async def index(origin: Origin, loc: Location, *, chunk_size: int, request_size:
             continue
         ds = [d for off in sorted(digests[o.key]) for d in digests[o.key][off]]
         entries.append(with_starts(Entry(path=rel, type="file", mode=0o644, size=o.size,
-                                         chunks=_chunk_refs(len(blobs), o.size, chunk_size, ds))))
+                                         chunks=_chunk_refs(len(blobs), o.size, chunk_size, ds,
+                                                            chunk_hash))))
         blobs.append(rel)
-    manifest = Manifest(chunk_size=chunk_size, blobs=tuple(blobs), entries=tuple(entries))
+    manifest = Manifest(chunk_size=chunk_size, blobs=tuple(blobs), entries=tuple(entries),
+                        chunk_hash=chunk_hash)
     await _put_manifest(origin, loc, manifest)
     return manifest
 

@@ -128,13 +128,13 @@ class LayerImage:
                     if off % erofs.BLOCK or (i < last and c.size % erofs.BLOCK):
                         continue
                     pad = (-(off + c.size)) % erofs.BLOCK if i == last else 0
-                    out.setdefault(c.sha256, []).append((off, pad))
+                    out.setdefault(c.digest, []).append((off, pad))
             self._positions = out
         return self._positions
 
 
 #: A pack's chunks in the order a layer's data file holds them (docs/FORMAT.md, "Pack layout id").
-_PACK_ORDER = attrgetter("offset", "length", "size", "sha256", "compression")
+_PACK_ORDER = attrgetter("offset", "length", "size", "digest", "compression")
 
 
 class PackLayout:
@@ -153,7 +153,7 @@ class PackLayout:
     A spot is a pure function of the layer's manifest (its digest names the data file
     with the pack's key), never of what else is mounted: the cache's index records spots,
     and one recorded must mean the same bytes after a restart. Two layers sharing a pack
-    get two data files; the cache finds a chunk by its sha256 in either. Built at attach
+    get two data files; the cache finds a chunk by its digest in either. Built at attach
     (about 70 ms for a 15,000-file layer), not on the first read, which is a container's
     start waiting on the trio thread."""
 

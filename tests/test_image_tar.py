@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import random
 import tarfile
@@ -17,7 +18,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 from p2pfs.errors import LayerError
 from p2pfs.image import LayerTree, Packer, StoredChunk, clean_path, read_layer
 from p2pfs.image._pack import encode_index, parse_index
-from p2pfs.manifest import MAX_PATH_BYTES, Entry, Manifest, check_path, parse
+from p2pfs.manifest import MAX_PATH_BYTES, Entry, Manifest, check_path, chunk_digest, parse
 
 KiB = 1024
 
@@ -47,10 +48,12 @@ class Layer:
 class Store:
     """Packs kept in memory, so tests can read contents back through the chunk refs."""
 
-    def __init__(self, chunk_size: int = 64 * KiB, pack_size: int = 1 << 20, known=None) -> None:
+    def __init__(self, chunk_size: int = 64 * KiB, pack_size: int = 1 << 20, known=None,
+                 chunk_hash: str = "blake3") -> None:
         self.packs: dict[str, bytes] = {}
         self.indexes: dict[str, list] = {}
-        self.packer = Packer(self._seal, known=known, chunk_size=chunk_size, pack_size=pack_size)
+        self.packer = Packer(self._seal, known=known, chunk_size=chunk_size, pack_size=pack_size,
+                             chunk_hash=chunk_hash)
 
     def _seal(self, pack: str, data: bytes, rows: list) -> None:
         assert hashlib.sha256(data).hexdigest() == pack
@@ -63,7 +66,7 @@ class Store:
             frame = self.packs[manifest.blobs[c.blob].removeprefix("blobs/")][c.offset : c.offset + c.length]
             assert zstandard.frame_content_size(frame) == c.size  # what store/_verify.py requires
             plain = zstandard.ZstdDecompressor().decompress(frame, max_output_size=c.size)
-            assert hashlib.sha256(plain).hexdigest() == c.sha256
+            assert chunk_digest(c.hash, plain) == c.digest
             out += plain
         return bytes(out)
 
@@ -75,7 +78,8 @@ def convert(data: bytes, store: Store | None = None) -> tuple[dict[str, Entry], 
     store.packer.finish()
     assert src.read() == b""  # read to the end: a caller's hash covers the whole stream
     m = Manifest(kind="layer", blob_root="..", chunk_size=store.packer.chunk_size,
-                 blobs=tuple(store.packer.blobs), entries=entries)
+                 blobs=tuple(store.packer.blobs), entries=entries,
+                 chunk_hash=store.packer.chunk_hash)
     back = parse(m.encode())
     assert back.entries == m.entries
     return {e.path: e for e in back.entries}, back, store
@@ -345,7 +349,8 @@ def test_chunks_dedup_within_a_layer_and_against_known_packs():
     assert es["a"].chunks == es["b"].chunks  # the same frames, stored once
     st1 = store.packer.statistics()
     assert st1.dedup_bytes == len(same) and st1.new_chunks == 4
-    known = {sha: StoredChunk(pack, off, length, size)
+    assert store.packer.chunk_hash == "blake3" and m.version == 3  # the default
+    known = {sha: StoredChunk(pack, off, length, size, "blake3")
              for pack, rows in store.indexes.items() for sha, off, length, size in rows}
     store2 = Store(known=known)
     es2, m2, _ = convert(Layer().add("copy", data=same).add("new", data=b"fresh").bytes(), store2)
@@ -353,6 +358,28 @@ def test_chunks_dedup_within_a_layer_and_against_known_packs():
     assert st2.dedup_bytes == len(same) and st2.new_chunks == 1
     assert store.content(m2, es2["copy"]) == same  # read from the first layer's pack
     assert {m2.blobs[c.blob] for c in es2["copy"].chunks} == {m.blobs[es["a"].chunks[0].blob]}
+    # Chunks known under another hash are not reused: their digests name other bytes' hash.
+    other = {sha: StoredChunk(c.pack, c.offset, c.length, c.size, "sha256") for sha, c in known.items()}
+    store3 = Store(known=other)
+    convert(Layer().add("copy", data=same).bytes(), store3)
+    assert store3.packer.statistics().dedup_bytes == 0
+
+
+def test_a_sha256_conversion_makes_a_v2_manifest_and_index():
+    data = random.Random(6).randbytes(300 * KiB)
+    store = Store(chunk_hash="sha256")
+    es, m, _ = convert(Layer().add("f", data=data).bytes(), store)
+    assert m.version == 2 and m.chunk_hash == "sha256"
+    assert [c.digest for c in es["f"].chunks] == [
+        hashlib.sha256(data[i:i + store.packer.chunk_size]).hexdigest()
+        for i in range(0, len(data), store.packer.chunk_size)]
+    assert store.content(m, es["f"]) == data
+    rows = [("ab" * 32, 0, 10, 10)]
+    assert json.loads(encode_index(rows, "blake3"))["hash"] == "blake3"
+    assert parse_index("p", encode_index(rows, "blake3"))["ab" * 32].hash == "blake3"
+    assert "hash" not in json.loads(encode_index(rows))
+    with pytest.raises(ValueError, match="unknown chunk hash"):
+        parse_index("p", b'{"chunks": [], "hash": "md5"}')
 
 
 def test_chunks_straddle_the_pieces_read():

@@ -38,6 +38,31 @@ def test_round_trip_and_digest_are_stable():
     assert back.entries[2].chunk_index(5) == 0 and back.entries[2].chunk_index(6) == 1
 
 
+def test_a_blake3_manifest_is_version_3_and_round_trips():
+    m = small_manifest()
+    b3 = dataclasses.replace(m, chunk_hash="blake3", entries=tuple(
+        dataclasses.replace(e, chunks=tuple(dataclasses.replace(c, hash="blake3") for c in e.chunks))
+        for e in m.entries))
+    doc = json.loads(b3.encode())
+    assert doc["version"] == 3 and doc["chunk_hash"] == "blake3"
+    back = parse(b3.encode())
+    assert back == b3 and all(c.hash == "blake3" for e in back.files() for c in e.chunks)
+    assert "chunk_hash" not in json.loads(m.encode()) and m.version == 1
+    layer = dataclasses.replace(b3, blob_root="..")
+    assert parse(layer.encode()).version == 3  # v3 may have a blob_root too
+    # A manifest built with refs of another hash than its own is not encoded.
+    with pytest.raises(ValueError, match="chunk_hash"):
+        dataclasses.replace(b3, chunk_hash="sha256").encode()
+    for edit, message in ((lambda d: d.update(chunk_hash="md5"), "'chunk_hash' must be one of"),
+                          (lambda d: d.update(version=1), "version 3 is exactly"),
+                          (lambda d: d.pop("chunk_hash"), "version 3 is exactly"),
+                          (lambda d: d.update(chunk_hash="sha256"), "version 3 is exactly")):
+        doc = json.loads(b3.encode())
+        edit(doc)
+        with pytest.raises(ManifestError, match=message):
+            parse(json.dumps(doc).encode())
+
+
 def test_pinned_digest_is_checked():
     m = small_manifest()
     parse(m.encode(), expected_digest=m.digest)
@@ -55,15 +80,15 @@ def mutate(fn):
     (b"", "not valid JSON"),
     (b"\xff\xfe", "not valid JSON"),
     (b"[]", "top level must be an object"),
-    (mutate(lambda d: d.update(version=3)), "unsupported version 3"),
-    (mutate(lambda d: d.update(version=2)), "version 2 is exactly"),
-    (mutate(lambda d: d.update(blob_root="..")), "version 2 is exactly"),
+    (mutate(lambda d: d.update(version=4)), "unsupported version 4"),
+    (mutate(lambda d: d.update(version=2)), "version 2 the other ones"),
+    (mutate(lambda d: d.update(blob_root="..")), "version 2 the other ones"),
     (mutate(lambda d: d.update(version=2, blob_root="../..")), "'blob_root'"),
     (mutate(lambda d: d.update(format="other")), "'format'"),
     (mutate(lambda d: d.update(chunk_size=0)), "chunk_size"),
     (mutate(lambda d: d["entries"][2].update(size=11)), "cover 10 bytes but size is 11"),
     (mutate(lambda d: d["entries"][2]["chunks"][0].__setitem__(0, 7)), "names blob 7"),
-    (mutate(lambda d: d["entries"][2]["chunks"][0].__setitem__(5, "xyz")), "sha256"),
+    (mutate(lambda d: d["entries"][2]["chunks"][0].__setitem__(5, "xyz")), "digest must be 64"),
     (mutate(lambda d: d["entries"][2]["chunks"][0].__setitem__(4, "lz4")), "unknown compression"),
     (mutate(lambda d: d["entries"][2]["chunks"][0].__setitem__(2, 5)), "length != size"),
     (mutate(lambda d: d["entries"][2].update(path="../etc/passwd")), "not normalized"),

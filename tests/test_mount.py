@@ -354,6 +354,54 @@ def test_index_in_place(seaweed, tmp_path, mount_factory):
         assert (m.path / k).read_bytes() == v
 
 
+def test_sha256_and_blake3_models_mount_side_by_side_and_both_are_checked(seaweed, tmp_path,
+                                                                           mount_factory):
+    """A v1 (sha256) and a v3 (BLAKE3, the default) manifest under one prefix: both serve
+    their bytes, and an object changed after publishing fails by its own hash (EIO) where
+    it changed (the first chunk, unchanged, still verifies)."""
+    from p2pfs.config import S3Config
+    from p2pfs.manifest import parse
+    from p2pfs.origin._s3 import S3Origin
+    import trio
+    import trio_asyncio
+
+    prefix = f"hashes-{uuid.uuid4().hex[:6]}"
+    body = random.Random(7).randbytes(3 * MiB + 5)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "w.bin").write_bytes(body)
+    p2pfs_cmd("publish", "--chunk-size", "1MiB", "--chunk-hash", "sha256", str(src),
+              f"s3://models/{prefix}/old", endpoint=seaweed.endpoint)
+    p2pfs_cmd("publish", "--chunk-size", "1MiB", str(src), f"s3://models/{prefix}/new",
+              endpoint=seaweed.endpoint)
+    got = {}
+
+    async def edit():
+        async with trio_asyncio.open_loop():
+            o = await S3Origin.create("models", S3Config(endpoint_url=seaweed.endpoint))
+            for name in ("old", "new"):
+                got[name] = parse(await o.get(f"{prefix}/{name}/.p2pfs/manifest.json"))
+            # The same length, one byte changed in the second chunk, after indexing.
+            changed = bytearray(body)
+            changed[MiB + 10] ^= 0xFF
+            await o.put(f"{prefix}/new/w.bin", bytes(changed))
+            await o.put(f"{prefix}/old/w.bin", bytes(changed))
+            await o.aclose()
+
+    trio.run(edit)
+    m = mount_factory(f"s3://models/{prefix}", seaweed.endpoint)
+    assert (got["old"].version, got["old"].chunk_hash) == (1, "sha256")
+    assert (got["new"].version, got["new"].chunk_hash) == (3, "blake3")
+    assert got["old"].entries[-1].chunks[0].digest == hashlib.sha256(body[:MiB]).hexdigest()
+    for name in ("old", "new"):
+        with open(m.path / name / "w.bin", "rb") as f:
+            assert f.read(MiB) == body[:MiB]
+            with pytest.raises(OSError) as e:
+                f.read(MiB)
+            assert e.value.errno == errno.EIO, name
+    assert m.status()["errors"]["integrity"] >= 2
+
+
 def test_crashed_daemon_leaves_no_stuck_mount(published, seaweed, tmp_path, mount_factory):
     m = mount_factory(published["url"], seaweed.endpoint)
     os.kill(m.pid, 9)

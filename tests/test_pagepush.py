@@ -23,7 +23,7 @@ def file_entry(path: str, data: bytes, blob: int, at: int) -> tuple[Entry, list[
     for i in range(0, len(data), CHUNK):
         part = data[i:i + CHUNK]
         chunks.append(ChunkRef(blob=blob, offset=at + i, length=len(part), size=len(part),
-                               compression="none", sha256=hashlib.sha256(part).hexdigest()))
+                               compression="none", digest=hashlib.sha256(part).hexdigest()))
         starts.append(i)
     e = Entry(path=path, type="file", size=len(data), chunks=tuple(chunks), starts=tuple(starts))
     return e, [(c, data[s:s + c.size]) for c, s in zip(chunks, starts)]
@@ -100,7 +100,7 @@ def test_a_full_queue_drops_and_unknown_chunks_are_ignored():
     pusher.offer(img, locs[:1], [refs[0][1]])
     pusher.offer(img, locs[1:2], [refs[1][1]])  # over max_pending: dropped
     assert pusher.stats["dropped"] == 1 and len(pusher._queue) == 1
-    other = ChunkRef(blob=0, offset=0, length=1, size=1, compression="none", sha256="0" * 64)
+    other = ChunkRef(blob=0, offset=0, length=1, size=1, compression="none", digest="0" * 64)
     pusher.offer(img, [ChunkLoc("p", other)], [b"x"])
     assert len(pusher._queue) == 1
     img.opened = False  # the kernel has not opened the blob: nothing to push into

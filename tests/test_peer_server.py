@@ -46,7 +46,7 @@ class Owner:
 
     def add(self, size: int, seed: int = 0) -> tuple[bytes, wire.Locator]:
         data, loc = chunk(size, seed)
-        self.chunks[loc.sha256] = data
+        self.chunks[loc.digest] = data
         return data, loc
 
     async def __call__(self, req: wire.ChunkRequest) -> tuple[bytes, str]:
@@ -60,9 +60,9 @@ class Owner:
             raise OriginUnavailable("the store is down")
         if loc.key == "bug":
             raise ValueError("a bug")
-        if loc.sha256 not in self.chunks:
+        if loc.digest not in self.chunks:
             raise PeerMiss("no copy")
-        return self.chunks[loc.sha256], "disk"
+        return self.chunks[loc.digest], "disk"
 
 
 async def start(nursery, *, limits: PeerServerLimits = PeerServerLimits(), registry=None,
@@ -190,7 +190,7 @@ async def test_refusals_map_to_peer_errors(nursery, caplog):
 
 def vars_of(loc: wire.Locator) -> tuple:
     return (loc.origin, loc.key, loc.blob, loc.offset, loc.length, loc.size, loc.compression,
-            loc.sha256)
+            loc.digest)
 
 
 async def test_malformed_and_oversized_requests(nursery):

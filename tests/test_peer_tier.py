@@ -116,7 +116,7 @@ class Fake:
             await self.release.wait()
         if self.mode == "garbage":
             return b"\0" * req.locator.size, "disk"
-        return self.by_digest[req.locator.sha256], "disk"
+        return self.by_digest[req.locator.digest], "disk"
 
 
 async def setup(nursery, tmp_path: Path, fake: Fake, *, hedge_fraction: float = 0.0):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 
+import blake3
 import pytest
 import zstandard
 
@@ -17,7 +18,7 @@ from p2pfs.store import place_verified
 
 def _loc(plain: bytes, stored: bytes) -> ChunkLoc:
     return ChunkLoc("blob", ChunkRef(blob=0, offset=0, length=len(stored), size=len(plain),
-                                     compression="zstd", sha256=hashlib.sha256(plain).hexdigest()))
+                                     compression="zstd", digest=hashlib.sha256(plain).hexdigest()))
 
 
 PLAIN = os.urandom(3000) + b"p2pfs " * 20000
@@ -29,6 +30,28 @@ def test_a_zstd_chunk_is_inflated_into_its_destination_and_checked():
     xxh = place_verified(_loc(PLAIN, stored), stored, dest)
     assert bytes(dest) == PLAIN
     assert len(xxh) == 16
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_a_blake3_chunk_is_checked_by_blake3_and_its_sha256_is_refused(compression):
+    stored = PLAIN if compression == "none" else zstandard.ZstdCompressor().compress(PLAIN)
+
+    def loc(hash_: str, digest: str) -> ChunkLoc:
+        return ChunkLoc("blob", ChunkRef(0, 0, len(stored), len(PLAIN), compression, digest, hash_))
+
+    dest = memoryview(bytearray(len(PLAIN)))
+    place_verified(loc("blake3", blake3.blake3(PLAIN).hexdigest()), stored, dest)
+    assert bytes(dest) == PLAIN
+    # A digest of the right bytes by the other hash is a mismatch: the ref says how to check.
+    with pytest.raises(IntegrityError, match="blake3 mismatch"):
+        place_verified(loc("blake3", hashlib.sha256(PLAIN).hexdigest()), stored,
+                       memoryview(bytearray(len(PLAIN))))
+    bad = bytearray(PLAIN)
+    bad[-1] ^= 1
+    with pytest.raises(IntegrityError, match="blake3 mismatch"):
+        place_verified(loc("blake3", blake3.blake3(PLAIN).hexdigest()),
+                       bytes(bad) if compression == "none" else zstandard.ZstdCompressor().compress(bytes(bad)),
+                       memoryview(bytearray(len(PLAIN))))
 
 
 @pytest.mark.parametrize("case", ["truncated", "longer", "other bytes", "declares other size",

@@ -93,7 +93,8 @@ def codec_of(media_type: str) -> str:
 async def convert_layer(origin: Origin, root: Location, open_blob: Callable[[], BinaryIO], *,
                         media_type: str | None = None, expected_digest: str | None = None,
                         progress: Progress | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                        pack_size: int = DEFAULT_PACK_SIZE) -> LayerResult:
+                        pack_size: int = DEFAULT_PACK_SIZE,
+                        chunk_hash: str = "blake3") -> LayerResult:
     """Convert the layer blob `open_blob()` returns and publish it under `root`.
 
     `progress(n)` is called with the blob bytes read. With `expected_digest`, a layer
@@ -117,10 +118,11 @@ async def convert_layer(origin: Origin, root: Location, open_blob: Callable[[], 
     def seal(pack: str, data: bytes, rows: list) -> None:
         trio.from_thread.run(send.send, (pack, data, rows))
 
-    packer = Packer(seal, known=known, chunk_size=chunk_size, pack_size=pack_size)
+    packer = Packer(seal, known=known, chunk_size=chunk_size, pack_size=pack_size,
+                    chunk_hash=chunk_hash)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_upload_packs, origin, root, recv)
+            nursery.start_soon(_upload_packs, origin, root, recv, chunk_hash)
             async with send:
                 job = await trio.to_thread.run_sync(_read_blob, open_blob, codec, packer,
                                                     _from_thread(progress))
@@ -132,7 +134,7 @@ async def convert_layer(origin: Origin, root: Location, open_blob: Callable[[], 
                          "not published")
     manifest = Manifest(
         kind="layer", blob_root="..", chunk_size=packer.chunk_size, blobs=tuple(packer.blobs),
-        entries=job.entries,
+        entries=job.entries, chunk_hash=chunk_hash,
         annotations={ANN_DIGEST: job.digest, ANN_DIFF_ID: job.diff_id,
                      ANN_MEDIA_TYPE: media_type or _CODEC_MEDIA[job.codec],
                      ANN_SIZE: str(job.blob_bytes)})
@@ -203,11 +205,12 @@ async def load_known(origin: Origin, root: Location, *, concurrency: int = 16) -
     return known
 
 
-async def _upload_packs(origin: Origin, root: Location, recv: trio.MemoryReceiveChannel) -> None:
+async def _upload_packs(origin: Origin, root: Location, recv: trio.MemoryReceiveChannel,
+                        chunk_hash: str) -> None:
     async with recv:
         async for pack, data, rows in recv:
             await origin.put(root.prefix + pack_key(pack), data)
-            await origin.put(root.prefix + index_key(pack), encode_index(rows))
+            await origin.put(root.prefix + index_key(pack), encode_index(rows, chunk_hash))
 
 
 def _from_thread(progress: Progress | None) -> Progress | None:

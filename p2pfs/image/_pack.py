@@ -5,13 +5,15 @@ file into `chunk_size` pieces (a smaller file is one chunk), compresses each int
 zstd frame (the frame header declares the content size, which the chunk store checks
 before inflating), and appends the frames back to back to the pack being built. A pack is
 sealed when the next frame would take it past `pack_size` and handed to `seal` with its
-index; `<packhex>` is the sha256 of the pack's bytes. A chunk whose sha256 is already
-stored (in a pack of an earlier conversion, `known`, or of this one) is not stored again.
+index; `<packhex>` is the sha256 of the pack's bytes. Chunk digests are by `chunk_hash`
+(BLAKE3 unless told). A chunk whose digest is already stored (in a pack of an earlier
+conversion, `known`, or of this one, digested alike) is not stored again.
 Memory: one pack buffer and one chunk.
 
 Layout under the layers prefix (docs/FORMAT.md, "Image layers"):
     blobs/<packhex>               the pack
-    .p2pfs/packs/<packhex>.json   {"chunks": [[sha256, offset, length, size], ...]}
+    .p2pfs/packs/<packhex>.json   {"chunks": [[digest, offset, length, size], ...]
+                                   [, "hash": "blake3"]}
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 import zstandard
 
-from ..manifest import MAX_CHUNK_SIZE, MAX_STORED_CHUNK, ChunkRef
+from ..manifest import CHUNK_HASHES, MAX_CHUNK_SIZE, MAX_STORED_CHUNK, ChunkRef, hasher
 
 #: Chosen by measurement (bench/RESULTS.md, "Image layer chunk size").
 DEFAULT_CHUNK_SIZE = 256 * 1024
@@ -39,26 +41,34 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 @dataclass(frozen=True, slots=True)
 class StoredChunk:
-    """Where a chunk's frame lies: `length` bytes at `offset` of pack `pack` (hex)."""
+    """Where a chunk's frame lies: `length` bytes at `offset` of pack `pack` (hex); its
+    digest (the key it is known under) is by `hash`."""
 
     pack: str
     offset: int
     length: int
     size: int
+    hash: str = "sha256"
 
 
 Seal = Callable[[str, bytes, list[tuple[str, int, int, int]]], None]
 
 
-def encode_index(rows: Iterable[tuple[str, int, int, int]]) -> bytes:
-    return json.dumps({"chunks": [list(r) for r in rows]}, separators=(",", ":")).encode()
+def encode_index(rows: Iterable[tuple[str, int, int, int]], chunk_hash: str = "sha256") -> bytes:
+    doc: dict = {"chunks": [list(r) for r in rows]}
+    if chunk_hash != "sha256":
+        doc["hash"] = chunk_hash
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def parse_index(pack: str, data: bytes) -> dict[str, StoredChunk]:
-    """A pack index as `{sha256: StoredChunk}`; ValueError if it is not one."""
+    """A pack index as `{digest: StoredChunk}`; ValueError if it is not one."""
     doc = json.loads(data)
     if not isinstance(doc, dict) or not isinstance(doc.get("chunks"), list):
         raise ValueError("not a pack index (no 'chunks' list)")
+    chunk_hash = doc.get("hash", "sha256")
+    if chunk_hash not in CHUNK_HASHES:
+        raise ValueError(f"unknown chunk hash {str(chunk_hash)[:20]!r}")
     out = {}
     for row in doc["chunks"]:
         if not (isinstance(row, list) and len(row) == 4 and isinstance(row[0], str)
@@ -68,7 +78,7 @@ def parse_index(pack: str, data: bytes) -> dict[str, StoredChunk]:
         sha, offset, length, size = row
         if not (offset >= 0 and 0 < length <= MAX_STORED_CHUNK and 0 < size <= MAX_CHUNK_SIZE):
             raise ValueError(f"chunk row out of range {row}")
-        out[sha] = StoredChunk(pack, offset, length, size)
+        out[sha] = StoredChunk(pack, offset, length, size, chunk_hash)
     return out
 
 
@@ -97,7 +107,9 @@ class Packer:
 
     def __init__(self, seal: Seal, *, known: Mapping[str, StoredChunk] | None = None,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, pack_size: int = DEFAULT_PACK_SIZE,
-                 level: int = ZSTD_LEVEL) -> None:
+                 level: int = ZSTD_LEVEL, chunk_hash: str = "blake3") -> None:
+        self.chunk_hash = chunk_hash
+        self._digest = hasher(chunk_hash)  # ValueError for an unknown hash
         if not 0 < chunk_size <= MAX_CHUNK_SIZE:
             raise ValueError(f"chunk_size must be in [1, {MAX_CHUNK_SIZE}]")
         if pack_size < 1:
@@ -149,17 +161,19 @@ class Packer:
 
     def _chunk(self, data: bytes | bytearray | memoryview) -> ChunkRef:
         self._chunks += 1
-        sha = hashlib.sha256(data).hexdigest()
+        sha = self._digest(data).hexdigest()
         size = len(data)
+        algo = self.chunk_hash
         here = self._here.get(sha)
         if here is not None:
             self._dedup += size
             slot, offset, length, _ = here
-            return ChunkRef(slot, offset, length, size, "zstd", sha)
+            return ChunkRef(slot, offset, length, size, "zstd", sha, algo)
         old = self._known.get(sha)
-        if old is not None and old.size == size:
+        if old is not None and old.size == size and old.hash == algo:
             self._dedup += size
-            return ChunkRef(self._slot_for(old.pack), old.offset, old.length, size, "zstd", sha)
+            return ChunkRef(self._slot_for(old.pack), old.offset, old.length, size, "zstd", sha,
+                            algo)
         frame = self._zstd.compress(data)
         if self._pack and len(self._pack) + len(frame) > self.pack_size:
             self._seal_pack()
@@ -173,7 +187,7 @@ class Packer:
         self._here[sha] = (self._slot, offset, len(frame), size)
         self._new += 1
         self._stored += len(frame)
-        return ChunkRef(self._slot, offset, len(frame), size, "zstd", sha)
+        return ChunkRef(self._slot, offset, len(frame), size, "zstd", sha, algo)
 
     def _slot_for(self, pack: str) -> int:
         slot = self._slot_of.get(pack)

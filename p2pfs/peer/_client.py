@@ -110,7 +110,7 @@ class PeerClient:
                          cached_only: bool = False, abort: Abort | None = None,
                          total: float | None = None) -> str:
         """Receive chunk `loc` from `peer` into dest[:loc.size]; returns where the peer had
-        it from (memory, disk, peer, origin). The sha256 is the caller's to check.
+        it from (memory, disk, peer, origin). The digest is the caller's to check.
         `abort`: lets the caller end the request early (it then raises a PeerError).
         `timeout`: the longest wait for progress (a byte of the answer, or the owner's
         `102 Processing` while it fetches the chunk itself); `total`: the longest the whole

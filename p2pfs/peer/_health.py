@@ -8,7 +8,7 @@ Two ways out of the ring, for two kinds of fault:
   takes it out again, each time for twice as long (up to 16x `down_for`). This covers a
   peer that died before DNS noticed, and one that accepts connections but never answers
   (SIGSTOPped), which would otherwise cost a stall timeout every `down_for` seconds.
-- *banned*: bytes that failed sha256, or answers that break the protocol. A ban lasts
+- *banned*: bytes that failed their digest, or answers that break the protocol. A ban lasts
   `ban_base` seconds and doubles with each new ban, up to `ban_max`; a peer that stayed
   clean for `ban_max` seconds after its last ban starts again from `ban_base`. A ban while
   already banned (several bad answers in flight at once) does not double.

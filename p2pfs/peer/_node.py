@@ -111,7 +111,7 @@ class PeerNode:
                                                     cached_only=req.cached_only,
                                                     timeout=self._read_timeout)
         if trio.current_time() - t0 > 1.0:
-            log.debug("served %s to %s from %s after %.2fs", req.locator.sha256[:12], req.node,
+            log.debug("served %s to %s from %s after %.2fs", req.locator.digest[:12], req.node,
                       source, trio.current_time() - t0)
         self.stats.bytes_to[req.node] += req.locator.size
         self.metrics.peer_served_bytes += req.locator.size

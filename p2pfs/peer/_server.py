@@ -345,7 +345,7 @@ class PeerServer:
             await self._refuse(conn, stream, 502, exc)
             return
         except Exception:
-            log.exception("peer request for chunk %s failed", req.locator.sha256[:12])
+            log.exception("peer request for chunk %s failed", req.locator.digest[:12])
             await self._refuse(conn, stream, 500, "internal error")
             return
         view = memoryview(buf).cast("B")

@@ -14,7 +14,7 @@ origin. A slow request may be hedged to the origin after three times the `hedge_
 of recent peer latencies, within a budget (`hedge_fraction` of peer requests), so hedges can never
 double origin egress. The hedge lands in its own buffer; if it wins, the peer's socket is
 shut and its thread awaited before the bytes go to the destination: one writer at a time.
-Bytes are checked against the chunk's sha256 before anyone sees them; a peer whose bytes or
+Bytes are checked against the chunk's digest before anyone sees them; a peer whose bytes or
 answers are wrong is banned, one that is slow or refuses only loses health.
 """
 
@@ -185,7 +185,7 @@ class PeerTier:
         try:
             slot.xxh = await trio.to_thread.run_sync(_check_and_hash, slot, f"peer:{peer}")
         except IntegrityError as exc:
-            self._ban(peer, f"sent bytes that fail sha256 ({exc})")
+            self._ban(peer, f"sent bytes that fail their digest ({exc})")
             self.metrics.errors["peer_integrity"] += 1
             self.stats.requests["bad_bytes"] += 1
             return False

@@ -1,11 +1,11 @@
 """The peer protocol's rules, without I/O (docs/FORMAT.md, "Peer protocol").
 
-A request asks a peer for one whole chunk by its sha256 and carries the chunk's locator
+A request asks a peer for one whole chunk by its digest and carries the chunk's locator
 (the origin URL, the blob's object key and the chunk's place in it), so an owner that has
 not mounted that model can still fetch it:
 
-    GET /v1/chunk/<sha256>?origin=<url>&key=<key>&blob=<n>&offset=<n>&length=<n>&size=<n>
-        &compression=<none|zstd>[&cached_only=1] HTTP/1.1
+    GET /v1/chunk/<digest>?origin=<url>&key=<key>&blob=<n>&offset=<n>&length=<n>&size=<n>
+        &compression=<none|zstd>[&hash=blake3][&cached_only=1] HTTP/1.1
     X-P2PFS-Node: <requester's node id>
     X-P2PFS-Time: <Unix seconds>
     X-P2PFS-Auth: <hex HMAC-SHA256 (_auth.sign) over method, target, locator, time, node>
@@ -31,13 +31,17 @@ from urllib.parse import quote, unquote
 
 from ..errors import (PeerBusy, PeerError, PeerMiss, PeerProtocolError, PeerUnauthorized,
                       PeerUnavailable, ProtocolError)
-from ..manifest import COMPRESSIONS, MAX_CHUNK_SIZE, MAX_OFF, MAX_STORED_CHUNK, ChunkRef
+from ..manifest import (CHUNK_HASHES, COMPRESSIONS, MAX_CHUNK_SIZE, MAX_OFF, MAX_STORED_CHUNK,
+                        ChunkRef)
 from ..plan import ChunkLoc
 from ._auth import Unauthorized, Verifier, sign
 
 PREFIX = "/v1/chunk/"
 CACHED_ONLY = "&cached_only=1"
 FIELDS = ("origin", "key", "blob", "offset", "length", "size", "compression")
+#: Fields that may follow FIELDS, absent when they hold their default ("hash": sha256, so
+#: that a sha256 chunk's locator is spelled as before BLAKE3 existed).
+OPTIONAL = ("hash",)
 MAX_ORIGIN_BYTES = 1024
 MAX_KEY_BYTES = 1024  # S3's own limit on object keys
 MAX_BLOB = 2**32 - 1
@@ -112,7 +116,8 @@ class Locator:
     length: int
     size: int
     compression: str
-    sha256: str
+    digest: str
+    hash: str = "sha256"
 
     def __post_init__(self) -> None:
         _text(self.origin, "origin", MAX_ORIGIN_BYTES)
@@ -127,23 +132,27 @@ class Locator:
             raise RequestError(f"unknown compression {str(self.compression)[:20]!r}")
         if self.compression == "none" and self.length != self.size:
             raise RequestError("an uncompressed chunk's length must equal its size")
-        if not isinstance(self.sha256, str) or not _SHA.fullmatch(self.sha256):
-            raise RequestError("sha256 must be 64 lowercase hex digits")
+        if not isinstance(self.digest, str) or not _SHA.fullmatch(self.digest):
+            raise RequestError("the digest must be 64 lowercase hex digits")
+        if self.hash not in CHUNK_HASHES:
+            raise RequestError(f"unknown chunk hash {str(self.hash)[:20]!r}")
 
     @classmethod
     def from_loc(cls, origin: str, loc: ChunkLoc) -> Locator:
         r = loc.ref
-        return cls(origin, loc.key, r.blob, r.offset, r.length, r.size, r.compression, r.sha256)
+        return cls(origin, loc.key, r.blob, r.offset, r.length, r.size, r.compression, r.digest,
+                   r.hash)
 
     def to_loc(self) -> ChunkLoc:
         return ChunkLoc(self.key, ChunkRef(self.blob, self.offset, self.length, self.size,
-                                           self.compression, self.sha256))
+                                           self.compression, self.digest, self.hash))
 
     def canonical(self) -> str:
         """The one spelling of this locator: the request target after PREFIX."""
-        return (f"{self.sha256}?origin={quote(self.origin, safe='')}"
+        return (f"{self.digest}?origin={quote(self.origin, safe='')}"
                 f"&key={quote(self.key, safe='')}&blob={self.blob}&offset={self.offset}"
-                f"&length={self.length}&size={self.size}&compression={self.compression}")
+                f"&length={self.length}&size={self.size}&compression={self.compression}"
+                + ("" if self.hash == "sha256" else f"&hash={self.hash}"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +240,7 @@ def parse_request(method: str, target: str,
     values: dict[str, str] = {}
     for part in query.split("&"):
         name, eq, value = part.partition("=")
-        if not eq or name not in FIELDS:
+        if not eq or name not in FIELDS + OPTIONAL:
             raise RequestError(f"unknown query field {name[:20]!r}")
         if name in values:
             raise RequestError(f"query field {name!r} given twice")
@@ -250,7 +259,7 @@ def parse_request(method: str, target: str,
     except UnicodeDecodeError:
         raise RequestError("origin or key is not valid UTF-8") from None
     loc = Locator(origin, key, ints["blob"], ints["offset"], ints["length"], ints["size"],
-                  values["compression"], digest)
+                  values["compression"], digest, values.get("hash", "sha256"))
     if loc.canonical() != text:
         raise RequestError("the locator is not in canonical form (field order, escapes, "
                            "leading zeros)")

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import xxhash
 import zstandard
 
 from ..errors import IntegrityError
+from ..manifest import chunk_digest
 from ..plan import ChunkLoc
 
 Buffer = bytes | bytearray | memoryview
@@ -44,10 +43,10 @@ def _inflate_into(loc: ChunkLoc, stored: Buffer, dest: memoryview, source: str) 
 def check_plain(loc: ChunkLoc, data: Buffer, source: str = "origin") -> None:
     """Raise IntegrityError unless `data` is the chunk's plain content."""
     ref = loc.ref
-    if len(data) != ref.size or hashlib.sha256(data).hexdigest() != ref.sha256:
+    if len(data) != ref.size or chunk_digest(ref.hash, data) != ref.digest:
         where = "the store returned bad data, or the object changed since it was indexed " \
                 "(re-run `p2pfs index`)" if source == "origin" else f"sent by {source}"
-        raise IntegrityError(f"{loc.key}@{ref.offset}+{ref.length}: sha256 mismatch ({where})",
+        raise IntegrityError(f"{loc.key}@{ref.offset}+{ref.length}: {ref.hash} mismatch ({where})",
                              source=source)
 
 

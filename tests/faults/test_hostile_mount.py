@@ -10,7 +10,6 @@ defect it exposed is recorded in corpus/INDEX.json), and once all together."""
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import subprocess
 import uuid
@@ -21,7 +20,7 @@ import pytest
 
 from conftest import needs_fuse
 from p2pfs.errors import ManifestError
-from p2pfs.manifest import Entry, parse
+from p2pfs.manifest import Entry, chunk_digest, parse
 
 from .conftest import (CORPUS, EIO_SLACK_S, FIGURES, MiB, assert_served, check_daemon, good_model,
                        put_objects, read_file)
@@ -96,7 +95,7 @@ def verify_served(entry: Entry, data: bytes) -> str | None:
     if len(data) != entry.size:
         return f"{len(data)} bytes of a {entry.size}-byte file"
     for start, ref in zip(entry.starts, entry.chunks):
-        if hashlib.sha256(data[start:start + ref.size]).hexdigest() != ref.sha256:
+        if chunk_digest(ref.hash, data[start:start + ref.size]) != ref.digest:
             return f"the chunk at {start} does not match its digest"
     return None
 
