@@ -586,11 +586,12 @@ def image() -> None:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("url")
 @click.option("--media-type", help="The blob's media type (default: told by its first bytes).")
+@_CHUNK_HASH
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 @_errors
 def convert_layer_cmd(ctx: click.Context, file: Path, url: str, media_type: str | None,
-                      as_json: bool) -> None:
+                      chunk_hash: str | None, as_json: bool) -> None:
     """Convert the layer blob FILE (tar, tar+gzip or tar+zstd) into a layer under URL
     (s3://bucket/prefix): directory <sha256 hex of FILE> on a mount of URL."""
     import hashlib
@@ -598,7 +599,7 @@ def convert_layer_cmd(ctx: click.Context, file: Path, url: str, media_type: str 
     from .image import convert_layer
     from .origin import open_origin, parse_url
 
-    cfg = _config(ctx)
+    cfg = _config(ctx, publish={"chunk_hash": chunk_hash})
     loc = parse_url(url)
     size = file.stat().st_size
     h = hashlib.sha256()  # first, so a layer converted before is answered without work
@@ -612,7 +613,8 @@ def convert_layer_cmd(ctx: click.Context, file: Path, url: str, media_type: str 
                 return await convert_layer(origin, loc, lambda: open(file, "rb"),
                                            media_type=media_type,
                                            expected_digest="sha256:" + h.hexdigest(),
-                                           progress=bar.update)
+                                           progress=bar.update,
+                                           chunk_hash=cfg.publish.chunk_hash)
         res = _run_s3(run)
     if as_json:
         click.echo(json.dumps({"url": url, **res.to_json()}))
@@ -635,11 +637,13 @@ def convert_layer_cmd(ctx: click.Context, file: Path, url: str, media_type: str 
 @click.option("--password-stdin", is_flag=True, help="Read the registry password from stdin.")
 @click.option("--concurrency", type=click.IntRange(1, 16), default=2, show_default=True,
               help="Layers converted at once.")
+@_CHUNK_HASH
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 @_errors
 def convert(ctx: click.Context, ref: str, url: str, plain_http: bool, platform_: str | None,
-            username: str | None, password_stdin: bool, concurrency: int, as_json: bool) -> None:
+            username: str | None, password_stdin: bool, concurrency: int, chunk_hash: str | None,
+            as_json: bool) -> None:
     """Convert every layer of image REF (registry/name:tag or @sha256:...) into layers under
     URL (s3://bucket/prefix), skipping layers converted before."""
     from .image._images import convert_image
@@ -647,7 +651,7 @@ def convert(ctx: click.Context, ref: str, url: str, plain_http: bool, platform_:
     from .image._registry import Registry
     from .origin import open_origin, parse_url
 
-    cfg = _config(ctx)
+    cfg = _config(ctx, publish={"chunk_hash": chunk_hash})
     loc = parse_url(url)
     reference = parse_reference(ref)
     registry = Registry(plain_http=plain_http,
@@ -658,7 +662,8 @@ def convert(ctx: click.Context, ref: str, url: str, plain_http: bool, platform_:
         async def run() -> Any:
             async with open_origin(loc, cfg.s3) as origin:
                 return await convert_image(origin, loc, resolved, registry=registry,
-                                           progress=bar.update, concurrency=concurrency)
+                                           progress=bar.update, concurrency=concurrency,
+                                           chunk_hash=cfg.publish.chunk_hash)
         res = _run_s3(run)
     if as_json:
         click.echo(json.dumps({"url": url, **res.to_json()}))

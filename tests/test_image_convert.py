@@ -256,6 +256,19 @@ def test_cli_convert_layer(seaweed, tmp_path):
     r = p2pfs_cmd("image", "convert-layer", str(tmp_path / "bad"), root, endpoint=seaweed.endpoint,
                   check=False)
     assert r.returncode == 1 and "gzip" in r.stderr and "Traceback" not in r.stderr
+    # BLAKE3 chunk digests by default (a v3 manifest); --chunk-hash sha256 gives a v2 one.
+    old = new_root()
+    r = p2pfs_cmd("image", "convert-layer", str(path), old, "--chunk-hash", "sha256", "--json",
+                  endpoint=seaweed.endpoint)
+    hex_ = json.loads(r.stdout)["digest"].removeprefix("sha256:")
+
+    async def manifests(o):
+        return [parse(await o.get(parse_url(u).prefix + f"{hex_}/.p2pfs/manifest.json"))
+                for u in (root, old)]
+    new_m, old_m = with_origin(seaweed.endpoint, manifests)
+    assert (new_m.version, new_m.chunk_hash) == (3, "blake3")
+    assert (old_m.version, old_m.chunk_hash) == (2, "sha256")
+    assert [e.path for e in new_m.entries] == [e.path for e in old_m.entries]
 
 
 # -- through a mount ----------------------------------------------------------------------

@@ -44,6 +44,7 @@ from p2pfs.errors import (RegistryAuthError, RegistryError, RegistryNotFound,
 from p2pfs.image._oci import (DOCKER_HUB, Platform, Reference, manifest_kind, parse_challenge,
                               parse_config, parse_manifest, select_platform)
 from p2pfs.image._registry import Credentials, Registry, docker_config_auths, parse_reference
+from p2pfs.manifest import parse
 
 HEX = "a" * 64
 
@@ -605,6 +606,18 @@ def test_cli_converts_an_image_once(registry, pushed, seaweed, mount_factory):
     assert record["manifest_digest"] == digests["v1"] and record["version"] == 1
     assert [x["digest"] for x in record["layers"]] == layout
     assert all(x["diff_id"].startswith("sha256:") for x in record["layers"])
+    prefix = url.removeprefix("s3://models/")
+
+    def layer_manifest(p: str, digest: str):
+        return parse(_s3_get(seaweed, "models", f"{p}/{digest[7:]}/.p2pfs/manifest.json"))
+    assert {layer_manifest(prefix, d).chunk_hash for d in layout} == {"blake3"}
+    # --chunk-hash sha256 converts into manifests p2pfs before v3 mounts too.
+    old = f"layers-{uuid.uuid4().hex[:8]}"
+    r = _convert_cmd(ref, f"s3://models/{old}", "--plain-http", "--chunk-hash", "sha256",
+                     endpoint=seaweed.endpoint)
+    assert r.returncode == 0, r.stderr
+    assert {(layer_manifest(old, d).chunk_hash, layer_manifest(old, d).version)
+            for d in layout} == {("sha256", 2)}
 
     if not HAVE_FUSE:
         pytest.skip("needs root and /dev/fuse to mount the converted layers")

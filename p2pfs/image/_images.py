@@ -108,7 +108,8 @@ def encode_record(image: ImageManifest) -> bytes:
 async def convert_image(origin: Origin, root: Location, ref: Reference | str | ImageManifest, *,
                         registry: Registry | None = None, plain_http: bool = False,
                         platform: Platform | str | None = None, progress: ProgressFn | None = None,
-                        concurrency: int = 2, attempts: int = 2) -> ImageResult:
+                        concurrency: int = 2, attempts: int = 2,
+                        chunk_hash: str = "blake3") -> ImageResult:
     """Convert every layer of image `ref` under `root` (skipping converted ones) and write
     its image record. `ref` may be an image already resolved (`Registry.resolve`: the CLI
     sizes its progress bar first). `progress(n)` gets blob bytes as they are read (a
@@ -133,7 +134,8 @@ async def convert_image(origin: Origin, root: Location, ref: Reference | str | I
     async def one(desc: Descriptor, cancel: trio.CancelScope) -> None:
         async with limiter:
             try:
-                done[desc.digest] = await _layer(origin, root, registry, ref, desc, progress, attempts)
+                done[desc.digest] = await _layer(origin, root, registry, ref, desc, progress, attempts,
+                                                 chunk_hash)
             except P2PFSError as exc:
                 failures.append(exc)
                 cancel.cancel()
@@ -152,7 +154,8 @@ async def convert_image(origin: Origin, root: Location, ref: Reference | str | I
 
 
 async def _layer(origin: Origin, root: Location, registry: Registry, ref: Reference,
-                 desc: Descriptor, progress: ProgressFn | None, attempts: int) -> ImageLayer:
+                 desc: Descriptor, progress: ProgressFn | None, attempts: int,
+                 chunk_hash: str = "blake3") -> ImageLayer:
     for attempt in range(1, attempts + 1):
         reported = 0
 
@@ -166,7 +169,8 @@ async def _layer(origin: Origin, root: Location, registry: Registry, ref: Refere
             # (existed=True) without opening the blob.
             result = await convert_layer(
                 origin, root, lambda: registry.open_blob(ref, desc.digest, size=desc.size),
-                media_type=desc.media_type, expected_digest=desc.digest, progress=report)
+                media_type=desc.media_type, expected_digest=desc.digest, progress=report,
+                chunk_hash=chunk_hash)
         except RegistryUnavailable as exc:
             if progress and reported:
                 progress(-reported)
