@@ -1,4 +1,4 @@
-"""Manifest format v1: a file tree plus, per regular file, its ordered chunk references.
+"""Manifest format v1-v3: a file tree plus, per regular file, its ordered chunk references.
 
 Pure code: bytes in, validated objects out, and back. The on-disk/on-wire layout is
 documented in docs/FORMAT.md; keep the two in step.
