@@ -107,22 +107,31 @@ def assert_read_ok(reads, model, what: str, *, stall_bound: float | None = STALL
 
 
 def cold_read_everywhere(model, relay, tmp_path, n: int, *, peers: bool,
-                         stall_bound: float | None = STALL_BOUND_S) -> tuple[int, dict]:
+                         stall_bound: float | None = STALL_BOUND_S) -> tuple[int, dict, list[dict]]:
     """Start n fresh nodes, read the model on all at once, check every byte; the store's
-    egress for the reads and our bytes by source summed over the nodes."""
+    egress for the reads, our bytes by source summed over the nodes, and each node's peer
+    counters (`peer_counters`)."""
     with cluster(model, relay, tmp_path, n, peers=peers) as c:
         c.start()
         relay.reset()
         reads = read_all_nodes([c.path(i, model["rel"]) for i in range(n)], timeout=READ_BOUND_S)
         assert_read_ok(reads, model, f"{n} nodes, peers {'on' if peers else 'off'}",
                        stall_bound=stall_bound)
-        return relay.egress, bytes_by_source(c.statuses())
+        statuses = c.statuses()
+        return relay.egress, bytes_by_source(statuses), peer_counters(statuses)
+
+
+def peer_counters(statuses) -> list[dict]:
+    """Per node: its peer requests by result, hedges and bans (what says which path sent
+    a requester to the origin when egress is over its bound)."""
+    keys = ("requests", "hedges", "hedge_wins", "bans")
+    return [{k: (s.get("peers") or {}).get(k) for k in keys} for s in statuses]
 
 
 def test_peers_off_every_node_pulls_its_own_copy(model, relay, tmp_path):
     """The baseline, and proof that the relay counts: without peers, 4 cold nodes pull
     ~4x the model from the store."""
-    egress, ours = cold_read_everywhere(model, relay, tmp_path, 4, peers=False)
+    egress, ours, _ = cold_read_everywhere(model, relay, tmp_path, 4, peers=False)
     assert egress > 2 * model["size"], f"store sent {egress / model['size']:.2f}x the model"
     assert egress <= 4.2 * model["size"], f"store sent {egress / model['size']:.2f}x the model"
     # Our own counters agree with the store's side (within the HTTP heads).
@@ -131,9 +140,9 @@ def test_peers_off_every_node_pulls_its_own_copy(model, relay, tmp_path):
 
 @needs_peers
 def test_four_nodes_cold_read_cost_one_origin_copy(model, relay, tmp_path):
-    egress, ours = cold_read_everywhere(model, relay, tmp_path, 4, peers=True)
+    egress, ours, counters = cold_read_everywhere(model, relay, tmp_path, 4, peers=True)
     assert egress <= 1.05 * model["size"], \
-        f"store sent {egress / model['size']:.2f}x the model to 4 nodes with peers on"
+        f"store sent {egress / model['size']:.2f}x the model to 4 nodes with peers on; {counters}"
     assert ours.get("peer", 0) >= 2 * model["size"], f"bytes by source: {ours}"
     assert ours.get("origin", 0) <= 1.05 * model["size"], f"bytes by source: {ours}"
 
@@ -144,10 +153,11 @@ def test_four_nodes_behind_a_slow_store_cost_one_origin_copy(big_model, relay_at
     peer request's deadline, and a requester that gives up on the owner and fetches the
     chunk itself multiplies origin egress (the fallback storm)."""
     model = big_model
-    egress, ours = cold_read_everywhere(model, relay_at(SLOW_RATE), tmp_path, 4, peers=True,
-                                        stall_bound=None)
+    egress, ours, counters = cold_read_everywhere(model, relay_at(SLOW_RATE), tmp_path, 4,
+                                                  peers=True, stall_bound=None)
     assert egress <= 1.05 * model["size"], \
-        f"store sent {egress / model['size']:.2f}x the model to 4 nodes behind a slow store"
+        f"store sent {egress / model['size']:.2f}x the model to 4 nodes behind a slow store; " \
+        f"peer requests per node: {counters}"
 
 
 def _mid_read(relay, model, fraction: float = 0.3, timeout: float = 30.0) -> None:
