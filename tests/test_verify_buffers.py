@@ -70,6 +70,13 @@ def test_a_bad_zstd_chunk_is_refused(case):
     dest = memoryview(bytearray(len(PLAIN)))
     with pytest.raises(IntegrityError):
         place_verified(_loc(PLAIN, stored), stored, dest)
+    # The thread's decompressor is reused: a frame refused halfway leaves nothing behind
+    # for the next chunk.
+    other = os.urandom(5000) + b"next " * 1000
+    dest = memoryview(bytearray(len(other)))
+    compressed = zstandard.ZstdCompressor().compress(other)
+    place_verified(_loc(other, compressed), compressed, dest)
+    assert bytes(dest) == other
 
 
 def test_a_frame_declaring_a_huge_size_is_refused_before_it_is_inflated():

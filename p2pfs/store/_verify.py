@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import xxhash
 import zstandard
 
@@ -10,6 +12,19 @@ from ..manifest import chunk_digest
 from ..plan import ChunkLoc
 
 Buffer = bytes | bytearray | memoryview
+
+_local = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's decompressor. A fresh one per chunk allocates and initialises a zstd
+    context each time: 16 us of a 256 KiB chunk's 28 (here), 3.6% of the daemon's CPU
+    during an image start. One may serve any number of frames, one at a time, so one
+    per thread; each stream_reader starts from a reset context."""
+    d = getattr(_local, "zstd", None)
+    if d is None:
+        d = _local.zstd = zstandard.ZstdDecompressor()
+    return d
 
 
 def _inflate_into(loc: ChunkLoc, stored: Buffer, dest: memoryview, source: str) -> None:
@@ -23,7 +38,7 @@ def _inflate_into(loc: ChunkLoc, stored: Buffer, dest: memoryview, source: str) 
         if declared not in (-1, ref.size):
             raise IntegrityError(f"{loc.key}@{ref.offset}: zstd frame declares {declared} "
                                  f"bytes, the manifest {ref.size}", source=source)
-        reader = zstandard.ZstdDecompressor().stream_reader(stored, read_size=max(1, len(stored)))
+        reader = _decompressor().stream_reader(stored, read_size=max(1, len(stored)))
         got = 0
         while got < ref.size:
             n = reader.readinto(dest[got:ref.size])
