@@ -135,7 +135,9 @@ def main() -> None:
 
         def meter_first():
             st = n.mount.status()
-            at_first.update(done=st["writeback_done"], pending=st["writeback_pending"])
+            at_first.update(done=st["writeback_done"], pending=st["writeback_pending"],
+                            origin_requests=st.get("origin_requests"),
+                            origin_mb=round((st.get("bytes_by_source") or {}).get("origin", 0) / 1e6, 1))
             return meter()
 
         c0, w0 = daemon_cpu(n.mount.pid), time.time()
@@ -159,6 +161,8 @@ def main() -> None:
                           "daemon_cpu_s": round(cpu, 2), "writeback_at_first_output": at_first,
                           "writeback_done": st["writeback_done"],
                           "writeback_dropped": st["writeback_dropped"],
+                          "origin_requests": st.get("origin_requests"),
+                          "origin_mb": round((st.get("bytes_by_source") or {}).get("origin", 0) / 1e6, 1),
                           "fuse_ops": st.get("fuse_ops")}), flush=True)
         if args.again:
             if args.again_cold:
