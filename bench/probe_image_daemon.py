@@ -48,6 +48,18 @@ def daemon_cpu(pid: int) -> float:
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_busy() -> float:
+    """CPU-seconds all cores spent busy since boot (/proc/stat: all but idle and iowait)."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(f) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def store_cpu() -> float:
+    """The object store's (SeaweedFS's) CPU-seconds so far; 0 before it runs."""
+    store = B._STORE
+    return daemon_cpu(store.server.proc.pid) if store is not None and store.server.proc else 0.0
+
+
 def top_functions(collapsed: Path, n: int = 25) -> None:
     """Print the functions with the most samples of their own (leaf frames) and the most
     samples below them (inclusive), from py-spy's collapsed stacks."""
@@ -140,8 +152,9 @@ def main() -> None:
                             origin_mb=round((st.get("bytes_by_source") or {}).get("origin", 0) / 1e6, 1))
             return meter()
 
-        c0, w0 = daemon_cpu(n.mount.pid), time.time()
+        c0, w0, m0, st0 = daemon_cpu(n.mount.pid), time.time(), machine_busy(), store_cpu()
         s = run(bench, node, image, ref, cid, snap, meter_first if meter else None)
+        machine, store = machine_busy() - m0, store_cpu() - st0
         if args.timeline:
             timeline(w0, s, {"snapshotter": n.snapshotter.log_text(),
                              "daemon": (n.cache / "p2pfs.log").read_text(errors="replace")})
@@ -158,7 +171,9 @@ def main() -> None:
             "P2PFS_BENCH_SNAPSHOTTER_ARGS") else "A"
         print(json.dumps({"round": cid, "conf": conf,
                           "first_output_s": round(s.seconds_to_first_output, 2),
-                          "daemon_cpu_s": round(cpu, 2), "writeback_at_first_output": at_first,
+                          "daemon_cpu_s": round(cpu, 2), "store_cpu_s": round(store, 2),
+                          "machine_busy_cpu_s": round(machine, 2),
+                          "writeback_at_first_output": at_first,
                           "writeback_done": st["writeback_done"],
                           "writeback_dropped": st["writeback_dropped"],
                           "origin_requests": st.get("origin_requests"),

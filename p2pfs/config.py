@@ -97,6 +97,11 @@ class FetchConfig:
     concurrency: int = setting(16, ge=1, le=1024)
     #: Adjacent chunks of one blob are fetched with one ranged GET of at most this size.
     max_request: int = setting(8 * MiB, ge=4 * KiB, le=GiB, size=True)
+    #: Two chunks of one blob with at most this many unwanted stored bytes between them
+    #: are fetched with one GET that reads through the gap (its bytes are dropped): a
+    #: request costs more than that many bytes (bench/RESULTS.md, "Reading through
+    #: gaps"). 0: only chunks that lie back to back share a GET.
+    max_gap: int = setting(256 * KiB, ge=0, le=64 * MiB, size=True)
     #: A read whose data cannot be had within this many seconds fails with EIO.
     read_timeout: float = setting(30.0, gt=0, le=86400)
     #: After a read of a chunk fails, reads of that chunk fail at once for this many

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import gc
 import logging
 import os
 import stat
@@ -139,6 +140,9 @@ class Operations(pyfuse3.Operations):
                 done = self._building[id(image)] = trio.Event()
                 try:
                     await trio.to_thread.run_sync(image.build)
+                    # The image lives as long as the mount: out of the collector's passes,
+                    # like the tree (p2pfs/daemon.py, _freeze_heap).
+                    gc.freeze()
                 finally:
                     done.set()
                     del self._building[id(image)]

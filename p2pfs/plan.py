@@ -71,21 +71,30 @@ def chunk_span(entry: Entry, offset: int, size: int) -> range:
 
 def adjacent(a: ChunkLoc, b: ChunkLoc) -> bool:
     """Whether `b` is stored right after `a` in the same blob (one ranged GET reads both)."""
-    return a.key == b.key and a.ref.blob == b.ref.blob and b.ref.offset == a.ref.offset + a.ref.length
+    return near(a, b, 0)
+
+
+def near(a: ChunkLoc, b: ChunkLoc, max_gap: int) -> bool:
+    """Whether `b` is stored after `a` in the same blob with at most `max_gap` bytes
+    between them (one ranged GET reads both and the gap)."""
+    gap = b.ref.offset - (a.ref.offset + a.ref.length)
+    return a.key == b.key and a.ref.blob == b.ref.blob and 0 <= gap <= max_gap
 
 
 def coalesce_items(items: Sequence[T], max_request: int, loc: Callable[[T], ChunkLoc],
-                   together: Callable[[T, T], bool] = lambda a, b: True) -> list[list[T]]:
-    """The one coalescing planner: group items whose chunks lie back to back in one blob
-    (and for which `together(previous, item)` holds, e.g. adjacent in a destination) into
-    runs of at most `max_request` stored bytes; a single chunk bigger than that still gets
-    its own run. Order is kept."""
+                   together: Callable[[T, T], bool] = lambda a, b: True,
+                   max_gap: int = 0) -> list[list[T]]:
+    """The one coalescing planner: group items whose chunks lie in order in one blob, back
+    to back or at most `max_gap` stored bytes apart (and for which `together(previous,
+    item)` holds, e.g. adjacent in a destination), into runs of at most `max_request`
+    stored bytes from the first chunk's start to the last one's end; a single chunk bigger
+    than that still gets its own run. Order is kept."""
     runs: list[list[T]] = []
     for item in items:
         if runs:
             run = runs[-1]
             first, last, this = loc(run[0]).ref, loc(run[-1]), loc(item)
-            if (adjacent(last, this) and together(run[-1], item)
+            if (near(last, this, max_gap) and together(run[-1], item)
                     and this.ref.offset + this.ref.length - first.offset <= max_request):
                 run.append(item)
                 continue
@@ -93,10 +102,10 @@ def coalesce_items(items: Sequence[T], max_request: int, loc: Callable[[T], Chun
     return runs
 
 
-def coalesce(locs: Sequence[ChunkLoc], max_request: int) -> list[Request]:
+def coalesce(locs: Sequence[ChunkLoc], max_request: int, max_gap: int = 0) -> list[Request]:
     """Chunks grouped into ranged GETs of at most `max_request` bytes (coalesce_items)."""
     out: list[Request] = []
-    for run in coalesce_items(locs, max_request, lambda x: x):
+    for run in coalesce_items(locs, max_request, lambda x: x, max_gap=max_gap):
         first = run[0].ref
         length = run[-1].ref.offset + run[-1].ref.length - first.offset
         out.append(Request(run[0].key, first.offset, length, tuple(run)))

@@ -104,6 +104,8 @@ class LayerImage:
             self.image = erofs.build(self.manifest, uuid=_uuid(self.digest))
         except erofs.ErofsUnsupported as exc:
             self.error = str(exc)
+            return
+        self.positions()  # here, off the FUSE thread, rather than at the first page push
 
     def size(self, which: str) -> int:
         if self.image is None:

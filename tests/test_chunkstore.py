@@ -107,6 +107,31 @@ async def test_single_flight_and_coalescing(tmp_path):
     assert store.metrics.misses == 8
 
 
+async def test_one_get_reads_through_a_small_gap_and_drops_its_bytes(tmp_path):
+    data, locs = blob(tmp_path)
+    origin = Counting(tmp_path / "origin")
+    store = make_store(tmp_path, origin, max_gap=CHUNK)
+
+    async def body():
+        # Chunks 0, 2 and 5: one chunk between the first two (read through), two between
+        # the next (a second GET). The gap's bytes are never served or kept.
+        got = await store.get([locs[0], locs[2], locs[5]])
+        assert [bytes(g) for g in got] == [data[0:CHUNK], data[2 * CHUNK:3 * CHUNK],
+                                           data[5 * CHUNK:6 * CHUNK]]
+        assert sorted(origin.requests) == [(0, 3 * CHUNK), (5 * CHUNK, CHUNK)]
+        assert locs[1].digest not in store.memory
+        assert store.metrics.bytes_by_source["origin"] == 4 * CHUNK
+        # Raw chunks with a gap are not received in place: a fill gets exactly its chunks.
+        origin.requests.clear()
+        forget_memory(store)
+        dest = aligned_empty(2 * CHUNK)
+        await store.fill([locs[6], locs[8]], memoryview(dest))
+        assert bytes(dest) == data[6 * CHUNK:7 * CHUNK] + data[8 * CHUNK:9 * CHUNK]
+        assert origin.requests == [(6 * CHUNK, 3 * CHUNK)]
+
+    await with_store(store, body)
+
+
 async def test_write_back_then_served_from_disk_without_origin(tmp_path):
     data, locs = blob(tmp_path)
     origin = Counting(tmp_path / "origin")

@@ -40,6 +40,37 @@ def test_coalesce_merges_adjacent_up_to_the_limit():
     assert [r.length for r in coalesce(locs[:2], 5)] == [10, 10]
 
 
+def test_coalesce_reads_through_gaps_up_to_max_gap():
+    e = entry_for(bytes(100), 10)  # chunks at 0, 10, ..., 90
+    locs = [ChunkLoc("k", c) for c in e.chunks]
+    picked = [locs[0], locs[2], locs[5], ChunkLoc("other", locs[6].ref), locs[7]]
+    # 10 bytes between chunks 0 and 2: one GET through them with max_gap 10, not with 9.
+    assert [(r.key, r.offset, r.length, len(r.locs)) for r in coalesce(picked, 100, 10)] == [
+        ("k", 0, 30, 2), ("k", 50, 10, 1), ("other", 60, 10, 1), ("k", 70, 10, 1)]
+    assert [(r.offset, r.length) for r in coalesce(picked[:2], 100, 9)] == [(0, 10), (20, 10)]
+    # The limit counts the gap: 0..30 is 30 bytes.
+    assert [(r.offset, r.length) for r in coalesce(picked[:2], 29, 10)] == [(0, 10), (20, 10)]
+    # Out of order (or the same chunk twice) never merges backwards.
+    assert len(coalesce([locs[2], locs[0]], 100, 50)) == 2
+    assert len(coalesce([locs[2], locs[2]], 100, 50)) == 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 19), min_size=1, max_size=20), st.integers(0, 40),
+       st.integers(10, 120))
+def test_gapped_requests_hold_their_chunks_and_respect_the_bounds(picks, gap, limit):
+    e = entry_for(bytes(200), 10)
+    locs = [ChunkLoc("k", e.chunks[i]) for i in sorted(set(picks))]
+    reqs = coalesce(locs, limit, gap)
+    assert [l for req in reqs for l in req.locs] == locs
+    for req in reqs:
+        first, last = req.locs[0].ref, req.locs[-1].ref
+        assert req.offset == first.offset and req.length == last.offset + last.length - first.offset
+        assert len(req.locs) == 1 or req.length <= limit
+        for a, b in zip(req.locs, req.locs[1:]):
+            assert 0 <= b.ref.offset - (a.ref.offset + a.ref.length) <= gap
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.binary(min_size=1, max_size=2000), st.integers(1, 300), st.data())
 def test_reads_assembled_from_chunks_equal_the_source(data, chunk, draw):

@@ -215,9 +215,11 @@ class ChunkStore:
     def _start(self, owned: list[tuple[ChunkLoc, Flight]], tiers: list[Tier]) -> None:
         """Load chunks whose flights we own into fresh store buffers, one buffer and one
         task per coalesced run (a run's chunks are back to back in its buffer, so the
-        origin receives it with one GET and no copy)."""
+        origin receives it with one GET, and with no copy where they are also back to back
+        in their blob and stored raw)."""
         assert self._nursery is not None, "ChunkStore.run() is not running"
-        for run in coalesce_items(owned, self.cfg.max_request, loc=lambda item: item[0]):
+        for run in coalesce_items(owned, self.cfg.max_request, loc=lambda item: item[0],
+                                  max_gap=self.cfg.max_gap):
             buf = aligned_empty(sum(loc.ref.size for loc, _ in run))
             slots, pos = [], 0
             for loc, f in run:
@@ -321,7 +323,7 @@ class ChunkStore:
                 window.release()
 
         async with trio.open_nursery() as nursery:
-            for req in coalesce(locs, self.cfg.max_request):
+            for req in coalesce(locs, self.cfg.max_request, self.cfg.max_gap):
                 await window.acquire()
                 nursery.start_soon(one, req.locs)
         digests = {loc.digest for loc in locs}

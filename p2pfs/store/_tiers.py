@@ -26,7 +26,7 @@ from ..diskcache import DiskCache
 from ..errors import FetchTimeout, IntegrityError, OriginError, P2PFSError, is_temp_failure
 from ..metrics import Metrics
 from ..origin import Origin
-from ..plan import ChunkLoc, coalesce_items
+from ..plan import ChunkLoc, adjacent, coalesce_items
 from ._flights import Flight
 from ._verify import place_verified
 
@@ -101,9 +101,10 @@ class DiskTier:
 
 
 class OriginTier:
-    """The object store: ranged GETs of coalesced runs, retried with full-jitter backoff
-    until the read deadline, received straight into the destination where the chunks are
-    raw and their destinations back to back, else into a staging buffer and placed."""
+    """The object store: ranged GETs of coalesced runs (reading through gaps of at most
+    `max_gap` stored bytes), retried with full-jitter backoff until the read deadline,
+    received straight into the destination where the chunks are raw and back to back both
+    in their blob and in their destinations, else into a staging buffer and placed."""
 
     name = "origin"
     per_chunk = False
@@ -121,7 +122,7 @@ class OriginTier:
     async def read_into(self, slots: Sequence[Slot], deadline: float) -> list[Outcome]:
         out: list[Outcome] = [False] * len(slots)
         runs = coalesce_items(list(enumerate(slots)), self.cfg.max_request,
-                              loc=lambda item: item[1].loc)
+                              loc=lambda item: item[1].loc, max_gap=self.cfg.max_gap)
         if len(runs) == 1:
             await self._run(runs[0], out, deadline)
         else:
@@ -135,7 +136,7 @@ class OriginTier:
         first, last = slots[0].loc, slots[-1].loc
         length = last.ref.offset + last.ref.length - first.ref.offset
         direct = (all(s.loc.ref.compression == "none" for s in slots)
-                  and all(b.follows(a) for a, b in zip(slots, slots[1:])))
+                  and all(b.follows(a) and adjacent(a.loc, b.loc) for a, b in zip(slots, slots[1:])))
         if direct:
             stored, staging = slots[0].buf[slots[0].pos:slots[0].pos + length], None
         else:
