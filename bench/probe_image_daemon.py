@@ -8,8 +8,9 @@ Runs bench_images' `p2pfs-prefetch` variant (a fresh node on a converted prefix 
 recorded start-up lists) ROUNDS times; with --ab, odd rounds merge that TOML over the node's
 config (an A/B comparison of settings in one run, interleaved); --ab-snapshotter gives odd
 rounds' snapshotter those options (e.g. --no-erofs: layers through the FUSE dirs). Per round: time to first
-output, the daemon's CPU seconds (user+system, /proc) over pull + run, write-back done and
-pending at the first output, and done/dropped at exit; FUSE requests by operation once.
+output, the daemon's and SeaweedFS's CPU seconds (user+system, /proc) and all CPUs' busy
+seconds (/proc/stat) over pull + run, write-back done and pending and the origin's GETs and
+MB at the first output, and the same at exit; FUSE requests by operation once.
 --perf records the daemon with `perf record -g` (files under /tmp/probe-image-daemon/).
 --py-spy records its Python stacks (py-spy, every thread, idle ones left out; collapsed
 stacks in /tmp/probe-image-daemon/ROUND.pyspy, and the top functions by own samples
