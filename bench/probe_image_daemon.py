@@ -61,6 +61,12 @@ def store_cpu() -> float:
     return daemon_cpu(store.server.proc.pid) if store is not None and store.server.proc else 0.0
 
 
+def origin_counts(st: dict) -> dict:
+    """The origin's GETs and MB so far, from a daemon status."""
+    return {"origin_requests": st.get("origin_requests"),
+            "origin_mb": round((st.get("bytes_by_source") or {}).get("origin", 0) / 1e6, 1)}
+
+
 def top_functions(collapsed: Path, n: int = 25) -> None:
     """Print the functions with the most samples of their own (leaf frames) and the most
     samples below them (inclusive), from py-spy's collapsed stacks."""
@@ -149,8 +155,7 @@ def main() -> None:
         def meter_first():
             st = n.mount.status()
             at_first.update(done=st["writeback_done"], pending=st["writeback_pending"],
-                            origin_requests=st.get("origin_requests"),
-                            origin_mb=round((st.get("bytes_by_source") or {}).get("origin", 0) / 1e6, 1))
+                            **origin_counts(st))
             return meter()
 
         c0, w0, m0, st0 = daemon_cpu(n.mount.pid), time.time(), machine_busy(), store_cpu()
@@ -177,8 +182,7 @@ def main() -> None:
                           "writeback_at_first_output": at_first,
                           "writeback_done": st["writeback_done"],
                           "writeback_dropped": st["writeback_dropped"],
-                          "origin_requests": st.get("origin_requests"),
-                          "origin_mb": round((st.get("bytes_by_source") or {}).get("origin", 0) / 1e6, 1),
+                          **origin_counts(st),
                           "fuse_ops": st.get("fuse_ops")}), flush=True)
         if args.again:
             if args.again_cold:
