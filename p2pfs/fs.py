@@ -229,9 +229,19 @@ class Operations(pyfuse3.Operations):
         if flags & _WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
         if node.virtual is not None and node.virtual[0].image is not None:
-            if node.virtual[1] == "blob":
-                node.virtual[0].opened = True
-            return self._new_handle(node)
+            if node.virtual[1] != "blob":
+                return self._new_handle(node)
+            # EROFS mounted the blob. While the layer's start-up reads are recorded, the
+            # kernel's read-ahead on the blob must not run past the files EROFS reads (see
+            # StartupPrefetch.bypass_page_cache), so this open bypasses the page cache; and
+            # then nothing is pushed into it.
+            info = self._new_handle(node)
+            layer = node.virtual[0]
+            layer.direct = self.startup is not None and await self.startup.bypass_page_cache(node)
+            layer.opened = True
+            if layer.direct:
+                info.direct_io, info.keep_cache = True, False
+            return info
         if node.entry is None or node.entry.type != "file":
             raise pyfuse3.FUSEError(errno.EISDIR if node.children is not None else errno.EINVAL)
         return self._new_handle(node)

@@ -61,7 +61,7 @@ class PagePusher:
         """Push these chunks of `layer` once their bytes are here (`chunks`, or fetched
         through the store); never blocks."""
         locs = [loc for loc in locs if loc.digest in layer.positions()]
-        if not locs or layer.blob_inode is None or not layer.opened:
+        if not locs or layer.blob_inode is None or not layer.opened or layer.direct:
             return
         size = sum(loc.ref.size for loc in locs)
         if self._pending + size > self.max_pending:

@@ -42,17 +42,19 @@ MAX_LIST_BYTES = 8 << 20
 
 @dataclass
 class _Recording:
-    started: float
+    started: float | None = None  # the layer's first read (not its first open)
     last: float = 0.0  # when the last chunk not seen before was read
     seen: set[tuple[str, int]] = field(default_factory=set)
     order: list[tuple[str, int]] = field(default_factory=list)
 
 
 class Recorder:
-    """The reads of each layer from its first access until its reads pause for `idle`
+    """The reads of each layer from its first read until its reads pause for `idle`
     seconds, and at most `window` seconds. A start-up is a burst of reads that ends; the
     first lazy start is the slowest (everything is fetched on demand), so a fixed window
-    would cut it short where a pause does not."""
+    would cut it short where a pause does not. `start` (the layer's first open) only arms
+    it: the snapshotter mounts a layer's EROFS, which opens its blob, while the pull is
+    still running, seconds before the container reads anything."""
 
     def __init__(self, window: float, max_chunks: int = MAX_CHUNKS, idle: float = 2.0) -> None:
         self.window = window
@@ -61,7 +63,7 @@ class Recorder:
         self._open: dict[str, _Recording] = {}
 
     def start(self, layer: str, now: float) -> None:
-        self._open.setdefault(layer, _Recording(now, now))
+        self._open.setdefault(layer, _Recording())
 
     def discard(self, layer: str) -> None:
         self._open.pop(layer, None)
@@ -71,7 +73,11 @@ class Recorder:
 
     def record(self, layer: str, path: str, chunks: range, now: float) -> None:
         rec = self._open.get(layer)
-        if rec is None or now - rec.started > self.window:
+        if rec is None:
+            return
+        if rec.started is None:
+            rec.started = rec.last = now
+        elif now - rec.started > self.window:
             return
         for i in chunks:
             if len(rec.order) >= self.max_chunks:
@@ -83,8 +89,8 @@ class Recorder:
 
     def due(self, now: float) -> list[tuple[str, list[tuple[str, int]]]]:
         """Recordings whose reads paused or whose window has closed (removed)."""
-        done = [layer for layer, rec in self._open.items()
-                if now - rec.started > self.window or now - rec.last > self.idle]
+        done = [layer for layer, rec in self._open.items() if rec.started is not None
+                and (now - rec.started > self.window or now - rec.last > self.idle)]
         return [(layer, self._open.pop(layer).order) for layer in done]
 
 
@@ -135,6 +141,7 @@ class StartupPrefetch:
     BATCH = 16 << 20  # uncompressed bytes per prefetch step (its chunks sorted by place in
                       # their packs, so neighbours coalesce into one GET)
     AHEAD = 8         # steps in flight
+    LOOKUP_WAIT = 3.0  # longest a blob's open waits to learn whether its layer is recorded
 
     def __init__(self, *, origin: Any, store: Any, tree: Tree, window: float,
                  clock=trio.current_time) -> None:
@@ -148,6 +155,7 @@ class StartupPrefetch:
         #: (the daemon pushes them into the layer's EROFS blob page cache).
         self.on_prefetched: Callable[[str, list, list], None] | None = None
         self._touched: set[str] = set()
+        self._looked_up: dict[str, trio.Event] = {}  # set once a layer's list lookup is over
         self._unlisted: set[str] = set()  # layers known to have no start-up list
         self._send, self._recv = trio.open_memory_channel[str](256)
         self.stats = {"lists_loaded": 0, "lists_recorded": 0, "chunks_prefetched": 0,
@@ -163,7 +171,24 @@ class StartupPrefetch:
         except trio.WouldBlock:
             return  # a burst of first touches: this layer is tried again on its next read
         self._touched.add(layer)
+        self._looked_up[layer] = trio.Event()
         self.recorder.start(layer, self._clock())
+
+    async def bypass_page_cache(self, node: Node) -> bool:
+        """Whether the kernel should send every read of this layer's EROFS blob to us rather
+        than through the blob's page cache: while the layer's start-up reads are recorded.
+        EROFS reads a file's bytes from the blob, where the files lie back to back, and the
+        page cache's read-ahead on the blob would run past the end of each file into the
+        next ones: the list would name files nobody opened, and every later node would
+        fetch them. Without that read-ahead, what we see is what EROFS asked for (its own
+        read-ahead stays within a file). Called at the blob's open, which waits (at most
+        `LOOKUP_WAIT`) for the layer's list lookup that the open itself started."""
+        done = self._looked_up.get(node.model)
+        if done is None:
+            return False
+        with trio.move_on_after(self.LOOKUP_WAIT):
+            await done.wait()
+        return done.is_set() and self.recorder.active(node.model)
 
     def guess_ahead(self, node: Node) -> bool:
         """Whether reads of this node's layer should fetch their pack neighbours too: only
@@ -190,6 +215,16 @@ class StartupPrefetch:
                 nursery.start_soon(self._first_access, layer)
 
     async def _first_access(self, layer: str) -> None:
+        try:
+            data = await self._look_up(layer)
+        finally:  # decided: a blob's open waiting on it goes on (bypass_page_cache)
+            self._looked_up.setdefault(layer, trio.Event()).set()
+        if data is not None:
+            await self._load(layer, data)
+
+    async def _look_up(self, layer: str) -> bytes | None:
+        """The layer's stored list, or None (then its start-up reads are being recorded,
+        unless the list could not be read: we never overwrite one)."""
         prefix, _ = self.layers[layer]
         key = prefix + LIST_KEY
         try:
@@ -201,16 +236,19 @@ class StartupPrefetch:
         except ObjectNotFound:
             self._unlisted.add(layer)
             log.info("layer %s: no start-up list yet; recording its start-up reads", layer)
-            return
+            return None
         except (P2PFSError, trio.TooSlowError) as exc:
             self.stats["list_errors"] += 1
             self._unlisted.add(layer)
             self.recorder.discard(layer)  # do not overwrite a list we could not read
             log.warning("layer %s: start-up list unreadable (%s); starting without it", layer, exc)
-            return
+            return None
         self.recorder.discard(layer)
+        return bytes(data)
+
+    async def _load(self, layer: str, data: bytes) -> None:
         try:
-            locs = parse_list(bytes(data), self.tree, layer)
+            locs = parse_list(data, self.tree, layer)
         except P2PFSError as exc:
             self.stats["list_errors"] += 1
             self._unlisted.add(layer)

@@ -91,6 +91,7 @@ class LayerImage:
         self.error: str = ""
         self.blob_inode: int | None = None      # the `.blob` file's inode (set at attach)
         self.opened = False                     # the kernel has the blob open (EROFS mounted it)
+        self.direct = False                     # ... bypassing its page cache (fs.open)
         self._positions: dict[str, list[tuple[int, int]]] | None = None
 
     @property

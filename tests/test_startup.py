@@ -16,14 +16,15 @@ def test_records_first_reads_in_order_within_the_window_only():
     r = Recorder(window=5.0, max_chunks=4, idle=5.0)
     r.record("L", "a", range(0, 1), now=0.0)  # before the layer's first access: ignored
     r.start("L", now=10.0)
-    r.start("L", now=11.0)  # a second start does not move the window
-    r.record("L", "bin/python", range(0, 2), now=10.5)
-    r.record("L", "lib/x.so", range(3, 4), now=11.0)
-    r.record("L", "bin/python", range(1, 2), now=12.0)  # seen: not repeated
-    r.record("L", "late", range(0, 1), now=15.5)  # after the window
-    assert r.due(now=14.0) == []
-    assert r.due(now=15.1) == [("L", [("bin/python", 0), ("bin/python", 1), ("lib/x.so", 3)])]
-    assert r.due(now=16.0) == []
+    assert r.due(now=30.0) == []  # opened, never read: the window has not started
+    r.start("L", now=31.0)  # a second start does not move anything
+    r.record("L", "bin/python", range(0, 2), now=40.5)  # the window starts at the first read
+    r.record("L", "lib/x.so", range(3, 4), now=41.0)
+    r.record("L", "bin/python", range(1, 2), now=42.0)  # seen: not repeated
+    r.record("L", "late", range(0, 1), now=45.6)  # after the window
+    assert r.due(now=45.4) == []
+    assert r.due(now=45.6) == [("L", [("bin/python", 0), ("bin/python", 1), ("lib/x.so", 3)])]
+    assert r.due(now=46.0) == []
 
 
 def test_recording_is_bounded():

@@ -152,3 +152,39 @@ def test_a_recorded_erofs_start_lists_every_read_with_the_page_push_on(seaweed, 
                  timeout=15, what="the whole start-up list loaded")
         for name in started:
             assert (root / name).read_bytes() == files[name]
+
+
+def test_a_recorded_erofs_start_lists_the_files_read_and_not_their_blob_neighbours(
+        seaweed, mount_factory, tmp_path):
+    """EROFS reads a layer's files from one blob in which they lie back to back: the kernel's
+    read-ahead on that blob runs past the end of a file into the next ones, which nobody
+    opened. The recording node bypasses the blob's page cache, so its list holds only what
+    EROFS asked for, and a later node prefetches exactly the files read."""
+    from test_image_convert import erofs_layer, needs_erofs
+
+    needs_erofs()
+    url, hex_, files, cfg = converted(
+        seaweed, tmp_path, "[mount]\nstartup_window = 1.0\n[fetch]\npack_readahead = 0\n")
+    started = ["app/mod0.py", "app/mod3.py"]  # mod1 and mod4 follow them in the blob
+    first = mount_factory(url, seaweed.endpoint, "--config", str(cfg))
+    with erofs_layer(first.path, hex_, tmp_path / "erofs") as root:
+        time.sleep(2.5)  # mounted well before the container reads: the window starts at a read
+        for name in started:
+            assert (root / name).read_bytes() == files[name]
+        wait_for(lambda: first.status().get("startup", {}).get("lists_recorded") == 1,
+                 timeout=15, what="start-up list stored")
+        again = {name: (root / name).read_bytes() for name in files}  # served after the window
+        assert again == files
+    second = mount_factory(url, seaweed.endpoint, "--config", str(cfg))
+    with erofs_layer(second.path, hex_, tmp_path / "erofs2") as root:
+        want = sum(-(-len(files[n]) // (256 * KiB)) for n in started)
+        wait_for(lambda: second.status()["startup"].get("chunks_prefetched", 0) >= want,
+                 timeout=15, what="the start-up list loaded")
+        time.sleep(0.5)
+        assert second.status()["startup"]["chunks_prefetched"] == want
+        for name in started:
+            assert (root / name).read_bytes() == files[name]
+    # A listed layer's blob goes through its page cache, so its list could be pushed there;
+    # the recording node pushed nothing (its blob bypassed the page cache).
+    assert second.status()["page_push"]["pushes"] > 0
+    assert first.status()["page_push"]["pushes"] == 0
