@@ -313,7 +313,7 @@ def _offer_layer(tree, pusher: PagePusher, layer: str, locs, chunks) -> None:
     """A start-up list's prefetched chunks of `layer`: into its EROFS blob's page cache."""
     node = tree.lookup_path(posixpath.join(posixpath.dirname(layer), EROFS_DIR,
                                            posixpath.basename(layer) + ".blob"))
-    if node is not None and node.virtual is not None and node.virtual[0].image is not None:
+    if node is not None and node.virtual is not None:  # parked until the blob is open
         pusher.offer(node.virtual[0], locs, chunks)
 
 

@@ -137,6 +137,10 @@ class Operations(pyfuse3.Operations):
         if not image.ready:
             done = self._building.get(id(image))
             if done is None:
+                if self.startup is not None:
+                    # About to be mounted: its start-up list (if any) is fetched while the
+                    # image is built, not only once the mount opens the blob.
+                    self.startup.touch(node)
                 done = self._building[id(image)] = trio.Event()
                 try:
                     await trio.to_thread.run_sync(image.build)
@@ -241,6 +245,8 @@ class Operations(pyfuse3.Operations):
             layer.opened = True
             if layer.direct:
                 info.direct_io, info.keep_cache = True, False
+            elif self.pusher is not None:
+                self.pusher.opened(layer)  # a start-up list's chunks that came before the open
             return info
         if node.entry is None or node.entry.type != "file":
             raise pyfuse3.FUSEError(errno.EISDIR if node.children is not None else errno.EINVAL)

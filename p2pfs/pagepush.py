@@ -16,6 +16,11 @@ FUSE_NOTIFY_STORE), so EROFS finds them there and sends no request at all.
   thread (pyfuse3 releases the GIL) while the FUSE thread keeps serving.
 - Bounded: offers wait in a queue of at most `max_pending` bytes, and one that does not fit
   is dropped (counted): the reader then sends the FUSE read it would have sent anyway.
+- Early offers wait for the open: a start-up list is prefetched from the first lookup of
+  the layer's EROFS files, while its image is still being built, so some of it lands before
+  the kernel has the blob open. Those chunks are parked (their locations only, at most
+  `max_pending` bytes' worth) and offered when it opens (`opened`), fetched again through
+  the store, whose memory tier the prefetch left them in.
   A failed store (the kernel forgot the inode, an old kernel) is counted and ignored.
 """
 
@@ -55,13 +60,20 @@ class PagePusher:
         self._pending = 0
         self._wake = trio.Event()
         self._limiter = trio.CapacityLimiter(1)
+        self._parked: dict[int, tuple["LayerImage", list[ChunkLoc]]] = {}
+        self._parked_bytes = 0
         self.stats = {"pushed_bytes": 0, "pushes": 0, "dropped": 0, "errors": 0}
 
     def offer(self, layer: "LayerImage", locs: Sequence[ChunkLoc], chunks: Sequence | None = None) -> None:
         """Push these chunks of `layer` once their bytes are here (`chunks`, or fetched
-        through the store); never blocks."""
+        through the store), or once the kernel has its blob open; never blocks."""
+        if layer.direct or not locs:
+            return  # the blob is read past its page cache: nothing would find the pages
+        if not layer.opened or layer.blob_inode is None or layer.image is None:
+            self._park(layer, locs)
+            return
         locs = [loc for loc in locs if loc.digest in layer.positions()]
-        if not locs or layer.blob_inode is None or not layer.opened or layer.direct:
+        if not locs:
             return
         size = sum(loc.ref.size for loc in locs)
         if self._pending + size > self.max_pending:
@@ -70,6 +82,29 @@ class PagePusher:
         self._pending += size
         self._queue.append((layer, locs, chunks, size))
         self._wake.set()
+
+    def _park(self, layer: "LayerImage", locs: Sequence[ChunkLoc]) -> None:
+        size = sum(loc.ref.size for loc in locs)
+        if self._parked_bytes + size > self.max_pending:
+            self.stats["dropped"] += len(locs)
+            return
+        self._parked_bytes += size
+        self._parked.setdefault(id(layer), (layer, []))[1].extend(locs)
+
+    def opened(self, layer: "LayerImage") -> None:
+        """The kernel opened `layer`'s blob: what was offered before is offered now, in
+        steps of at most 16 runs' worth (a queue of `max_pending` bytes takes them)."""
+        _, locs = self._parked.pop(id(layer), (None, []))
+        step: list[ChunkLoc] = []
+        filled = 0
+        for loc in locs:
+            self._parked_bytes -= loc.ref.size
+            if step and filled + loc.ref.size > 16 * self.max_run:
+                self.offer(layer, step)
+                step, filled = [], 0
+            step.append(loc)
+            filled += loc.ref.size
+        self.offer(layer, step)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections import deque
 
 import trio
 
@@ -103,9 +104,54 @@ def test_a_full_queue_drops_and_unknown_chunks_are_ignored():
     other = ChunkRef(blob=0, offset=0, length=1, size=1, compression="none", digest="0" * 64)
     pusher.offer(img, [ChunkLoc("p", other)], [b"x"])
     assert len(pusher._queue) == 1
-    img.opened = False  # the kernel has not opened the blob: nothing to push into
+    img.opened = False  # the kernel has not opened the blob: parked until it does
     pusher.offer(img, locs[2:3], [refs[2][1]])
     assert len(pusher._queue) == 1
+    img.direct = True  # opened past its page cache: nothing to push into, nothing parked
+    pusher.offer(img, locs[3:4], [refs[3][1]])
+    assert [len(v[1]) for v in pusher._parked.values()] == [1]
+
+
+def test_offers_before_the_blob_is_open_are_pushed_when_it_opens():
+    """A start-up list is prefetched while the layer's image is still being built: what
+    lands before the kernel opens the blob waits (bounded) and is pushed at the open,
+    fetched again through the store."""
+    img, files, refs = layer()
+    img.opened = False
+    by_digest = {c.digest: d for c, d in refs}
+    fetched: list[int] = []
+
+    class Store:
+        async def get(self, locs, used):
+            fetched.append(len(locs))
+            return [by_digest[loc.digest] for loc in locs]
+
+    stored: list[tuple[int, int, bytes]] = []
+    pusher = PagePusher(store=Store(), max_pending=3 * CHUNK,
+                        notify=lambda ino, off, data: stored.append((ino, off, bytes(data))))
+    locs = [ChunkLoc("p", c) for c, _ in refs]
+    pusher.offer(img, locs[:3], [d for _, d in refs[:3]])
+    pusher.offer(img, locs[3:], [d for _, d in refs[3:]])  # over the bound: dropped
+    assert pusher._queue == deque() and pusher.stats["dropped"] == len(locs) - 3
+
+    async def main():
+        async with trio.open_nursery() as n:
+            await n.start(pusher.run)
+            img.opened = True
+            pusher.opened(img)
+            while pusher._queue or pusher._pending:
+                await trio.sleep(0.01)
+            n.cancel_scope.cancel()
+
+    trio.run(main)
+    assert sum(fetched) == 3 and pusher._parked == {} and pusher._parked_bytes == 0
+    blob = blob_bytes(img, files)
+    pos = img.positions()
+    want = {off for c, _ in refs[:3] for off, _ in pos[c.digest]}
+    assert {off for _, off, _ in stored} <= want | {o for o in range(0, len(blob), 4096)}
+    for _, off, data in stored:
+        assert data == blob[off:off + len(data)]
+    assert sum(len(d) for _, _, d in stored) >= sum(c.size for c, _ in refs[:3])
 
 
 def test_layer_image_is_the_pure_build_with_the_digest_given_not_recomputed():
