@@ -8,7 +8,8 @@ Runs bench_images' `p2pfs-prefetch` variant (a fresh node on a converted prefix 
 recorded start-up lists) ROUNDS times; with --ab, odd rounds merge that TOML over the node's
 config (an A/B comparison of settings in one run, interleaved); --ab-snapshotter gives odd
 rounds' snapshotter those options (e.g. --no-erofs: layers through the FUSE dirs). Per round: time to first
-output, the daemon's and SeaweedFS's CPU seconds (user+system, /proc) and all CPUs' busy
+output, the daemon's, SeaweedFS's, the snapshotter's and containerd's CPU seconds
+(user+system, /proc) and all CPUs' busy
 seconds (/proc/stat) over pull + run, write-back done and pending and the origin's GETs and
 MB at the first output, and the same at exit; FUSE requests by operation once.
 --perf records the daemon with `perf record -g` (files under /tmp/probe-image-daemon/).
@@ -158,9 +159,12 @@ def main() -> None:
                             **origin_counts(st))
             return meter()
 
+        others = {"snapshotter": n.snapshotter.proc, "containerd": n.containerd.proc}
+        o0 = {k: daemon_cpu(p.pid) for k, p in others.items() if p is not None}
         c0, w0, m0, st0 = daemon_cpu(n.mount.pid), time.time(), machine_busy(), store_cpu()
         s = run(bench, node, image, ref, cid, snap, meter_first if meter else None)
         machine, store = machine_busy() - m0, store_cpu() - st0
+        other_cpu = {f"{k}_cpu_s": round(daemon_cpu(others[k].pid) - v, 2) for k, v in o0.items()}
         if args.timeline:
             timeline(w0, s, {"snapshotter": n.snapshotter.log_text(),
                              "daemon": (n.cache / "p2pfs.log").read_text(errors="replace")})
@@ -178,6 +182,7 @@ def main() -> None:
         print(json.dumps({"round": cid, "conf": conf,
                           "first_output_s": round(s.seconds_to_first_output, 2),
                           "daemon_cpu_s": round(cpu, 2), "store_cpu_s": round(store, 2),
+                          **other_cpu,
                           "machine_busy_cpu_s": round(machine, 2),
                           "writeback_at_first_output": at_first,
                           "writeback_done": st["writeback_done"],

@@ -51,6 +51,9 @@ _NULL = 0xFFFFFFFF
 #: The largest image built (it is kept in the daemon's memory): a layer that needs more
 #: (over ~16,000 directories or symlinks) is served through FUSE.
 MAX_IMAGE = 64 << 20
+_INODE_FMT = struct.Struct("<HHHHQIIIIqII16x")   # erofs_inode_extended
+_CHUNK_INDEX_FMT = struct.Struct("<HHI")           # erofs_inode_chunk_index
+_DIRENT_FMT = struct.Struct("<QHBB")               # erofs_dirent
 _FT = {"file": 1, "dir": 2, "char": 3, "block": 4, "fifo": 5, "symlink": 7}
 #: xattr name prefixes EROFS can index (the kernel's EROFS_XATTR_INDEX_*), longest first
 _XATTR_PREFIXES = (("system.posix_acl_default", 3), ("system.posix_acl_access", 2),
@@ -93,7 +96,7 @@ class Image:
         return out
 
 
-@dataclass
+@dataclass(slots=True)
 class _Ino:
     entry: Entry
     nid: int = 0
@@ -164,8 +167,7 @@ def build(manifest: Manifest, *, uuid: bytes | None = None) -> Image:
     if "" not in by_path or by_path[""].children is None:
         by_path[""] = _Ino(Entry(path="", type="dir", mode=0o755), children={})
 
-    def parent_of(path: str) -> _Ino:
-        d = posixpath.dirname(path)
+    def parent_of(d: str, path: str) -> _Ino:
         if d not in by_path:  # a tar may omit a parent directory: synthesize it
             by_path[d] = _Ino(Entry(path=d, type="dir", mode=0o755), children={})
             link(d, by_path[d])
@@ -175,10 +177,11 @@ def build(manifest: Manifest, *, uuid: bytes | None = None) -> Image:
         return p
 
     def link(path: str, ino: _Ino) -> None:
-        name = posixpath.basename(path).encode()
+        d, _, base = path.rpartition("/")  # manifest paths are normalized (check_path)
+        name = base.encode()
         if not name or len(name) > 255:
             raise ErofsUnsupported(f"name {path!r} is empty or too long")
-        p = parent_of(path)
+        p = parent_of(d, path)
         if name in p.children:  # type: ignore[operator]
             raise ErofsUnsupported(f"{path!r} appears twice")
         p.children[name] = ino  # type: ignore[index]
@@ -290,8 +293,8 @@ def build(manifest: Manifest, *, uuid: bytes | None = None) -> Image:
         sec, nsec = divmod(e.mtime_ns, 1_000_000_000)
         icount = len(ino.xattr_body) // 4 - 2 if ino.xattr_body else 0
         at = meta0 + ino.nid * 32
-        img[at:at + _INODE] = struct.pack(
-            "<HHHHQIIIIqII16x", _EXTENDED | layout << 1, icount, e.st_mode & 0xFFFF, 0,
+        _INODE_FMT.pack_into(
+            img, at, _EXTENDED | layout << 1, icount, e.st_mode & 0xFFFF, 0,
             size, iu, ino.nid & 0xFFFFFFFF, e.uid, e.gid, sec, nsec, nlink)
         at += _INODE
         img[at:at + len(ino.xattr_body)] = ino.xattr_body
@@ -300,7 +303,7 @@ def build(manifest: Manifest, *, uuid: bytes | None = None) -> Image:
             assert ino.extent is not None
             at = meta0 + _align(at - meta0, 8)
             # chunk index: advise 0, device 1 (the blob), start block
-            img[at:at + 8] = struct.pack("<HHI", 0, 1, ino.extent.offset // BLOCK)
+            _CHUNK_INDEX_FMT.pack_into(img, at, 0, 1, ino.extent.offset // BLOCK)
 
     blob_blocks = _align(pos, BLOCK) // BLOCK
     if uuid is None:
@@ -326,7 +329,7 @@ def _write_dir_block(img: bytearray, at: int, names: list[bytes], ino: _Ino) -> 
     for i, name in enumerate(names):
         child = ino if name == b"." else ino.parent if name == b".." else ino.children[name]
         ft = _FT[child.entry.type] if child.children is None else _FT["dir"]
-        struct.pack_into("<QHBB", img, at + 12 * i, child.nid, nameoff, ft, 0)
+        _DIRENT_FMT.pack_into(img, at + 12 * i, child.nid, nameoff, ft, 0)
         img[at + nameoff:at + nameoff + len(name)] = name
         nameoff += len(name)
 
