@@ -51,7 +51,8 @@ class ErofsLowers:
         self.prober = Prober(timeout, max_hung)
         self._mount, self._unmount, self._is_mount = mount, unmount, is_mount
         self.read_ahead_kb = read_ahead_kb
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()        # mounts and _mounted (held across a mount)
+        self._warm_lock = threading.Lock()   # _warmed only: warm() never waits on a mount
         self._mounted: dict[str, int] = {}   # remote dir -> st_dev of its layers mount
         self._failed: set[str] = set()       # remote dirs EROFS could not mount (logged once)
         self._warmed: set[str] = set()       # remote dirs whose background mount was started
@@ -61,7 +62,7 @@ class ErofsLowers:
         the container created after the pull wants it). Mounting opens the blob, which is
         what starts the daemon's start-up prefetch for the layer: made only when the
         container is created, the prefetch would race the container's own reads."""
-        with self._lock:
+        with self._warm_lock:  # not the mount lock: a Prepare must not wait for a mount
             if remote in self._warmed:
                 return
             self._warmed.add(remote)
@@ -116,7 +117,8 @@ class ErofsLowers:
         """The last snapshot over `remote` is gone: detach its mount."""
         with self._lock:
             self._mounted.pop(remote, None)
-            self._warmed.discard(remote)  # a later pull of the layer mounts it early again
+            with self._warm_lock:
+                self._warmed.discard(remote)  # a later pull of the layer mounts it early again
             self._drop(self.target(remote))
 
     def sweep(self, in_use: Iterable[str]) -> list[str]:
@@ -130,7 +132,8 @@ class ErofsLowers:
                     gone.append(entry.name)
             self._mounted = {r: d for r, d in self._mounted.items()
                              if os.path.basename(r) in keep}
-            self._warmed = {r for r in self._warmed if os.path.basename(r) in keep}
+            with self._warm_lock:
+                self._warmed = {r for r in self._warmed if os.path.basename(r) in keep}
         return gone
 
     def _drop(self, target: Path) -> None:

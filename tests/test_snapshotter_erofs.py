@@ -130,3 +130,29 @@ def test_warm_mounts_in_the_background_once(tmp_path, layers):
     assert [c[0] for c in k.calls if c[0] == "mount"] == ["mount"]
     assert e.lower(remote) == str(e.target(remote))  # the later Mounts find it made
     assert sum(c[0] == "mount" for c in k.calls) == 1
+
+
+def test_warm_never_waits_for_another_layers_mount(tmp_path, layers):
+    """warm() runs in the Prepare of a layer during the pull: while an earlier layer's mount
+    is still being made (the daemon building its image), the next Prepare goes on (it waited
+    for it until 2026-12-04, holding up the pull by a build's time)."""
+    other = "cd" * 32
+    (layers / other).mkdir()
+    (layers / ".erofs" / f"{other}.img").write_bytes(b"img")
+    (layers / ".erofs" / f"{other}.blob").write_bytes(b"")
+    k = FakeKernel()
+    k.hang = True  # every mount blocks until k.block is set
+    e = lowers(tmp_path, k)
+    e.warm(str(layers / HEX))
+    deadline = time.monotonic() + 5
+    while not e._lock.locked() and time.monotonic() < deadline:  # HEX's mount under way
+        time.sleep(0.01)
+    assert e._lock.locked()
+    t0 = time.monotonic()
+    e.warm(str(layers / other))
+    assert time.monotonic() - t0 < 0.5
+    k.block.set()
+    deadline = time.monotonic() + 5
+    while len(k.mounted) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sorted(os.path.basename(t) for t in k.mounted) == sorted([HEX, other])
