@@ -3,8 +3,8 @@
 With layers mounted as EROFS, the only FUSE requests a container start sends are reads of
 the layers' blobs, one per page-cache miss, each a round trip through this daemon. But the
 daemon often knows the bytes before the kernel asks: the pack read-ahead fetches the
-neighbours of what was just read, and a recorded start-up list is prefetched from the first
-open. This service stores those bytes straight into the blob file's page cache (the kernel's
+neighbours of what was just read, and a recorded start-up list is prefetched from the layer's
+first touch. This service stores those bytes straight into the blob file's page cache (the kernel's
 FUSE_NOTIFY_STORE), so EROFS finds them there and sends no request at all.
 
 - Only verified bytes: what is pushed comes from the chunk store (`get`), as a read's reply

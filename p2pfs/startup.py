@@ -3,9 +3,10 @@ during its first seconds, store the list next to the layer's manifest, and on ev
 node fetch that list in the background as soon as the layer is first touched.
 
     Recorder    pure: per layer, the (file, chunk) pairs read in the window after the
-                layer's first access, in first-read order, bounded; takes `now`
+                layer's first read, in first-read order, bounded; takes `now`
     encode/parse_list  the stored list (docs/FORMAT.md, "Start-up prefetch lists")
-    StartupPrefetch    the daemon's shell: on a layer's first access, load its list and
+    StartupPrefetch    the daemon's shell: on a layer's first access (the first lookup of
+                its EROFS files, or the first open of one of its files), load its list and
                 warm it (never blocking the reader), or record one and upload it when the
                 window closes
 
@@ -52,7 +53,7 @@ class Recorder:
     """The reads of each layer from its first read until its reads pause for `idle`
     seconds, and at most `window` seconds. A start-up is a burst of reads that ends; the
     first lazy start is the slowest (everything is fetched on demand), so a fixed window
-    would cut it short where a pause does not. `start` (the layer's first open) only arms
+    would cut it short where a pause does not. `start` (the layer's first access) only arms
     it: the snapshotter mounts a layer's EROFS, which opens its blob, while the pull is
     still running, seconds before the container reads anything."""
 
