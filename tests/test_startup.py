@@ -98,3 +98,46 @@ async def test_an_oversized_stored_list_is_refused_before_it_is_downloaded(tmp_p
     await sp._first_access("abc")
     assert sp.stats["list_errors"] == 1 and sp.stats["lists_loaded"] == 0 and not fetched
     assert sp.guess_ahead(tree.lookup_path("abc/f"))  # no list: pack read-ahead applies
+
+
+async def test_a_blob_open_bypasses_the_page_cache_only_while_its_layer_is_recorded(tmp_path):
+    """The blob's open waits for the layer's list lookup, at most LOOKUP_WAIT: no list means
+    the layer is recorded (True), a list or a store that does not answer means not (False)."""
+    import trio
+
+    from p2pfs.origin import LocalDirOrigin
+    from p2pfs.startup import LIST_KEY, StartupPrefetch
+
+    class Stalled(LocalDirOrigin):
+        async def head(self, key):
+            await trio.sleep_forever()
+
+    class NoStore:  # a listed layer's prefetch goes here: nothing to keep
+        readahead_limit = 0
+
+        async def warm(self, locs):
+            pass
+
+    async def bypass(origin) -> tuple[bool, float]:
+        tree, m = _tree()
+        sp = StartupPrefetch(origin=origin, store=NoStore(), tree=tree, window=5.0)
+        sp.LOOKUP_WAIT = 0.3
+        sp.layers["abc"] = ("layers/abc/", m.digest)
+        node = tree.lookup_path("abc/f")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sp.run)
+            assert await sp.bypass_page_cache(node) is False  # never touched: no lookup
+            sp.touch(node)
+            t0 = trio.current_time()
+            out = await sp.bypass_page_cache(node)
+            took = trio.current_time() - t0
+            nursery.cancel_scope.cancel()
+        return out, took
+
+    assert (await bypass(LocalDirOrigin(tmp_path)))[0] is True  # no list: recorded
+    out, took = await bypass(Stalled(tmp_path))
+    assert out is False and 0.25 < took < 2
+    (tmp_path / "layers/abc/.p2pfs").mkdir(parents=True)
+    tree, m = _tree()
+    (tmp_path / "layers/abc" / LIST_KEY).write_bytes(encode(m.digest, 5.0, [("f", 0)]))
+    assert (await bypass(LocalDirOrigin(tmp_path)))[0] is False  # a list: prefetched instead
