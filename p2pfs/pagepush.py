@@ -16,12 +16,12 @@ FUSE_NOTIFY_STORE), so EROFS finds them there and sends no request at all.
   thread (pyfuse3 releases the GIL) while the FUSE thread keeps serving.
 - Bounded: offers wait in a queue of at most `max_pending` bytes, and one that does not fit
   is dropped (counted): the reader then sends the FUSE read it would have sent anyway.
+  A failed store (the kernel forgot the inode, an old kernel) is counted and ignored.
 - Early offers wait for the open: a start-up list is prefetched from the first lookup of
   the layer's EROFS files, while its image is still being built, so some of it lands before
   the kernel has the blob open. Those chunks are parked (their locations only, at most
   `max_pending` bytes' worth) and offered when it opens (`opened`), fetched again through
   the store, whose memory tier the prefetch left them in.
-  A failed store (the kernel forgot the inode, an old kernel) is counted and ignored.
 """
 
 from __future__ import annotations

@@ -183,7 +183,7 @@ class StartupPrefetch:
         next ones: the list would name files nobody opened, and every later node would
         fetch them. Without that read-ahead, what we see is what EROFS asked for (its own
         read-ahead stays within a file). Called at the blob's open, which waits (at most
-        `LOOKUP_WAIT`) for the layer's list lookup that the open itself started."""
+        `LOOKUP_WAIT`) for the list lookup the layer's first touch started."""
         done = self._looked_up.get(node.model)
         if done is None:
             return False

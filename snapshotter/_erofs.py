@@ -59,9 +59,9 @@ class ErofsLowers:
 
     def warm(self, remote: str) -> None:
         """Mount the layer now, in the background (a layer served remotely during a pull:
-        the container created after the pull wants it). Mounting opens the blob, which is
-        what starts the daemon's start-up prefetch for the layer: made only when the
-        container is created, the prefetch would race the container's own reads."""
+        the container created after the pull wants it). Mounting looks up the layer's image,
+        which is what starts the daemon's start-up prefetch for the layer: made only when
+        the container is created, the prefetch would race the container's own reads."""
         with self._warm_lock:  # not the mount lock: a Prepare must not wait for a mount
             if remote in self._warmed:
                 return
