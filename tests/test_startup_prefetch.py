@@ -163,8 +163,10 @@ def test_a_recorded_erofs_start_lists_the_files_read_and_not_their_blob_neighbou
     from test_image_convert import erofs_layer, needs_erofs
 
     needs_erofs()
+    # A 3 s window ends on a 2 s pause in its reads: the reads below have 2 s between them to
+    # spare, and the 2.5 s before the first one closed the recording while it began at the open.
     url, hex_, files, cfg = converted(
-        seaweed, tmp_path, "[mount]\nstartup_window = 1.0\n[fetch]\npack_readahead = 0\n")
+        seaweed, tmp_path, "[mount]\nstartup_window = 3.0\n[fetch]\npack_readahead = 0\n")
     started = ["app/mod0.py", "app/mod3.py"]  # mod1 and mod4 follow them in the blob
     first = mount_factory(url, seaweed.endpoint, "--config", str(cfg))
     with erofs_layer(first.path, hex_, tmp_path / "erofs") as root:
