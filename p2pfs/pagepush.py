@@ -21,12 +21,15 @@ FUSE_NOTIFY_STORE), so EROFS finds them there and sends no request at all.
   the layer's EROFS files, while its image is still being built, so some of it lands before
   the kernel has the blob open. Those chunks are parked (their locations only, at most
   `max_pending` bytes' worth) and offered when it opens (`opened`), fetched again through
-  the store, whose memory tier the prefetch left them in.
+  the store, whose memory tier the prefetch left them in. A layer whose image could not be
+  built parks nothing (it is never mounted as EROFS), and one not opened within
+  `PARK_TTL` seconds (a mount that failed) gives its share of the bound back.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -49,6 +52,8 @@ def _notify_store(inode: int, offset: int, data) -> None:
 
 
 class PagePusher:
+    PARK_TTL = 60.0  # the snapshotter mounts within 10 s of its lookup, or not at all
+
     def __init__(self, store: "ChunkStore", *, max_pending: int = 128 << 20,
                  max_run: int = 1 << 20,
                  notify: Callable[[int, int, object], None] = _notify_store) -> None:
@@ -60,15 +65,16 @@ class PagePusher:
         self._pending = 0
         self._wake = trio.Event()
         self._limiter = trio.CapacityLimiter(1)
-        self._parked: dict[int, tuple["LayerImage", list[ChunkLoc]]] = {}
+        #: id(layer) -> (layer, parked locations, when they stop counting: monotonic s)
+        self._parked: dict[int, tuple["LayerImage", list[ChunkLoc], float]] = {}
         self._parked_bytes = 0
         self.stats = {"pushed_bytes": 0, "pushes": 0, "dropped": 0, "errors": 0}
 
     def offer(self, layer: "LayerImage", locs: Sequence[ChunkLoc], chunks: Sequence | None = None) -> None:
         """Push these chunks of `layer` once their bytes are here (`chunks`, or fetched
         through the store), or once the kernel has its blob open; never blocks."""
-        if layer.direct or not locs:
-            return  # the blob is read past its page cache: nothing would find the pages
+        if layer.direct or not locs or layer.error:
+            return  # read past its page cache, or never mounted: nothing would find the pages
         if not layer.opened or layer.blob_inode is None or layer.image is None:
             self._park(layer, locs)
             return
@@ -84,21 +90,27 @@ class PagePusher:
         self._wake.set()
 
     def _park(self, layer: "LayerImage", locs: Sequence[ChunkLoc]) -> None:
+        now = time.monotonic()
+        for key in [k for k, (_, _, until) in self._parked.items() if until < now]:
+            self._unpark(key)
         size = sum(loc.ref.size for loc in locs)
         if self._parked_bytes + size > self.max_pending:
             self.stats["dropped"] += len(locs)
             return
         self._parked_bytes += size
-        self._parked.setdefault(id(layer), (layer, []))[1].extend(locs)
+        self._parked.setdefault(id(layer), (layer, [], now + self.PARK_TTL))[1].extend(locs)
+
+    def _unpark(self, key: int) -> list[ChunkLoc]:
+        _, locs, _ = self._parked.pop(key, (None, [], 0.0))
+        self._parked_bytes -= sum(loc.ref.size for loc in locs)
+        return locs
 
     def opened(self, layer: "LayerImage") -> None:
         """The kernel opened `layer`'s blob: what was offered before is offered now, in
         steps of at most 16 runs' worth (a queue of `max_pending` bytes takes them)."""
-        _, locs = self._parked.pop(id(layer), (None, []))
         step: list[ChunkLoc] = []
         filled = 0
-        for loc in locs:
-            self._parked_bytes -= loc.ref.size
+        for loc in self._unpark(id(layer)):
             if step and filled + loc.ref.size > 16 * self.max_run:
                 self.offer(layer, step)
                 step, filled = [], 0

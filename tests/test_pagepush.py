@@ -165,3 +165,26 @@ def test_layer_image_is_the_pure_build_with_the_digest_given_not_recomputed():
     stale = LayerImage(img.manifest, "L", "sha256:" + "ab" * 32)
     stale.build()
     assert stale.image.meta[1024 + 48:1024 + 64] == b"\xab" * 16
+
+
+def test_parking_gives_its_bound_back_for_layers_that_are_never_opened():
+    """A layer whose image could not be built is never mounted as EROFS: it parks nothing.
+    One whose mount never came keeps its parked share only for PARK_TTL."""
+    img, files, refs = layer()
+    img.opened = False
+    locs = [ChunkLoc("p", c) for c, _ in refs]
+    pusher = PagePusher(store=None, max_pending=3 * CHUNK, notify=lambda *a: None)
+    failed, _, _ = layer()
+    failed.image, failed.error, failed.opened = None, "its EROFS image would take too much", False
+    pusher.offer(failed, locs[:1])
+    assert pusher._parked == {} and pusher._parked_bytes == 0
+    pusher.offer(img, locs[:3])
+    other, _, _ = layer()
+    other.opened = False
+    pusher.offer(other, locs[:1])  # the bound is taken by img's parked chunks
+    assert pusher.stats["dropped"] == 1 and id(other) not in pusher._parked
+    pusher.PARK_TTL = 0.0
+    pusher._parked[id(img)] = (*pusher._parked[id(img)][:2], 0.0)  # img's mount never came
+    pusher.offer(other, locs[:1])
+    assert list(pusher._parked) == [id(other)]
+    assert pusher._parked_bytes == locs[0].ref.size
