@@ -9,9 +9,9 @@ recorded start-up lists) ROUNDS times; with --ab, odd rounds merge that TOML ove
 config (an A/B comparison of settings in one run, interleaved); --ab-snapshotter gives odd
 rounds' snapshotter those options (e.g. --no-erofs: layers through the FUSE dirs). Per round: time to first
 output, the daemon's, SeaweedFS's, the snapshotter's and containerd's CPU seconds
-(user+system, /proc) and all CPUs' busy
-seconds (/proc/stat) over pull + run, write-back done and pending and the origin's GETs and
-MB at the first output, and the same at exit; FUSE requests by operation once.
+(user+system, /proc) and all CPUs' busy seconds (/proc/stat) over pull + run, write-back
+done and pending and the origin's GETs and MB at the first output, and the same at exit;
+FUSE requests by operation once.
 --perf records the daemon with `perf record -g` (files under /tmp/probe-image-daemon/).
 --py-spy records its Python stacks (py-spy, every thread, idle ones left out; collapsed
 stacks in /tmp/probe-image-daemon/ROUND.pyspy, and the top functions by own samples
